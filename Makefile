@@ -1,0 +1,40 @@
+# The two commands of the README: `make run` and `make test`. Everything else is a helper.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PORT ?= 8087
+
+.PHONY: run test lint typecheck unit build bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Reinstall (and so rebuild the extension) whenever the build inputs change.
+$(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard src/mqfast/*.pyx src/mqfast/*.pxd)
+	$(BIN)/python -m pip install --quiet "Cython==3.3.1" "setuptools>=68" wheel
+	$(BIN)/python -m pip install --quiet --no-build-isolation -e ".[test]"
+	touch $(STAMP)
+
+build: $(STAMP)
+
+run: $(STAMP)
+	MESSAGE_QUEUE_PORT=$(PORT) $(BIN)/mqfast serve
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: lint typecheck
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf build src/mqfast/_core.c src/mqfast/*.so $(VENV)

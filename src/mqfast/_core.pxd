@@ -1,0 +1,159 @@
+# Declarations of every cdef class of the compiled core; the implementations live in the
+# _*.pyx fragments that _core.pyx includes.
+
+from libc.stdint cimport int64_t, uint64_t
+
+
+cdef enum:
+    # Routes and histogram buckets are fixed-size C arrays: the route table is small and static.
+    MAX_ROUTES = 32
+    N_BUCKETS = 17
+    N_STATUS = 16
+    # A batch handed to the engine is cut at this many deliveries even inside one loop tick,
+    # so one transaction stays short and the first answers go out early.
+    BATCH_CUT = 2048
+    # Per connection: stop reading once this many responses are queued (pipelining abuse),
+    # resume when it drains below the low-water mark.
+    PIPELINE_HIGH = 256
+    PIPELINE_LOW = 64
+
+
+cdef class TopicState:
+    cdef readonly str name
+    cdef readonly int partitions
+    cdef bytes json_name          # b'"topic":"<name>"' ready to splice into a response
+    cdef uint64_t next_rr
+    cdef public uint64_t produced
+    cdef public uint64_t failed
+    cdef public uint64_t bytes_in
+
+
+cdef class Pending:
+    cdef HttpProtocol conn
+    cdef bytes payload
+    cdef bint done
+    cdef bint close_after
+    cdef bint accepted_only
+    cdef int route
+    cdef int status
+    cdef int64_t t0_ns
+    cdef Py_ssize_t waiting
+    cdef Delivery single
+    cdef list deliveries
+
+    @staticmethod
+    cdef Pending new(HttpProtocol conn, int route, int64_t t0_ns)
+
+
+cdef class Delivery:
+    cdef readonly str topic
+    cdef readonly int partition
+    cdef readonly object key
+    cdef readonly bytes value
+    cdef readonly object headers
+    cdef readonly int priority
+    cdef readonly int64_t timestamp_ms
+    cdef readonly int64_t expires_ms
+    cdef readonly str message_id
+    cdef public int64_t offset
+    cdef public object error
+    cdef Pending owner
+    cdef TopicState tstate
+
+    @staticmethod
+    cdef Delivery new(TopicState ts, int partition, object key, bytes value, object headers,
+                      int priority, int64_t timestamp_ms, int64_t expires_ms, str message_id,
+                      Pending owner)
+
+
+cdef class Router:
+    cdef dict exact
+    cdef list templated
+    cdef list templates
+    cdef list methods
+    cdef list masks
+    cdef readonly int produce_route
+    cdef readonly int batch_route
+
+    cdef int match(self, bytes path, list params)
+
+
+cdef class Server:
+    cdef object loop
+    cdef readonly object sink
+    cdef object app
+    cdef readonly Router router
+    cdef dict topics
+    cdef set connections
+    cdef list batch
+    cdef bint flush_scheduled
+    cdef object flush_cb
+    cdef object sweeper
+    cdef bytes date_header
+    cdef readonly bint shutting_down
+    cdef readonly Py_ssize_t inflight
+    cdef Py_ssize_t max_inflight
+    cdef Py_ssize_t max_body
+    cdef Py_ssize_t max_batch_body
+    cdef Py_ssize_t max_batch_messages
+    cdef Py_ssize_t max_header
+    cdef Py_ssize_t max_size
+    cdef int64_t default_ttl_ns
+    cdef int64_t header_timeout_ns
+    cdef int64_t idle_timeout_ns
+    cdef object produce_decoder
+    cdef object batch_decoder
+    cdef object headers_encoder
+    cdef uint64_t hist[MAX_ROUTES][N_BUCKETS + 1]
+    cdef double hist_sum[MAX_ROUTES]
+    cdef uint64_t status_counts[MAX_ROUTES][N_STATUS]
+    cdef uint64_t route_method_mask[MAX_ROUTES]
+
+    cdef void record(self, int route, int status, int64_t t0_ns)
+    cdef TopicState topic_state(self, str name)
+    cdef object enqueue(self, Delivery d)
+    cdef void _schedule_flush(self)
+
+
+cdef class HttpProtocol:
+    cdef Server server
+    cdef object transport
+    cdef object parser
+    cdef object pending
+    cdef bytes url
+    cdef object body
+    cdef int state
+    cdef int64_t state_since_ns
+    cdef int64_t t0_ns
+    cdef Py_ssize_t header_bytes
+    cdef Py_ssize_t coarse_header_bytes
+    cdef Py_ssize_t body_len
+    cdef Py_ssize_t content_length
+    cdef Py_ssize_t body_limit
+    cdef int route
+    cdef int method
+    cdef bint has_content_length
+    cdef bint has_transfer_encoding
+    cdef bint has_host
+    cdef bint expect_continue
+    cdef bint prefer_async
+    cdef bint http10
+    cdef bint closing
+    cdef bint reading_paused
+    cdef bint writing_paused
+    cdef list out
+    cdef list params
+
+    cdef _reset_request(self)
+    cdef _dispatch(self)
+    cdef Pending _new_pending(self, int status)
+    cdef _respond_now(self, Pending p, int status, bytes body, bytes extra)
+    cdef _fail(self, Pending p, object exc)
+    cdef _produce(self, Pending p)
+    cdef _produce_batch(self, Pending p)
+    cdef Delivery _delivery(self, TopicState ts, str content, object key, object headers,
+                            int priority, object ttl, str where, Pending p)
+    cdef _call_app(self, Pending p)
+    cdef _complete(self, Pending p)
+    cdef _write_ready(self)
+    cdef _abort_with(self, object exc)

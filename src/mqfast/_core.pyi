@@ -1,0 +1,108 @@
+"""Type stubs of the compiled core (``_core.pyx``): every name Python code may use."""
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Any, Protocol
+
+from mqfast.config import Settings
+from mqfast.sinks import Sink
+
+LATENCY_BUCKETS: tuple[float, ...]
+"""Upper bounds (seconds) of the latency histogram buckets; +Inf is implied."""
+
+STATUS_CODES: tuple[int, ...]
+PRODUCE_TEMPLATE: str
+BATCH_TEMPLATE: str
+
+class _App(Protocol):
+    def handle(
+        self, template: str, method: str, params: list[bytes], query: bytes, body: bytes
+    ) -> tuple[int, bytes, bytes | None] | Awaitable[tuple[int, bytes, bytes | None]]: ...
+    async def resolve_topics(self, names: list[str]) -> None: ...
+
+def reseed_ids() -> None:
+    """Draw a new random part for message ids; each worker process calls it after fork."""
+
+def message_id_at(ms: int) -> str:
+    """A new time-ordered message id (UUIDv7) for unix time ``ms``."""
+
+def partition_for_key(key: bytes, partitions: int) -> int:
+    """The partition a key maps to (Kafka's murmur2 partitioner)."""
+
+def topic_name_error(name: str) -> str | None:
+    """None when ``name`` is a valid topic name (Kafka's rules), else the reason."""
+
+class Router:
+    """Maps a request path to a route id; built once from the route table."""
+
+    produce_route: int
+    batch_route: int
+    def __init__(self, routes: list[tuple[str, tuple[str, ...]]]) -> None: ...
+    def template(self, route: int) -> str: ...
+    def allowed(self, route: int) -> tuple[str, ...]: ...
+    def lookup(self, path: bytes) -> tuple[int, list[bytes]]:
+        """(route id or -1, path parameters)."""
+
+class TopicState:
+    """What the hot path knows of a topic: its partition count and counters."""
+
+    name: str
+    partitions: int
+    produced: int
+    failed: int
+    bytes_in: int
+    def __init__(self, name: str, partitions: int) -> None: ...
+
+class Delivery:
+    """One message on its way to the engine; the engine sets ``offset`` or ``error``."""
+
+    topic: str
+    partition: int
+    key: bytes | None
+    value: bytes
+    headers: bytes | None
+    priority: int
+    timestamp_ms: int
+    expires_ms: int
+    message_id: str
+    offset: int
+    error: Exception | None
+
+class HttpProtocol(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, server: Server) -> None: ...
+
+class Server:
+    """Everything the connections of one worker share."""
+
+    sink: Sink
+    router: Router
+    shutting_down: bool
+    inflight: int
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sink: Sink,
+        app: _App,
+        routes: list[tuple[str, tuple[str, ...]]],
+        settings: Settings,
+        max_inflight: int = ...,
+    ) -> None: ...
+    def protocol(self) -> HttpProtocol:
+        """Protocol factory for ``loop.create_server``."""
+    def start(self) -> None:
+        """Start the once-a-second sweeper (timeouts, the cached Date header)."""
+    def set_topic(self, name: str, partitions: int) -> None:
+        """Make ``name`` known to the hot path."""
+    def drop_topic(self, name: str) -> None:
+        """Forget ``name``: the next produce to it goes through the slow path again."""
+    def known_topics(self) -> list[str]: ...
+    def stats(self) -> dict[str, Any]:
+        """A snapshot of the counters, read by the metrics collector at scrape time."""
+    def begin_shutdown(self) -> None:
+        """Stop taking new work: idle connections close now, busy ones after their answers."""
+    def busy(self) -> int:
+        """In-flight deliveries plus open connections."""
+    def stop(self) -> None:
+        """Cancel the sweeper and abort every connection."""

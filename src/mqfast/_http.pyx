@@ -1,0 +1,655 @@
+# HttpProtocol: one keep-alive HTTP/1.1 connection. httptools (llhttp) parses; this class keeps
+# the limits, routes, runs the produce path inline and answers pipelined requests in order.
+
+cdef enum:
+    ST_IDLE = 0
+    ST_HEADERS = 1
+    ST_BODY = 2
+    ST_CLOSED = 3
+
+cdef enum:
+    METHOD_OTHER = 128
+
+cdef dict _REASONS = {
+    100: b"Continue", 200: b"OK", 201: b"Created", 202: b"Accepted", 204: b"No Content",
+    400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found",
+    405: b"Method Not Allowed", 408: b"Request Timeout", 409: b"Conflict",
+    413: b"Content Too Large", 415: b"Unsupported Media Type", 429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
+    501: b"Not Implemented", 503: b"Service Unavailable",
+}
+
+cdef object _HttpParserCallbackError = httptools.HttpParserCallbackError
+cdef object _HttpParserError = httptools.HttpParserError
+cdef object _HttpParserUpgrade = httptools.HttpParserUpgrade
+cdef object _DecodeError = msgspec.DecodeError
+cdef object _MqfastError = _errors.MqfastError
+cdef bytes _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+cdef bytes _RETRY_AFTER = b"retry-after: 1\r\n"
+cdef object _iscoroutine = __import__("inspect").isawaitable
+
+
+cdef bytes http_response(Server server, int status, bytes body, bint close, bytes extra,
+                         bint http10_keepalive):
+    reason = _REASONS.get(status, b"Unknown")
+    conn = b"connection: close\r\n" if close else (
+        b"connection: keep-alive\r\n" if http10_keepalive else b"")
+    return b"".join((
+        b"HTTP/1.1 %d %s\r\n" % (status, reason),
+        server.date_header,
+        b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body),
+        conn,
+        extra if extra is not None else b"",
+        b"\r\n",
+        body,
+    ))
+
+
+cdef bytes produce_ok(Server server, Delivery d, int status, bint close, bint http10_keepalive):
+    # The produce answer is the hottest write: formatted in C, one bytes object allocated.
+    cdef char body[768]
+    cdef char head[256]
+    cdef int n, h
+    cdef bytes mid_b = d.message_id.encode("ascii")
+    cdef bytes tname = d.tstate.json_name
+    cdef bytes date = server.date_header
+    if status == 202:
+        n = snprintf(body, sizeof(body),
+                     b'{"message_id":"%s",%s,"partition":%d,"offset":null,"timestamp":%lld}',
+                     PyBytes_AS_STRING(mid_b), PyBytes_AS_STRING(tname), d.partition,
+                     <long long>d.timestamp_ms)
+    else:
+        n = snprintf(body, sizeof(body),
+                     b'{"message_id":"%s",%s,"partition":%d,"offset":%lld,"timestamp":%lld}',
+                     PyBytes_AS_STRING(mid_b), PyBytes_AS_STRING(tname), d.partition,
+                     <long long>d.offset, <long long>d.timestamp_ms)
+    h = snprintf(head, sizeof(head),
+                 b"HTTP/1.1 %d %s\r\n%scontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n",
+                 status, b"OK" if status == 200 else b"Accepted", PyBytes_AS_STRING(date), n,
+                 b"connection: close\r\n" if close else (
+                     b"connection: keep-alive\r\n" if http10_keepalive else b""))
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, h + n)
+    cdef char* buf = PyBytes_AS_STRING(out)
+    memcpy(buf, head, h)
+    memcpy(buf + h, body, n)
+    return out
+
+
+@cython.final
+cdef class _AppDone:
+    """Done-callback of an app coroutine: answers the request's slot (slow routes only)."""
+    cdef HttpProtocol conn
+    cdef Pending p
+
+    def __cinit__(self, HttpProtocol conn, Pending p):
+        self.conn = conn
+        self.p = p
+
+    def __call__(self, task):
+        cdef HttpProtocol conn = self.conn
+        cdef Pending p = self.p
+        self.conn = None
+        self.p = None
+        if task.cancelled():
+            conn._fail(p, _errors.ShuttingDown("request cancelled: the server is stopping"))
+        elif task.exception() is not None:
+            conn._fail(p, task.exception())
+        else:
+            conn._answer(p, task.result())
+        conn._write_ready()
+
+
+@cython.final
+cdef class _Resume:
+    """After the slow path made the request's topics known, run the produce again."""
+    cdef HttpProtocol conn
+    cdef Pending p
+    cdef object request
+    cdef bint batch
+    cdef bint prefer_async
+
+    def __cinit__(self, HttpProtocol conn, Pending p, object request, bint batch,
+                  bint prefer_async):
+        self.conn = conn
+        self.p = p
+        self.request = request
+        self.batch = batch
+        self.prefer_async = prefer_async
+
+    def __call__(self, task):
+        cdef HttpProtocol conn = self.conn
+        cdef Pending p = self.p
+        self.conn = None
+        self.p = None
+        exc = None if task.cancelled() else task.exception()
+        if task.cancelled():
+            exc = _errors.ShuttingDown("request cancelled: the server is stopping")
+        if exc is not None:
+            conn._fail(p, exc)
+        else:
+            try:
+                if self.batch:
+                    conn._enqueue_batch(p, self.request, self.prefer_async, False)
+                else:
+                    conn._enqueue_one(p, self.request, self.prefer_async, False)
+            except BaseException as e:
+                conn._fail(p, e)
+        conn._write_ready()
+
+
+cdef class HttpProtocol:
+    """One client connection (asyncio.Protocol)."""
+
+    def __init__(self, Server server):
+        self.server = server
+        self.transport = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.pending = collections.deque()
+        self.out = []
+        self.params = []
+        self.state = ST_IDLE
+        self.closing = False
+        self.reading_paused = False
+        self.writing_paused = False
+        self._reset_request()
+
+    cdef _reset_request(self):
+        self.url = None
+        self.body = None
+        self.header_bytes = 0
+        self.coarse_header_bytes = 0
+        self.body_len = 0
+        self.content_length = 0
+        self.body_limit = self.server.max_body
+        self.route = -1
+        self.method = METHOD_OTHER
+        self.has_content_length = False
+        self.has_transfer_encoding = False
+        self.has_host = False
+        self.expect_continue = False
+        self.prefer_async = False
+        self.http10 = False
+        if self.params:
+            self.params = []
+
+    # ---- asyncio.Protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.state_since_ns = now_ns()
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc):
+        cdef Pending p
+        self.state = ST_CLOSED
+        self.server.connections.discard(self)
+        # Answers still owed go nowhere now; cut the links so nothing keeps this object alive.
+        for p in self.pending:
+            p.conn = None
+        self.pending.clear()
+        self.transport = None
+
+    def pause_writing(self):
+        self.writing_paused = True
+        self._pause_reading()
+
+    def resume_writing(self):
+        self.writing_paused = False
+        self._maybe_resume_reading()
+
+    def _pause_reading(self):
+        if not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def _maybe_resume_reading(self):
+        if (self.reading_paused and not self.writing_paused
+                and len(self.pending) < PIPELINE_LOW and self.transport is not None
+                and not self.closing):
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def data_received(self, data):
+        if self.closing or self.state == ST_CLOSED:
+            return
+        if self.state == ST_HEADERS:
+            # A header trickled over many packets is only reported when it ends; count raw
+            # bytes too so memory stays bounded while it trickles.
+            self.coarse_header_bytes += len(data)
+            if self.coarse_header_bytes > self.server.max_header:
+                self._abort_with(_errors.HeadersTooLarge(
+                    f"request header block exceeds {self.server.max_header} bytes"))
+                self._write_ready()
+                return
+        try:
+            self.parser.feed_data(data)
+        except _HttpParserCallbackError as e:
+            ctx = e.__context__
+            if isinstance(ctx, _MqfastError):
+                self._abort_with(ctx)
+            else:
+                _log.error("internal error while parsing a request", exc_info=ctx or e)
+                self._abort_with(_errors.MqfastError("internal error"))
+        except _HttpParserUpgrade:
+            self._abort_with(_errors.MalformedHttp("protocol upgrade is not supported"))
+        except _HttpParserError as e:
+            self._abort_with(_errors.MalformedHttp(f"malformed HTTP request: {e}"))
+        self._write_ready()
+
+    def eof_received(self):
+        return None
+
+    # ---- httptools callbacks --------------------------------------------------------------
+
+    def on_message_begin(self):
+        self._reset_request()
+        self.state = ST_HEADERS
+        self.t0_ns = now_ns()
+        self.state_since_ns = self.t0_ns
+
+    def on_url(self, bytes url):
+        self.url = url if self.url is None else self.url + url
+        self.header_bytes += len(url)
+        if self.header_bytes > self.server.max_header:
+            raise _errors.HeadersTooLarge(
+                f"request line and headers exceed {self.server.max_header} bytes")
+
+    def on_header(self, bytes name, bytes value):
+        cdef Py_ssize_t n = len(name)
+        self.header_bytes += n + len(value) + 4
+        if self.header_bytes > self.server.max_header:
+            raise _errors.HeadersTooLarge(
+                f"request line and headers exceed {self.server.max_header} bytes")
+        if n == 4:
+            if name.lower() == b"host":
+                self.has_host = True
+        elif n == 14:
+            if name.lower() == b"content-length":
+                if self.has_content_length:
+                    raise _errors.MalformedHttp("duplicate Content-Length header")
+                if self.has_transfer_encoding:
+                    raise _errors.MalformedHttp(
+                        "both Content-Length and Transfer-Encoding are present")
+                self.has_content_length = True
+                v = value.strip()
+                if not v.isdigit() or len(v) > 18:
+                    raise _errors.MalformedHttp("invalid Content-Length header")
+                self.content_length = int(v)  # checked against the route's limit when routed
+        elif n == 17:
+            if name.lower() == b"transfer-encoding":
+                if self.has_content_length:
+                    raise _errors.MalformedHttp(
+                        "both Content-Length and Transfer-Encoding are present")
+                self.has_transfer_encoding = True
+        elif n == 6:
+            lname = name.lower()
+            if lname == b"expect":
+                if value.strip().lower() == b"100-continue":
+                    self.expect_continue = True
+            elif lname == b"prefer":
+                if b"respond-async" in value.lower():
+                    self.prefer_async = True
+
+    def on_headers_complete(self):
+        cdef Server server = self.server
+        cdef Py_ssize_t declared = self.content_length if self.has_content_length else 0
+        self.state = ST_BODY
+        self.state_since_ns = now_ns()
+        self.method = _METHOD_BITS.get(self.parser.get_method(), METHOD_OTHER)
+        self.http10 = self.parser.get_http_version() == "1.0"
+        if not self.has_host and not self.http10:
+            raise _errors.MalformedHttp("missing Host header")
+        url = self.url or b"/"
+        q = url.find(b"?")
+        path = url if q < 0 else url[:q]
+        self.route = server.router.match(path, self.params)
+        self.body_limit = (server.max_batch_body if self.route == server.router.batch_route
+                           else server.max_body)
+        if declared > self.body_limit:
+            raise _errors.PayloadTooLarge(
+                f"request body of {declared} bytes exceeds the limit of {self.body_limit} bytes")
+        if self.expect_continue and self.transport is not None:
+            self.transport.write(_CONTINUE)
+
+    def on_body(self, bytes chunk):
+        self.body_len += len(chunk)
+        if self.body_len > self.body_limit:
+            raise _errors.PayloadTooLarge(
+                f"request body exceeds the limit of {self.body_limit} bytes")
+        self.state_since_ns = now_ns()
+        if self.body is None:
+            self.body = chunk
+        elif type(self.body) is bytes:
+            self.body = bytearray(self.body)
+            self.body += chunk
+        else:
+            self.body += chunk
+
+    def on_message_complete(self):
+        self.state = ST_IDLE
+        self.state_since_ns = now_ns()
+        self._dispatch()
+
+    # ---- dispatch -------------------------------------------------------------------------
+
+    cdef Pending _new_pending(self, int status):
+        cdef Pending p = Pending.new(self, self.route, self.t0_ns)
+        self.pending.append(p)
+        if len(self.pending) > PIPELINE_HIGH:
+            self._pause_reading()
+        return p
+
+    cdef _dispatch(self):
+        cdef Server server = self.server
+        cdef Pending p = self._new_pending(0)
+        cdef int route = self.route
+        if not self.parser.should_keep_alive() or server.shutting_down:
+            p.close_after = True
+        try:
+            if route < 0:
+                url = self.url or b"/"
+                raise _errors.NotFound(
+                    f"no such endpoint: {url.split(b'?')[0].decode('latin-1')}")
+            if not (self.method & <int>server.router.masks[route]):
+                allowed = server.router.methods[route]
+                p.status = 405
+                self._respond_now(
+                    p, 405,
+                    _errors.MethodNotAllowed(
+                        f"method not allowed here; allowed: {', '.join(allowed)}").to_body(),
+                    b"allow: %s\r\n" % ", ".join(allowed).encode())
+                return
+            if route == server.router.produce_route:
+                self._produce(p)
+            elif route == server.router.batch_route:
+                self._produce_batch(p)
+            else:
+                self._call_app(p)
+        except BaseException as exc:
+            self._fail(p, exc)
+
+    cdef _respond_now(self, Pending p, int status, bytes body, bytes extra):
+        p.status = status
+        p.payload = http_response(self.server, status, body, p.close_after, extra,
+                                  self.http10 and not p.close_after)
+        p.done = True
+
+    cdef _fail(self, Pending p, object exc):
+        cdef bytes extra = None
+        if not isinstance(exc, _MqfastError):
+            _log.error("internal error handling a request", exc_info=exc)
+            exc = _errors.MqfastError("internal error")
+        if exc.status == 503 or exc.status == 429:
+            extra = _RETRY_AFTER
+        self._respond_now(p, exc.status, exc.to_body(), extra)
+
+    def _answer(self, Pending p, object result):
+        status, body, extra = result
+        self._respond_now(p, status, body, extra)
+
+    cdef _abort_with(self, object exc):
+        # The framing is lost: answer after what is already queued, then close.
+        cdef Pending p = Pending.new(self, self.route, self.t0_ns or now_ns())
+        self.pending.append(p)
+        p.close_after = True
+        self.closing = True
+        self._fail(p, exc)
+
+    cdef _call_app(self, Pending p):
+        cdef Server server = self.server
+        url = self.url or b"/"
+        q = url.find(b"?")
+        query = b"" if q < 0 else url[q + 1:]
+        method = self.parser.get_method().decode()
+        body = bytes(self.body) if self.body is not None else b""
+        result = server.app.handle(server.router.templates[self.route], method,
+                                   list(self.params), query, body)
+        if _iscoroutine(result):
+            task = server.loop.create_task(result)
+            task.add_done_callback(_AppDone(self, p))
+        else:
+            self._answer(p, result)
+
+    # ---- produce --------------------------------------------------------------------------
+
+    cdef _produce(self, Pending p):
+        cdef Server server = self.server
+        if server.inflight >= server.max_inflight:
+            raise _errors.Unavailable("too many messages in flight; retry shortly")
+        body = self.body
+        if body is None:
+            raise _errors.MalformedJson("request body is empty; expected a JSON object")
+        try:
+            req = server.produce_decoder.decode(body)
+        except _DecodeError as e:
+            raise _errors.from_decode_error(e)
+        self._enqueue_one(p, req, self.prefer_async, True)
+
+    def _enqueue_one(self, Pending p, object req, bint prefer_async, bint may_resolve):
+        cdef Server server = self.server
+        cdef TopicState ts = server.topic_state(req.topic)
+        if ts is None:
+            if not may_resolve:
+                raise _errors.UnknownTopic(f"unknown topic {req.topic!r}", field="topic")
+            task = server.loop.create_task(server.app.resolve_topics([req.topic]))
+            task.add_done_callback(_Resume(self, p, req, False, prefer_async))
+            return
+        cdef Delivery d = self._delivery(ts, req.content, req.key, req.headers, req.priority,
+                                         req.ttl, "", p)
+        if prefer_async:
+            d.owner = None
+            server.enqueue(d)
+            p.status = 202
+            p.payload = produce_ok(server, d, 202, p.close_after,
+                                   self.http10 and not p.close_after)
+            p.done = True
+            return
+        p.single = d
+        p.waiting = 1
+        server.enqueue(d)
+
+    cdef Delivery _delivery(self, TopicState ts, str content, object key, object headers,
+                            int priority, object ttl, str where, Pending p):
+        cdef Server server = self.server
+        cdef bytes value = content.encode("utf-8")
+        cdef bytes key_b = None
+        cdef int partition
+        cdef int64_t ttl_ns
+        cdef int64_t ts_ms
+        if len(value) > server.max_size:
+            raise _errors.PayloadTooLarge(
+                f"{where}content is {len(value)} bytes; the limit (MESSAGE_QUEUE_MAX_SIZE) is "
+                f"{server.max_size}", field=f"{where}content")
+        if key is not None:
+            key_b = (<str>key).encode("utf-8")
+            partition = <int>((murmur2(<const unsigned char*>PyBytes_AS_STRING(key_b),
+                                       len(key_b)) & 0x7FFFFFFF) % <uint32_t>ts.partitions)
+        else:
+            partition = <int>(ts.next_rr % <uint64_t>ts.partitions)
+            ts.next_rr += 1
+        ttl_ns = duration_ns(ttl, f"{where}ttl")
+        if ttl_ns < 0:
+            ttl_ns = server.default_ttl_ns
+        ts_ms = wall_ms()
+        return Delivery.new(
+            ts, partition, key_b, value,
+            server.headers_encoder.encode(headers) if headers else None,
+            priority, ts_ms, ts_ms + ttl_ns // 1000000 if ttl_ns > 0 else 0,
+            new_message_id(ts_ms), p)
+
+    cdef _produce_batch(self, Pending p):
+        cdef Server server = self.server
+        body = self.body
+        if body is None:
+            raise _errors.MalformedJson("request body is empty; expected a JSON object")
+        try:
+            req = server.batch_decoder.decode(body)
+        except _DecodeError as e:
+            raise _errors.from_decode_error(e)
+        n = len(req.messages)
+        if n == 0:
+            raise _errors.BadRequest("messages must not be empty", field="messages")
+        if n > server.max_batch_messages:
+            raise _errors.BadRequest(
+                f"batch has {n} messages; at most {server.max_batch_messages} are allowed "
+                "(MESSAGE_QUEUE_MAX_BATCH)", field="messages")
+        if server.inflight + n > server.max_inflight:
+            raise _errors.Unavailable("too many messages in flight; retry shortly")
+        self._enqueue_batch(p, req, self.prefer_async, True)
+
+    def _enqueue_batch(self, Pending p, object req, bint prefer_async, bint may_resolve):
+        cdef Server server = self.server
+        cdef list deliveries = []
+        cdef TopicState ts
+        cdef Delivery d
+        cdef Py_ssize_t i
+        default_topic = req.topic
+        missing = None
+        for i, m in enumerate(req.messages):
+            topic = m.topic if m.topic is not None else default_topic
+            if topic is None:
+                raise _errors.BadRequest(
+                    f"messages[{i}].topic is missing and the batch has no default topic",
+                    field=f"messages[{i}].topic")
+            if server.topic_state(topic) is None:
+                if missing is None:
+                    missing = []
+                if topic not in missing:
+                    missing.append(topic)
+        if missing is not None:
+            if not may_resolve:
+                raise _errors.UnknownTopic(f"unknown topic {missing[0]!r}", field="topic")
+            task = server.loop.create_task(server.app.resolve_topics(missing))
+            task.add_done_callback(_Resume(self, p, req, True, prefer_async))
+            return
+        # Build every delivery before enqueuing any: a bad message rejects the whole batch and
+        # nothing of it is written.
+        for i, m in enumerate(req.messages):
+            topic = m.topic if m.topic is not None else default_topic
+            ts = server.topic_state(topic)
+            d = self._delivery(ts, m.content, m.key, m.headers, m.priority, m.ttl,
+                               f"messages[{i}].", None if prefer_async else p)
+            deliveries.append(d)
+        if prefer_async:
+            results = []
+            for d in deliveries:
+                server.enqueue(d)
+                results.append({"message_id": d.message_id, "topic": d.topic,
+                                "partition": d.partition, "offset": None,
+                                "timestamp": d.timestamp_ms})
+            self._respond_now(p, 202, msgspec.json.encode(
+                {"results": results, "succeeded": 0, "failed": 0,
+                 "accepted": len(results)}), None)
+            return
+        p.deliveries = deliveries
+        p.waiting = len(deliveries)
+        for d in deliveries:
+            server.enqueue(d)
+
+    # ---- completion and writing -----------------------------------------------------------
+
+    cdef _complete(self, Pending p):
+        """All of ``p``'s deliveries are settled: build its answer and write what is ready."""
+        cdef Delivery d
+        cdef bint ok
+        if p.single is not None:
+            d = p.single
+            p.single = None
+            d.owner = None
+            if d.error is None:
+                p.status = 200
+                p.payload = produce_ok(self.server, d, 200, p.close_after,
+                                       self.http10 and not p.close_after)
+                p.done = True
+            else:
+                self._fail(p, d.error)
+        else:
+            results = []
+            failed = 0
+            for d in p.deliveries:
+                d.owner = None
+                if d.error is None:
+                    results.append({"message_id": d.message_id, "topic": d.topic,
+                                    "partition": d.partition, "offset": d.offset,
+                                    "timestamp": d.timestamp_ms})
+                else:
+                    failed += 1
+                    err = d.error if isinstance(d.error, _MqfastError) else (
+                        _errors.MqfastError("internal error"))
+                    results.append({"message_id": d.message_id, "topic": d.topic,
+                                    "error": {"code": str(err.code), "message": err.message}})
+            p.deliveries = None
+            if failed == len(results):
+                self._fail(p, _errors.Unavailable(
+                    f"no message of the batch was stored: {results[0]['error']['message']}"))
+            else:
+                self._respond_now(p, 200, msgspec.json.encode(
+                    {"results": results, "succeeded": len(results) - failed,
+                     "failed": failed}), None)
+        if self.state != ST_CLOSED:
+            self._write_ready()
+
+    cdef _write_ready(self):
+        cdef Pending p
+        cdef Server server = self.server
+        cdef list chunks = None
+        cdef bint close = False
+        pending = self.pending
+        while pending:
+            p = pending[0]
+            if not p.done:
+                break
+            pending.popleft()
+            server.record(p.route, p.status, p.t0_ns)
+            if chunks is None:
+                chunks = [p.payload]
+            else:
+                chunks.append(p.payload)
+            p.payload = None
+            p.conn = None
+            if p.close_after:
+                close = True
+                break
+        if chunks is None or self.transport is None:
+            return
+        self.transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if close:
+            self.closing = True
+            self.state = ST_CLOSED
+            for p in pending:
+                p.conn = None
+            pending.clear()
+            self.transport.close()
+            return
+        if not pending:
+            self.state_since_ns = now_ns()
+        if self.reading_paused:
+            self._maybe_resume_reading()
+
+    # ---- timeouts and shutdown ------------------------------------------------------------
+
+    def _check_timeout(self, int64_t now):
+        if self.transport is None:
+            return
+        if self.state == ST_HEADERS or self.state == ST_BODY:
+            if now - self.state_since_ns > self.server.header_timeout_ns:
+                # Slow or stalled client (slowloris): say so and close.
+                self.closing = True
+                body = msgspec.json.encode({"error": {
+                    "code": "request_timeout",
+                    "message": "request not received in time; closing the connection"}})
+                self.transport.write(http_response(self.server, 408, body, True, None, False))
+                self.transport.close()
+        elif self.state == ST_IDLE and not self.pending:
+            if now - self.state_since_ns > self.server.idle_timeout_ns:
+                self.transport.close()
+
+    def _shutdown(self):
+        cdef Pending last
+        if self.transport is None:
+            return
+        if self.state == ST_IDLE and not self.pending:
+            self.transport.close()
+        elif self.pending:
+            last = self.pending[-1]
+            last.close_after = True

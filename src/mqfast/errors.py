@@ -1,0 +1,150 @@
+"""The one error hierarchy: each class maps to one HTTP status and one machine-readable code.
+
+Every error a client can see is rendered as
+``{"error": {"code": ..., "message": ..., "field": ...}}`` (``field`` only when one request field is
+at fault). Engine errors (librdkafka, SQLite) are
+translated into these in exactly one place per engine.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+
+import msgspec
+
+
+@enum.unique
+class ErrorCode(enum.StrEnum):
+    """Machine-readable error codes, stable across releases."""
+
+    MALFORMED_HTTP = "malformed_http"
+    MALFORMED_JSON = "malformed_json"
+    INVALID_FIELD = "invalid_field"
+    INVALID_QUERY = "invalid_query"
+    NOT_FOUND = "not_found"
+    UNKNOWN_TOPIC = "unknown_topic"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    TOPIC_EXISTS = "topic_exists"
+    CONFLICT = "conflict"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    HEADERS_TOO_LARGE = "headers_too_large"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    RATE_LIMITED = "rate_limited"
+    ENGINE_UNAVAILABLE = "engine_unavailable"
+    SHUTTING_DOWN = "shutting_down"
+    INTERNAL = "internal"
+
+
+class MqfastError(Exception):
+    """Root of every error mqfast raises on purpose."""
+
+    status: int = 500
+    code: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def to_body(self) -> bytes:
+        """The JSON error body sent to the client."""
+        err: dict[str, str] = {"code": str(self.code), "message": self.message}
+        if self.field is not None:
+            err["field"] = self.field
+        return msgspec.json.encode({"error": err})
+
+
+class ConfigError(MqfastError):
+    """Invalid configuration; stops start-up. Never sent to a client."""
+
+
+class BadRequest(MqfastError):
+    status = 400
+    code = ErrorCode.INVALID_FIELD
+
+
+class MalformedJson(BadRequest):
+    code = ErrorCode.MALFORMED_JSON
+
+
+class MalformedHttp(BadRequest):
+    code = ErrorCode.MALFORMED_HTTP
+
+
+class InvalidQuery(BadRequest):
+    code = ErrorCode.INVALID_QUERY
+
+
+class NotFound(MqfastError):
+    status = 404
+    code = ErrorCode.NOT_FOUND
+
+
+class UnknownTopic(NotFound):
+    code = ErrorCode.UNKNOWN_TOPIC
+
+
+class MethodNotAllowed(MqfastError):
+    status = 405
+    code = ErrorCode.METHOD_NOT_ALLOWED
+
+
+class Conflict(MqfastError):
+    status = 409
+    code = ErrorCode.CONFLICT
+
+
+class TopicExists(Conflict):
+    code = ErrorCode.TOPIC_EXISTS
+
+
+class PayloadTooLarge(MqfastError):
+    status = 413
+    code = ErrorCode.PAYLOAD_TOO_LARGE
+
+
+class UnsupportedMediaType(MqfastError):
+    status = 415
+    code = ErrorCode.UNSUPPORTED_MEDIA_TYPE
+
+
+class RateLimited(MqfastError):
+    status = 429
+    code = ErrorCode.RATE_LIMITED
+
+
+class HeadersTooLarge(MqfastError):
+    status = 431
+    code = ErrorCode.HEADERS_TOO_LARGE
+
+
+class Unavailable(MqfastError):
+    """A dependency (the storage engine) cannot take the request now; the client may retry."""
+
+    status = 503
+    code = ErrorCode.ENGINE_UNAVAILABLE
+
+
+class ShuttingDown(Unavailable):
+    code = ErrorCode.SHUTTING_DOWN
+
+
+_AT_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
+_QUOTED = re.compile(r"field `([^`]+)`")
+
+
+def from_decode_error(exc: msgspec.DecodeError, prefix: str = "") -> BadRequest:
+    """Translate a msgspec decode/validation error into a 400 naming the field at fault."""
+    text = str(exc)
+    if not isinstance(exc, msgspec.ValidationError):
+        return MalformedJson(f"request body is not valid JSON: {text}")
+    m = _AT_PATH.search(text)
+    path = m.group(1) if m else ""
+    message = text[: m.start()] if m else text
+    q = _QUOTED.search(message)
+    if q is not None:  # "Object missing required field `content`" names the field itself
+        path = f"{path}.{q.group(1)}" if path else q.group(1)
+    field = f"{prefix}{path}" if path else (prefix.rstrip(".") or None)
+    where = f" (field `{field}`)" if field else ""
+    return BadRequest(f"{message}{where}", field=field)

@@ -1,0 +1,160 @@
+"""Prometheus exposition of the core's counters, served at ``/metrics`` on METRICS_ADDR.
+
+The hot path only bumps C counters; :class:`StatsCollector` turns one ``stats()`` snapshot into
+metric families at scrape time, so nothing in this module runs per request. Metric names are the
+contract's (``message_queue_*``); labels are route templates and topic names, never raw paths.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from mqfast.side import Response, serve_side
+
+__all__ = ["PREFIX", "StatsCollector", "build_registry", "start_metrics_server"]
+
+PREFIX = "message_queue_"
+Snapshot = Callable[[], Mapping[str, Any]]
+Extra = Callable[[], Mapping[str, float]]
+
+_GAUGES = (
+    ("connections", "http_connections", "Open client HTTP connections."),
+    ("inflight", "inflight_messages", "Messages accepted and awaiting their delivery report."),
+    ("engine_queue", "engine_queue_depth", "Messages queued inside the storage engine."),
+)
+_NAME_OK = re.compile(r"[^a-zA-Z0-9_]")
+
+
+class StatsCollector:
+    """A prometheus_client collector reading ``snapshot()`` (the core's ``stats()``) per scrape.
+
+    ``extra()`` supplies gauges owned by other parts: ``"active_consumers"`` becomes
+    ``message_queue_active_consumers`` (0 when absent) and any other key ``k`` becomes
+    ``message_queue_<k>``. Every contract metric family is exported even when it has no series.
+    """
+
+    def __init__(self, snapshot: Snapshot, extra: Extra | None = None) -> None:
+        self._snapshot = snapshot
+        self._extra = extra
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the metric families of one snapshot."""
+        snap = self._snapshot()
+        yield from _topic_families(snap.get("topics") or {})
+        yield _consumed_family(snap.get("consumed") or {})
+        yield from _route_families(snap.get("latency_buckets") or (), snap.get("routes") or {})
+        for key, name, doc in _GAUGES:
+            yield GaugeMetricFamily(PREFIX + name, doc, value=float(snap.get(key, 0) or 0))
+        yield from _extra_families(dict(self._extra()) if self._extra is not None else {})
+
+
+def _topic_families(topics: Mapping[str, Mapping[str, int]]) -> Iterator[Metric]:
+    produced = CounterMetricFamily(
+        PREFIX + "messages_produced", "Messages durably produced.", labels=["topic"]
+    )
+    failed = CounterMetricFamily(
+        PREFIX + "messages_failed", "Messages whose produce failed.", labels=["topic"]
+    )
+    nbytes = CounterMetricFamily(
+        PREFIX + "produced_bytes", "Payload bytes durably produced.", labels=["topic"]
+    )
+    for topic, t in sorted(topics.items()):
+        produced.add_metric([topic], t.get("produced", 0))
+        failed.add_metric([topic], t.get("failed", 0))
+        nbytes.add_metric([topic], t.get("bytes", 0))
+    yield produced
+    yield failed
+    yield nbytes
+
+
+def _consumed_family(consumed: Mapping[Any, int]) -> Metric:
+    fam = CounterMetricFamily(
+        PREFIX + "messages_consumed",
+        "Messages delivered to consumers.",
+        labels=["topic", "group"],
+    )
+    for key, n in sorted(consumed.items()):
+        topic, group = key
+        fam.add_metric([str(topic), str(group)], n)
+    return fam
+
+
+def _route_families(bounds: Any, routes: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
+    les = [repr(float(b)) for b in bounds]
+    latency = HistogramMetricFamily(
+        PREFIX + "processing_latency_seconds",
+        "Time from a request's arrival to its response, by route template.",
+        labels=["route", "method"],
+    )
+    requests = CounterMetricFamily(
+        PREFIX + "http_requests",
+        "HTTP responses by route template, method and status code.",
+        labels=["route", "method", "code"],
+    )
+    for route, r in sorted(routes.items()):
+        method = str(r.get("method", ""))
+        counts = list(r.get("counts") or ())
+        # The core keeps one count per bucket (cheaper to bump); Prometheus wants running totals.
+        # The +Inf bucket is the grand total, which also tolerates a core that omits it.
+        buckets: list[tuple[str, float]] = []
+        running = 0
+        for le, c in zip(les, counts, strict=False):
+            running += c
+            buckets.append((le, running))
+        buckets.append(("+Inf", sum(counts)))
+        latency.add_metric([route, method], buckets, float(r.get("sum_s", 0.0)))
+        for code, n in sorted((r.get("status") or {}).items()):
+            requests.add_metric([route, method, str(code)], n)
+    yield latency
+    yield requests
+
+
+def _extra_families(extra: dict[str, float]) -> Iterator[Metric]:
+    yield GaugeMetricFamily(
+        PREFIX + "active_consumers",
+        "Consumers that polled or heartbeated recently.",
+        value=float(extra.pop("active_consumers", 0)),
+    )
+    reserved = {PREFIX + name for _, name, _ in _GAUGES}
+    for key, value in sorted(extra.items()):
+        name = PREFIX + _NAME_OK.sub("_", key)
+        if name in reserved:
+            continue  # a part must not shadow a core gauge with a second family of that name
+        yield GaugeMetricFamily(name, f"Gauge {key!r} reported by another part.", value=value)
+
+
+def build_registry(snapshot: Snapshot, extra: Extra | None = None) -> CollectorRegistry:
+    """A fresh registry with the stats collector plus process, platform and GC collectors.
+
+    A private registry (not prometheus_client's global one) so that tests and several gateways
+    in one process do not see each other's metrics.
+    """
+    registry = CollectorRegistry()
+    registry.register(StatsCollector(snapshot, extra))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
+async def start_metrics_server(host: str, port: int, registry: CollectorRegistry) -> asyncio.Server:
+    """Serve ``GET /metrics`` (Prometheus text format 0.0.4) on ``host:port``."""
+
+    async def metrics(query: dict[str, str]) -> Response:
+        # Rendered on the loop thread on purpose: the snapshot reads counters the loop owns, and
+        # a scrape costs about a millisecond every few seconds.
+        return 200, CONTENT_TYPE_PLAIN_0_0_4, generate_latest(registry)
+
+    return await serve_side(host, port, {"/metrics": metrics}, name="metrics")

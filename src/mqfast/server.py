@@ -1,0 +1,189 @@
+"""Lifecycle: build one worker (engine, app, compiled core, listeners), run it, stop it cleanly.
+
+With ``--workers N`` a small supervisor forks N workers that share the port (SO_REUSEPORT); the
+kernel spreads connections over them. SIGTERM: stop accepting, answer what is in flight, flush
+the engine, exit 0 within ``MESSAGE_QUEUE_SHUTDOWN_TIMEOUT``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+
+import uvloop
+
+from mqfast import __version__
+from mqfast._core import Server, reseed_ids
+from mqfast.api import ROUTES, App
+from mqfast.config import Settings
+from mqfast.debug import install_gc_monitor, start_debug_server
+from mqfast.errors import ConfigError
+from mqfast.log import configure_logging
+from mqfast.metrics import build_registry, start_metrics_server
+from mqfast.sinks import Sink
+
+log = logging.getLogger("mqfast.server")
+
+
+def make_sink(settings: Settings) -> Sink:
+    """The storage engine named by ``MESSAGE_QUEUE_ENGINE``."""
+    if settings.engine == "embedded":
+        from mqfast.sinks.embedded import EmbeddedSink
+
+        return EmbeddedSink(
+            settings.data_dir,
+            fsync=settings.fsync,
+            retention_interval_s=settings.retention_interval_s,
+        )
+    raise ConfigError(
+        f"MESSAGE_QUEUE_ENGINE={settings.engine!r}: this build has only the embedded engine"
+    )
+
+
+def _side_port(addr: tuple[str, int] | None, index: int) -> tuple[str, int] | None:
+    # Each worker has its own counters, so each gets its own side port (base + index): a scrape
+    # never mixes two workers' counters under one target.
+    if addr is None:
+        return None
+    return addr[0], addr[1] + index if addr[1] else 0
+
+
+def _fmt_addr(addr: tuple[str, int] | None) -> str:
+    return f"{addr[0]}:{addr[1]}" if addr else "off"
+
+
+async def serve(settings: Settings, *, index: int = 0, reuse_port: bool = False) -> None:
+    """Run one worker until SIGTERM/SIGINT, then shut it down gracefully."""
+    loop = asyncio.get_running_loop()
+    install_gc_monitor()
+    reseed_ids()
+    sink = make_sink(settings)
+    app = App(settings, sink)
+    core = Server(loop, sink, app, ROUTES, settings)
+    app.attach(core)
+    await sink.start()
+    for cfg in await sink.list_topics():
+        core.set_topic(cfg.name, cfg.partitions)
+
+    listener = await loop.create_server(
+        core.protocol, settings.host, settings.port, reuse_port=reuse_port, backlog=4096
+    )
+    core.start()
+    side: list[asyncio.Server] = []
+    metrics_addr = _side_port(settings.metrics_addr, index)
+    if metrics_addr is not None:
+        side.append(await start_metrics_server(*metrics_addr, build_registry(core.stats)))
+    pprof_addr = _side_port(settings.pprof_addr, index)
+    if pprof_addr is not None:
+        side.append(await start_debug_server(*pprof_addr))
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    app.ready = True
+    log.info(
+        "mqfast started",
+        extra={
+            "version": __version__,
+            "engine": sink.name,
+            "addr": f"{settings.host}:{settings.port}",
+            "metrics_addr": _fmt_addr(metrics_addr),
+            "pprof_addr": _fmt_addr(pprof_addr),
+            "worker": index,
+            "pid": os.getpid(),
+        },
+    )
+    await stop.wait()
+
+    deadline = time.monotonic() + settings.shutdown_timeout_s
+    log.info("shutting down: no new connections, finishing in-flight requests")
+    app.ready = False
+    listener.close()
+    core.begin_shutdown()
+    while core.busy() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    unfinished = core.busy()
+    core.stop()
+    await sink.close(max(0.5, deadline - time.monotonic()))
+    for s in side:
+        s.close()
+    if unfinished:
+        log.warning("stopped at the deadline with work unfinished", extra={"busy": unfinished})
+    log.info("mqfast stopped", extra={"worker": index})
+
+
+def run_worker(settings: Settings, index: int = 0, reuse_port: bool = False) -> int:
+    """Run one worker in this process; returns the exit code."""
+    try:
+        uvloop.run(serve(settings, index=index, reuse_port=reuse_port))
+    except ConfigError as e:
+        log.error("invalid configuration", extra={"error": str(e)})
+        return 2
+    except OSError as e:
+        log.error("cannot start", extra={"error": str(e)})
+        return 1
+    return 0
+
+
+def run(settings: Settings) -> int:
+    """Run the service with ``settings.workers`` processes; returns the exit code."""
+    configure_logging(settings.log_level)
+    if settings.workers == 1:
+        return run_worker(settings)
+    return _supervise(settings)
+
+
+def _supervise(settings: Settings) -> int:
+    children: dict[int, int] = {}  # pid -> worker index
+    stopping = False
+
+    def spawn(index: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            configure_logging(settings.log_level, worker=index)
+            os._exit(run_worker(settings, index, reuse_port=True))
+        children[pid] = index
+
+    def forward(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for i in range(settings.workers):
+        spawn(i)
+    log.info("supervisor started", extra={"workers": settings.workers, "pid": os.getpid()})
+    code = 0
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        index = children.pop(pid, -1)
+        rc = os.waitstatus_to_exitcode(status)
+        if stopping:
+            code = code or (rc if rc > 0 else 0)
+            continue
+        log.error("worker exited unexpectedly; restarting it", extra={"worker": index, "rc": rc})
+        if rc == 2:  # configuration errors do not heal by restarting
+            forward(signal.SIGTERM, None)
+            code = 2
+            continue
+        time.sleep(0.5)
+        spawn(index)
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(run(Settings.from_env()))

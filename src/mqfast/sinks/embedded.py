@@ -1,0 +1,915 @@
+"""The embedded engine: a single-node message log on SQLite (stdlib ``sqlite3``, WAL mode).
+
+One database file, ``<data_dir>/mqfast.db``. Produce goes through ONE writer thread per process
+that does group commit: it blocks for the first queued batch, drains every batch already queued
+(up to ``MAX_ROWS_PER_TXN`` rows) and writes them in one ``BEGIN IMMEDIATE`` transaction. Offsets
+are read from ``partitions.next_offset`` inside that transaction, never from memory, because
+several processes (``--workers N``) may share the file; SQLite's write lock serialises them.
+
+Admin calls, reads and retention run on a dedicated single-thread executor with its own
+connection. Every write transaction (writer, admin, retention) starts with ``BEGIN IMMEDIATE`` so
+that lock contention shows up as a wait bounded by ``busy_timeout`` rather than as a deadlock when
+a reader tries to upgrade. Retention deletes in bounded chunks so it never holds the write lock
+for long.
+
+Invariants other code touching these tables must keep:
+
+- ``partitions.messages`` / ``partitions.bytes`` are maintained explicitly by whoever inserts or
+  deletes ``messages`` rows (no triggers: they would cost a row update per produced message).
+- Deletion is always of a prefix of a partition's offsets (retention) or of a whole topic, so
+  ``low_offset`` is ``MIN(offset)`` and offsets are never reused (``next_offset`` only grows).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Final, TypeVar
+
+import msgspec
+
+from mqfast.errors import ConfigError, MqfastError, ShuttingDown, TopicExists, Unavailable
+from mqfast.errors import UnknownTopic as UnknownTopicError
+from mqfast.messages import PartitionStats, StoredMessage, TopicConfig, TopicInfo
+from mqfast.sinks import Delivery, DoneCallback
+
+log = logging.getLogger("mqfast.embedded")
+
+_T = TypeVar("_T")
+
+DB_FILENAME: Final = "mqfast.db"
+# Group-commit cap: large enough to amortise the commit, small enough that one transaction
+# (and the latency of every request in it) stays in the low milliseconds.
+MAX_ROWS_PER_TXN: Final = 5_000
+# Retention chunks: bounded by rows and by bytes, since freeing the overflow pages of large
+# messages is what makes a delete slow.
+RETENTION_CHUNK_ROWS: Final = 5_000
+RETENTION_CHUNK_BYTES: Final = 64 * 1024 * 1024
+SCHEMA_COMPONENT: Final = "embedded"
+
+# Each entry is one schema version (index + 1). Append only; never edit an applied migration.
+# A component-keyed version table (not PRAGMA user_version) lets other stores (metadata,
+# consumer groups) keep their own migrations in the same file.
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    (
+        """CREATE TABLE topics (
+            name TEXT PRIMARY KEY,
+            partitions INTEGER NOT NULL,
+            replication INTEGER NOT NULL,
+            retention INTEGER NOT NULL,   -- nanoseconds, 0 keeps forever
+            max_size INTEGER NOT NULL,    -- bytes for the whole topic, 0 unlimited
+            created_at INTEGER NOT NULL   -- unix ms
+        )""",
+        """CREATE TABLE partitions (
+            topic TEXT NOT NULL,
+            partition INTEGER NOT NULL,
+            next_offset INTEGER NOT NULL DEFAULT 0,
+            messages INTEGER NOT NULL DEFAULT 0,
+            bytes INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (topic, partition)
+        ) WITHOUT ROWID""",
+        # WITHOUT ROWID: the log is append-only by primary key, so one B-tree (no rowid table
+        # plus a separate PK index) is one insert per row instead of two.
+        """CREATE TABLE messages (
+            topic TEXT NOT NULL,
+            partition INTEGER NOT NULL,
+            offset INTEGER NOT NULL,
+            message_id TEXT NOT NULL,
+            key BLOB,
+            value BLOB NOT NULL,
+            headers BLOB,                 -- JSON object bytes, NULL when none
+            priority INTEGER NOT NULL DEFAULT 0,
+            timestamp_ms INTEGER NOT NULL,
+            expires_ms INTEGER NOT NULL DEFAULT 0,
+            size INTEGER NOT NULL,        -- len(key) + len(value) + len(headers)
+            PRIMARY KEY (topic, partition, offset)
+        ) WITHOUT ROWID""",
+    ),
+)
+
+_INSERT_MESSAGE: Final = (
+    "INSERT INTO messages (topic, partition, offset, message_id, key, value, headers, priority,"
+    " timestamp_ms, expires_ms, size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SELECT_NEXT: Final = "SELECT next_offset FROM partitions WHERE topic = ? AND partition = ?"
+_UPDATE_PARTITION: Final = (
+    "UPDATE partitions SET next_offset = ?, messages = messages + ?, bytes = bytes + ?"
+    " WHERE topic = ? AND partition = ?"
+)
+_TOPIC_COLUMNS: Final = "name, partitions, replication, retention, max_size, created_at"
+
+_STOP: Final = object()
+# topic, partition, offset, message_id, key, value, headers, priority, timestamp, expires, size
+_Row = tuple[str, int, int, str, bytes | None, bytes, bytes | None, int, int, int, int]
+_headers_decoder = msgspec.json.Decoder(dict[str, str])
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _topic_from_row(row: tuple[Any, ...]) -> TopicConfig:
+    return TopicConfig(
+        name=row[0],
+        partitions=row[1],
+        replication=row[2],
+        retention=row[3],
+        max_size=row[4],
+        created_at=row[5],
+    )
+
+
+class EmbeddedSink:
+    """The ``embedded`` storage engine (see the module docstring)."""
+
+    name = "embedded"
+
+    def __init__(
+        self,
+        data_dir: str,
+        *,
+        fsync: bool = False,
+        retention_interval_s: float = 30.0,
+        busy_timeout_s: float = 5.0,
+    ) -> None:
+        self.data_dir = data_dir
+        self.path = os.path.join(data_dir, DB_FILENAME)
+        self.fsync = fsync
+        self.retention_interval_s = retention_interval_s
+        self.busy_timeout_s = busy_timeout_s
+
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_done: DoneCallback | None = None
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._admin: concurrent.futures.ThreadPoolExecutor | None = None
+        self._admin_conn: sqlite3.Connection | None = None  # used only on the admin thread
+        self._retention_task: asyncio.Task[None] | None = None
+        self._retention_lock = asyncio.Lock()
+
+        self._closed = False  # set on the loop thread by close(); submit() then refuses
+        self._abort = False  # set when close() times out: the writer fails what is left
+        self._writer_dead: str | None = None  # why the writer thread stopped unexpectedly
+        self._last_error: str | None = None  # last failed transaction, cleared by a success
+        self._failed_txns = 0  # failures since the last success, for one log line per episode
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def bind(self, loop: asyncio.AbstractEventLoop, on_done: DoneCallback) -> None:
+        """Set the loop and the completion callback; called once, before ``start``."""
+        self._loop = loop
+        self._on_done = on_done
+
+    async def start(self) -> None:
+        """Open (and migrate) the database, start the writer thread and the retention task."""
+        loop = self._loop_or_running()
+        self._admin = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="mqfast-embedded-admin"
+        )
+        try:
+            await self._run(self._admin_open)
+            ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+            self._writer = threading.Thread(
+                target=self._writer_main,
+                args=(ready,),
+                name="mqfast-embedded-writer",
+                daemon=True,
+            )
+            self._writer.start()
+            await asyncio.wrap_future(ready, loop=loop)
+        except BaseException:
+            # Leave nothing running behind a failed start; close() then has nothing to do.
+            admin, self._admin = self._admin, None
+            if admin is not None:
+                admin.submit(self._admin_close)
+                admin.shutdown(wait=False)
+            if self._writer is not None:
+                self._writer.join()
+                self._writer = None
+            raise
+
+        mode = (
+            "FULL (fsync per commit, survives power loss)"
+            if self.fsync
+            else "NORMAL (survives a process crash, not power loss)"
+        )
+        log.info(
+            "embedded engine at %s, WAL, synchronous=%s",
+            self.path,
+            mode,
+            extra={"engine": self.name, "path": self.path, "fsync": self.fsync},
+        )
+        if self.retention_interval_s > 0:
+            self._retention_task = loop.create_task(
+                self._retention_loop(), name="mqfast-embedded-retention"
+            )
+
+    async def close(self, timeout: float) -> None:
+        """Stop accepting, write what is queued (within ``timeout``), then release everything.
+
+        Batches still queued when ``timeout`` runs out are completed with ``ShuttingDown``; a
+        transaction already running is allowed to finish (bounded by ``busy_timeout``).
+        """
+        if self._closed:
+            return
+        self._closed = True
+        loop = self._loop_or_running()
+        deadline = loop.time() + max(timeout, 0.0)
+
+        if self._retention_task is not None:
+            self._retention_task.cancel()
+            try:
+                await self._retention_task
+            except asyncio.CancelledError:
+                pass
+            self._retention_task = None
+
+        writer = self._writer
+        if writer is not None:
+            self._queue.put(_STOP)
+            await self._join(writer, deadline - loop.time())
+            if writer.is_alive():
+                log.warning(
+                    "embedded writer did not drain within %.1fs; failing what is left", timeout
+                )
+                self._abort = True
+                await self._join(writer, self.busy_timeout_s + 1.0)
+        # Whatever nobody else took (writer dead or never started) is completed here.
+        self._fail_queued(ShuttingDown("server is shutting down"))
+
+        if self._admin is not None:
+            try:
+                await self._run(self._admin_close)
+            finally:
+                self._admin.shutdown(wait=True)
+                self._admin = None
+        # Let completions scheduled by the writer run before the caller tears the loop down.
+        await asyncio.sleep(0)
+
+    # -- hot path --------------------------------------------------------------------------
+
+    def submit(self, batch: list[Delivery]) -> None:
+        """Queue ``batch`` for the writer thread; never blocks."""
+        if self._closed:
+            self._fail_now(batch, ShuttingDown("server is shutting down"))
+            return
+        if self._writer_dead is not None:
+            self._fail_now(batch, Unavailable(f"embedded engine: {self._writer_dead}"))
+            return
+        self._queue.put(batch)
+        # The writer may have died between the check and the put; whoever takes a batch off
+        # the queue owns it, so draining here cannot double-complete it.
+        if self._writer_dead is not None:
+            self._fail_queued(Unavailable(f"embedded engine: {self._writer_dead}"))
+
+    def health(self) -> dict[str, object]:
+        """Engine state for ``/health``; cheap (no SQLite access)."""
+        h: dict[str, object] = {
+            "status": "up",
+            "engine": self.name,
+            "path": self.path,
+            "fsync": self.fsync,
+            "queued": self._queue.qsize(),
+        }
+        if self._writer_dead is not None:
+            h["status"] = "down"
+            h["detail"] = f"writer thread stopped: {self._writer_dead}"
+        elif self._writer is None or self._closed:
+            h["status"] = "down"
+            h["detail"] = "closed" if self._closed else "not started"
+        elif self._last_error is not None:
+            h["status"] = "down"
+            h["detail"] = f"last write failed: {self._last_error}"
+        return h
+
+    # -- admin -----------------------------------------------------------------------------
+
+    async def create_topic(self, config: TopicConfig) -> tuple[TopicConfig, bool]:
+        """Create ``config`` (and its partitions); idempotent for identical settings.
+
+        Returns ``(stored, created_now)``; raises ``TopicExists`` naming the differing settings
+        when the topic exists with other settings.
+        """
+        return await self._run(self._create_topic_sync, config)
+
+    async def get_topic(self, name: str) -> TopicConfig | None:
+        """The stored config of ``name`` or None."""
+        return await self._run(self._get_topic_sync, name)
+
+    async def list_topics(self) -> list[TopicConfig]:
+        """Every topic, sorted by name."""
+        return await self._run(self._list_topics_sync)
+
+    async def delete_topic(self, name: str) -> None:
+        """Delete the topic, its partitions and messages in one transaction."""
+        await self._run(self._delete_topic_sync, name)
+
+    async def describe_topic(self, name: str) -> TopicInfo:
+        """Settings plus per-partition counts; ``consumer_groups`` is empty for now."""
+        return await self._run(self._describe_topic_sync, name)
+
+    async def read(
+        self, topic: str, partition: int, offset: int, limit: int
+    ) -> list[StoredMessage]:
+        """Up to ``limit`` stored messages of one partition from ``offset`` on, in order.
+
+        Raises ``UnknownTopic`` when the topic does not exist.
+        """
+        return await self._run(self._read_sync, topic, partition, offset, limit)
+
+    async def enforce_retention(self) -> int:
+        """Apply every topic's age and size limits now; return the number of rows deleted.
+
+        Deletes in chunks of at most ``RETENTION_CHUNK_ROWS`` rows, each its own transaction
+        and executor call, so produce waits at most one chunk for the write lock.
+        """
+        # One pass at a time per process: two overlapping size passes would each remove the
+        # same excess. (Passes of other workers are safe: each chunk re-reads the excess.)
+        async with self._retention_lock:
+            return await self._enforce_retention()
+
+    async def _enforce_retention(self) -> int:
+        topics = await self.list_topics()
+        deleted = 0
+        for t in topics:
+            if t.retention > 0:
+                cutoff = _now_ms() - t.retention // 1_000_000
+                for p in range(t.partitions):
+                    while True:
+                        n, more = await self._run(self._delete_older_chunk, t.name, p, cutoff)
+                        deleted += n
+                        if not more:
+                            break
+            if t.max_size > 0:
+                deleted += await self._enforce_size(t)
+        return deleted
+
+    async def _enforce_size(self, t: TopicConfig) -> int:
+        stats = await self._run(self._partition_bytes, t.name)
+        total = sum(stats.values())
+        if total <= t.max_size:
+            return 0
+        excess = total - t.max_size
+        deleted = 0
+        # Each partition gives up its share of the excess, so partitions keep their proportions.
+        for p, b in stats.items():
+            need = -(-excess * b // total)  # ceil
+            while need > 0:
+                n, freed = await self._run(self._delete_oldest_chunk, t.name, p, need, t.max_size)
+                deleted += n
+                need -= freed
+                if n == 0:
+                    break
+        return deleted
+
+    async def _retention_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.retention_interval_s)
+            try:
+                t0 = time.monotonic()
+                n = await self.enforce_retention()
+                if n:
+                    log.info(
+                        "retention deleted %d messages in %.3fs",
+                        n,
+                        time.monotonic() - t0,
+                        extra={"deleted": n},
+                    )
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("retention pass failed")
+
+    # -- connections -----------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: the sqlite3 module issues no implicit BEGIN; every write
+        # transaction here is an explicit BEGIN IMMEDIATE.
+        conn = sqlite3.connect(
+            self.path,
+            timeout=self.busy_timeout_s,
+            isolation_level=None,
+            check_same_thread=True,
+            cached_statements=64,
+        )
+        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            conn.close()
+            raise Unavailable(f"embedded engine: cannot enable WAL on {self.path} (got {mode})")
+        conn.execute(f"PRAGMA synchronous = {'FULL' if self.fsync else 'NORMAL'}")
+        return conn
+
+    def _admin_open(self) -> None:
+        os.makedirs(self.data_dir, exist_ok=True)
+        conn = self._connect()
+        try:
+            self._migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._admin_conn = conn
+
+    def _admin_close(self) -> None:
+        if self._admin_conn is not None:
+            self._admin_conn.close()
+            self._admin_conn = None
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        # Under the write lock so that workers starting together apply each migration once.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version"
+                " (component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
+            )
+            row = conn.execute(
+                "SELECT version FROM schema_version WHERE component = ?", (SCHEMA_COMPONENT,)
+            ).fetchone()
+            current = int(row[0]) if row else 0
+            if current > len(MIGRATIONS):
+                raise ConfigError(
+                    f"{self.path}: schema version {current} is newer than this mqfast supports"
+                    f" ({len(MIGRATIONS)}); upgrade mqfast or use another data directory"
+                )
+            for version in range(current + 1, len(MIGRATIONS) + 1):
+                for stmt in MIGRATIONS[version - 1]:
+                    conn.execute(stmt)
+                conn.execute(
+                    "INSERT OR REPLACE INTO schema_version (component, version) VALUES (?, ?)",
+                    (SCHEMA_COMPONENT, version),
+                )
+                log.info("embedded schema migrated to version %d", version)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._admin_conn is None:
+            raise Unavailable("embedded engine: not started or closed")
+        return self._admin_conn
+
+    async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        if self._admin is None:
+            raise Unavailable("embedded engine: not started or closed")
+        loop = self._loop_or_running()
+        try:
+            return await loop.run_in_executor(self._admin, fn, *args)
+        except sqlite3.Error as e:
+            raise Unavailable(f"embedded engine: {e}") from e
+
+    def _loop_or_running(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    @staticmethod
+    async def _join(thread: threading.Thread, timeout: float) -> None:
+        if timeout > 0:
+            await asyncio.get_running_loop().run_in_executor(None, thread.join, timeout)
+
+    # -- writer thread ---------------------------------------------------------------------
+
+    def _writer_main(self, ready: concurrent.futures.Future[None]) -> None:
+        try:
+            conn = self._connect()
+        except BaseException as e:
+            self._writer_dead = f"cannot open {self.path}: {e}"
+            ready.set_exception(e)
+            return
+        ready.set_result(None)
+        get = self._queue.get
+        get_nowait = self._queue.get_nowait
+        try:
+            stop = False
+            while not stop:
+                item = get()
+                if item is _STOP:
+                    break
+                batches: list[list[Delivery]] = [item]  # type: ignore[list-item]
+                rows = len(item)  # type: ignore[arg-type]
+                while rows < MAX_ROWS_PER_TXN:
+                    try:
+                        item = get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is _STOP:
+                        stop = True
+                        break
+                    batches.append(item)  # type: ignore[arg-type]
+                    rows += len(item)  # type: ignore[arg-type]
+                if self._abort:
+                    self._complete_failed(batches, ShuttingDown("server is shutting down"))
+                else:
+                    self._write(conn, batches)
+        except BaseException as e:
+            # Only a bug gets here (_write catches everything); fail fast and loudly rather
+            # than leave requests waiting forever.
+            self._writer_dead = f"{type(e).__name__}: {e}"
+            log.exception("embedded writer thread died")
+            self._fail_queued(Unavailable(f"embedded engine: {self._writer_dead}"))
+        finally:
+            conn.close()
+
+    def _write(self, conn: sqlite3.Connection, batches: list[list[Delivery]]) -> None:
+        """Write ``batches`` in one transaction, then complete them on the loop."""
+        params: list[_Row] = []
+        written: list[Delivery] = []
+        missing: list[Delivery] = []
+        # (topic, partition) -> [first offset of this txn, next offset, bytes written]
+        parts: dict[tuple[str, int], list[int]] = {}
+        absent: set[tuple[str, int]] = set()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                execute = conn.execute
+                append = params.append
+                for batch in batches:
+                    for d in batch:
+                        tp = (d.topic, d.partition)
+                        st = parts.get(tp)
+                        if st is None:
+                            row = None if tp in absent else execute(_SELECT_NEXT, tp).fetchone()
+                            if row is None:
+                                absent.add(tp)
+                                missing.append(d)
+                                continue
+                            st = parts[tp] = [row[0], row[0], 0]
+                        off = st[1]
+                        st[1] = off + 1
+                        k = d.key
+                        v = d.value
+                        h = d.headers
+                        size = len(v) + (len(k) if k is not None else 0)
+                        if h is not None:
+                            size += len(h)
+                        st[2] += size
+                        append(
+                            (
+                                tp[0],
+                                tp[1],
+                                off,
+                                d.message_id,
+                                k,
+                                v,
+                                h,
+                                d.priority,
+                                d.timestamp_ms,
+                                d.expires_ms,
+                                size,
+                            )
+                        )
+                        written.append(d)
+                if params:
+                    conn.executemany(_INSERT_MESSAGE, params)
+                    conn.executemany(
+                        _UPDATE_PARTITION,
+                        [
+                            (s[1], s[1] - s[0], s[2], tp[0], tp[1])
+                            for tp, s in parts.items()
+                            if s[1] != s[0]
+                        ],
+                    )
+                execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    try:
+                        conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass  # the connection may be unusable; the next BEGIN will tell
+                raise
+        except Exception as e:
+            self._note_failure(e, sum(len(b) for b in batches))
+            self._complete_failed(batches, Unavailable(f"embedded engine: {e}"))
+            return
+
+        # Offsets become visible only now that they are committed.
+        for d, p in zip(written, params, strict=True):
+            d.offset = p[2]
+        for d in missing:
+            d.error = UnknownTopicError(
+                f"topic {d.topic!r} (partition {d.partition}) does not exist"
+            )
+        if self._last_error is not None:
+            log.info(
+                "embedded writes recovered after %d failed transactions",
+                self._failed_txns,
+                extra={"failed_transactions": self._failed_txns},
+            )
+            self._last_error = None
+            self._failed_txns = 0
+        self._complete(batches)
+
+    def _note_failure(self, e: BaseException, n: int) -> None:
+        self._failed_txns += 1
+        reason = f"{type(e).__name__}: {e}"
+        # One line per failure episode (or change of reason), not per transaction or message.
+        if reason != self._last_error:
+            log.error(
+                "embedded write transaction failed (%d messages): %s",
+                n,
+                reason,
+                extra={"messages": n, "error": reason},
+            )
+        self._last_error = reason
+
+    def _complete_failed(self, batches: list[list[Delivery]], err: MqfastError) -> None:
+        for batch in batches:
+            for d in batch:
+                d.error = err
+        self._complete(batches)
+
+    def _complete(self, batches: list[list[Delivery]]) -> None:
+        # One wake-up of the loop per transaction, not per batch.
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(self._deliver, batches)
+        except RuntimeError:
+            log.error("event loop closed; %d completed batches dropped", len(batches))
+
+    def _deliver(self, batches: list[list[Delivery]]) -> None:
+        on_done = self._on_done
+        if on_done is None:
+            return
+        for batch in batches:
+            try:
+                on_done(batch)
+            except Exception:
+                log.exception("on_done callback failed")
+
+    def _fail_queued(self, err: MqfastError) -> None:
+        """Complete every batch still queued with ``err`` (callable from any thread)."""
+        failed: list[list[Delivery]] = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                failed.append(item)  # type: ignore[arg-type]
+        if failed:
+            self._complete_failed(failed, err)
+
+    def _fail_now(self, batch: list[Delivery], err: MqfastError) -> None:
+        self._complete_failed([batch], err)
+
+    # -- admin (admin thread) --------------------------------------------------------------
+
+    def _create_topic_sync(self, config: TopicConfig) -> tuple[TopicConfig, bool]:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = conn.execute(
+                f"SELECT {_TOPIC_COLUMNS} FROM topics WHERE name = ?", (config.name,)
+            ).fetchone()
+            if row is not None:
+                conn.execute("COMMIT")
+                existing = _topic_from_row(row)
+                if existing.same_settings(config):
+                    return existing, False
+                raise TopicExists(_conflict_message(existing, config), field="name")
+            created = config.created_at or _now_ms()
+            conn.execute(
+                f"INSERT INTO topics ({_TOPIC_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    config.name,
+                    config.partitions,
+                    config.replication,
+                    config.retention,
+                    config.max_size,
+                    created,
+                ),
+            )
+            conn.executemany(
+                "INSERT INTO partitions (topic, partition) VALUES (?, ?)",
+                [(config.name, p) for p in range(config.partitions)],
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        stored = TopicConfig(
+            name=config.name,
+            partitions=config.partitions,
+            replication=config.replication,
+            retention=config.retention,
+            max_size=config.max_size,
+            created_at=created,
+        )
+        return stored, True
+
+    def _get_topic_sync(self, name: str) -> TopicConfig | None:
+        row = (
+            self._conn()
+            .execute(f"SELECT {_TOPIC_COLUMNS} FROM topics WHERE name = ?", (name,))
+            .fetchone()
+        )
+        return None if row is None else _topic_from_row(row)
+
+    def _list_topics_sync(self) -> list[TopicConfig]:
+        rows = self._conn().execute(f"SELECT {_TOPIC_COLUMNS} FROM topics ORDER BY name")
+        return [_topic_from_row(r) for r in rows]
+
+    def _delete_topic_sync(self, name: str) -> None:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            cur = conn.execute("DELETE FROM topics WHERE name = ?", (name,))
+            if cur.rowcount == 0:
+                raise UnknownTopicError(f"topic {name!r} does not exist")
+            conn.execute("DELETE FROM partitions WHERE topic = ?", (name,))
+            conn.execute("DELETE FROM messages WHERE topic = ?", (name,))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _describe_topic_sync(self, name: str) -> TopicInfo:
+        conn = self._conn()
+        # One read transaction so settings and counts are one consistent snapshot.
+        conn.execute("BEGIN")
+        try:
+            row = conn.execute(
+                f"SELECT {_TOPIC_COLUMNS} FROM topics WHERE name = ?", (name,)
+            ).fetchone()
+            if row is None:
+                raise UnknownTopicError(f"topic {name!r} does not exist")
+            t = _topic_from_row(row)
+            stats = [
+                PartitionStats(
+                    partition=p,
+                    messages=n,
+                    bytes=b,
+                    low_offset=nxt if low is None else low,
+                    high_offset=nxt,
+                )
+                for p, nxt, n, b, low in conn.execute(
+                    "SELECT p.partition, p.next_offset, p.messages, p.bytes,"
+                    " (SELECT MIN(m.offset) FROM messages m"
+                    "  WHERE m.topic = p.topic AND m.partition = p.partition)"
+                    " FROM partitions p WHERE p.topic = ? ORDER BY p.partition",
+                    (name,),
+                )
+            ]
+        finally:
+            conn.execute("COMMIT")
+        return TopicInfo(
+            name=t.name,
+            partitions=t.partitions,
+            replication=t.replication,
+            retention=t.retention,
+            max_size=t.max_size,
+            created_at=t.created_at,
+            messages=sum(s.messages for s in stats),
+            bytes=sum(s.bytes for s in stats),
+            partition_stats=stats,
+            consumer_groups=[],
+        )
+
+    def _read_sync(
+        self, topic: str, partition: int, offset: int, limit: int
+    ) -> list[StoredMessage]:
+        conn = self._conn()
+        rows = conn.execute(
+            "SELECT message_id, offset, key, value, headers, priority, timestamp_ms, expires_ms"
+            " FROM messages WHERE topic = ? AND partition = ? AND offset >= ?"
+            " ORDER BY offset LIMIT ?",
+            (topic, partition, offset, max(limit, 0)),
+        ).fetchall()
+        if not rows and self._get_topic_sync(topic) is None:
+            raise UnknownTopicError(f"topic {topic!r} does not exist")
+        return [
+            StoredMessage(
+                message_id=mid,
+                topic=topic,
+                partition=partition,
+                offset=off,
+                key=None if k is None else k.decode("utf-8", "replace"),
+                content=v.decode("utf-8", "replace"),
+                headers={} if h is None else _headers_decoder.decode(h),
+                priority=prio,
+                timestamp=ts,
+                expires_at=exp,
+            )
+            for mid, off, k, v, h, prio, ts, exp in rows
+        ]
+
+    # -- retention (admin thread) ----------------------------------------------------------
+
+    def _partition_bytes(self, topic: str) -> dict[int, int]:
+        rows = self._conn().execute(
+            "SELECT partition, bytes FROM partitions WHERE topic = ? ORDER BY partition", (topic,)
+        )
+        return {p: b for p, b in rows}
+
+    def _delete_older_chunk(self, topic: str, partition: int, cutoff_ms: int) -> tuple[int, bool]:
+        """Delete the partition's oldest messages stamped before ``cutoff_ms``, one chunk.
+
+        Only a prefix of offsets is deleted, stopping at the first message that is young
+        enough: timestamps are the gateway's clock at produce time and so follow offsets
+        (up to a few ms of skew between workers), and scanning from the front keeps the cost
+        proportional to what is deleted instead of to the partition. Returns
+        ``(rows deleted, whether another chunk may be due)``.
+        """
+
+        def take(ts: int, _size: int) -> bool:
+            return ts < cutoff_ms
+
+        return self._delete_prefix_chunk(topic, partition, lambda _conn: take)
+
+    def _delete_oldest_chunk(
+        self, topic: str, partition: int, need: int, max_size: int
+    ) -> tuple[int, int]:
+        """Delete the partition's oldest messages until ``need`` bytes are freed, one chunk.
+
+        ``need`` is capped by the topic's excess over ``max_size`` as read inside the
+        transaction, so concurrent passes (other workers) never delete below the limit.
+        Returns ``(rows deleted, bytes freed)``.
+        """
+        freed = 0
+        limit = need
+
+        def make_take(conn: sqlite3.Connection) -> Callable[[int, int], bool]:
+            nonlocal limit
+            total = conn.execute(
+                "SELECT COALESCE(SUM(bytes), 0) FROM partitions WHERE topic = ?", (topic,)
+            ).fetchone()[0]
+            limit = min(need, total - max_size)
+            return take
+
+        def take(_ts: int, size: int) -> bool:
+            nonlocal freed
+            if freed >= limit:
+                return False
+            freed += size
+            return True
+
+        n, _ = self._delete_prefix_chunk(topic, partition, make_take)
+        return n, (freed if n else 0)
+
+    def _delete_prefix_chunk(
+        self,
+        topic: str,
+        partition: int,
+        make_take: Callable[[sqlite3.Connection], Callable[[int, int], bool]],
+    ) -> tuple[int, bool]:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            take = make_take(conn)
+            rows = conn.execute(
+                "SELECT offset, timestamp_ms, size FROM messages"
+                " WHERE topic = ? AND partition = ? ORDER BY offset LIMIT ?",
+                (topic, partition, RETENTION_CHUNK_ROWS),
+            ).fetchall()
+            last = -1
+            count = 0
+            nbytes = 0
+            stopped = False
+            for off, ts, size in rows:
+                if nbytes >= RETENTION_CHUNK_BYTES or not take(ts, size):
+                    stopped = True
+                    break
+                last = off
+                count += 1
+                nbytes += size
+            if count:
+                conn.execute(
+                    "DELETE FROM messages WHERE topic = ? AND partition = ? AND offset <= ?",
+                    (topic, partition, last),
+                )
+                conn.execute(
+                    "UPDATE partitions SET messages = messages - ?, bytes = bytes - ?"
+                    " WHERE topic = ? AND partition = ?",
+                    (count, nbytes, topic, partition),
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        more = count > 0 and (
+            nbytes >= RETENTION_CHUNK_BYTES or (not stopped and len(rows) == RETENTION_CHUNK_ROWS)
+        )
+        return count, more
+
+
+def _conflict_message(existing: TopicConfig, asked: TopicConfig) -> str:
+    diffs: Iterable[str] = (
+        f"{f}={getattr(existing, f)} (asked {getattr(asked, f)})"
+        for f in ("partitions", "replication", "retention", "max_size")
+        if getattr(existing, f) != getattr(asked, f)
+    )
+    return f"topic {existing.name!r} already exists with other settings: {', '.join(diffs)}"

@@ -1,0 +1,206 @@
+"""Prometheus exposition of a stats snapshot, and the side HTTP server that serves it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import uvloop
+from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+from mqfast.metrics import build_registry, start_metrics_server
+from mqfast.side import Response, serve_side
+
+BOUNDS = [5e-05, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+          0.5, 1.0, 2.5, 5.0, 10.0]  # fmt: skip
+CONTRACT = [
+    "message_queue_messages_produced",
+    "message_queue_messages_failed",
+    "message_queue_messages_consumed",
+    "message_queue_produced_bytes",
+    "message_queue_processing_latency_seconds",
+    "message_queue_http_requests",
+    "message_queue_http_connections",
+    "message_queue_inflight_messages",
+    "message_queue_engine_queue_depth",
+    "message_queue_active_consumers",
+]
+
+
+def snapshot() -> dict[str, Any]:
+    counts = [0] * 18
+    counts[2], counts[4], counts[17] = 3, 5, 2  # two requests slower than 10 s
+    return {
+        "latency_buckets": BOUNDS,
+        "routes": {
+            "/api/v1/messages": {
+                "method": "POST",
+                "counts": counts,
+                "sum_s": 21.5,
+                "status": {"200": 9, "400": 1},
+            },
+            "/api/v1/topics/{name}": {
+                "method": "GET",
+                "counts": [0] * 18,
+                "sum_s": 0.0,
+                "status": {},
+            },
+        },
+        "topics": {"user-events": {"produced": 9, "failed": 1, "bytes": 900}},
+        "consumed": {("user-events", "group-a"): 4},
+        "connections": 7,
+        "inflight": 3,
+        "engine_queue": 11,
+    }
+
+
+def families(text: str) -> dict[str, Metric]:
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def value(fam: Metric, sample: str, **labels: str) -> float:
+    for s in fam.samples:
+        if s.name == sample and s.labels == labels:
+            return float(s.value)
+    raise AssertionError(f"no sample {sample}{labels} in {fam.samples}")
+
+
+def test_exposition_of_full_snapshot() -> None:
+    reg = build_registry(snapshot, lambda: {"active_consumers": 2, "retry-queue": 5})
+    fams = families(generate_latest(reg).decode())
+    for name in CONTRACT:
+        assert name in fams, name
+
+    t = {"topic": "user-events"}
+    p = "message_queue_"
+    assert value(fams[p + "messages_produced"], p + "messages_produced_total", **t) == 9
+    assert value(fams[p + "messages_failed"], p + "messages_failed_total", **t) == 1
+    assert value(fams[p + "produced_bytes"], p + "produced_bytes_total", **t) == 900
+    consumed = fams[p + "messages_consumed"]
+    assert value(consumed, p + "messages_consumed_total", topic="user-events", group="group-a") == 4
+    reqs = fams[p + "http_requests"]
+    r = {"route": "/api/v1/messages", "method": "POST"}
+    assert value(reqs, p + "http_requests_total", code="200", **r) == 9
+    assert value(reqs, p + "http_requests_total", code="400", **r) == 1
+    assert value(fams[p + "http_connections"], p + "http_connections") == 7
+    assert value(fams[p + "inflight_messages"], p + "inflight_messages") == 3
+    assert value(fams[p + "engine_queue_depth"], p + "engine_queue_depth") == 11
+    assert value(fams[p + "active_consumers"], p + "active_consumers") == 2
+    assert value(fams[p + "retry_queue"], p + "retry_queue") == 5
+    # The standard process/platform/GC collectors are registered too.
+    assert "process_cpu_seconds" in fams
+    assert "python_info" in fams
+    assert "python_gc_objects_collected" in fams
+
+
+def test_latency_histogram_is_cumulative() -> None:
+    fams = families(generate_latest(build_registry(snapshot)).decode())
+    hist = fams["message_queue_processing_latency_seconds"]
+    assert hist.type == "histogram"
+    name = "message_queue_processing_latency_seconds"
+    r = {"route": "/api/v1/messages", "method": "POST"}
+    buckets = [
+        (float(s.labels["le"]), s.value)
+        for s in hist.samples
+        if s.name == name + "_bucket" and s.labels["route"] == r["route"]
+    ]
+    assert [b for b, _ in buckets] == [*BOUNDS, float("inf")]
+    got = dict(buckets)
+    assert got[0.0001] == 0
+    assert got[0.00025] == 3
+    assert got[0.001] == 8
+    assert got[10.0] == 8
+    assert [v for _, v in buckets] == sorted(v for _, v in buckets)
+    count = value(hist, name + "_count", **r)
+    assert got[float("inf")] == count == 10
+    assert value(hist, name + "_sum", **r) == 21.5
+    empty = {"route": "/api/v1/topics/{name}", "method": "GET"}
+    assert value(hist, name + "_count", **empty) == 0
+
+
+def test_empty_snapshot_still_names_every_contract_metric() -> None:
+    fams = families(generate_latest(build_registry(dict)).decode())
+    for name in CONTRACT:
+        assert name in fams, name
+    assert value(fams["message_queue_active_consumers"], "message_queue_active_consumers") == 0
+    assert value(fams["message_queue_http_connections"], "message_queue_http_connections") == 0
+
+
+async def request(port: int, raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(raw)
+    data = await reader.read()
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines)}
+    return int(status_line.split(" ")[1]), headers, body
+
+
+def get(port: int, path: str, method: str = "GET") -> Awaitable[tuple[int, dict[str, str], bytes]]:
+    return request(port, f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+
+
+def port_of(server: asyncio.Server) -> int:
+    return int(server.sockets[0].getsockname()[1])
+
+
+def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    uvloop.run(main())
+
+
+def test_metrics_server_over_http() -> None:
+    async def main() -> None:
+        server = await start_metrics_server("127.0.0.1", 0, build_registry(snapshot))
+        try:
+            port = port_of(server)
+            status, headers, body = await get(port, "/metrics")
+            assert status == 200
+            assert headers["content-type"].startswith("text/plain; version=0.0.4")
+            assert int(headers["content-length"]) == len(body)
+            fams = families(body.decode())
+            assert "message_queue_messages_produced" in fams
+            status, _, _ = await get(port, "/nope")
+            assert status == 404
+            status, headers, _ = await get(port, "/metrics", method="POST")
+            assert status == 405
+            assert headers["allow"] == "GET"
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(main)
+
+
+def test_side_server_errors_and_query() -> None:
+    seen: list[dict[str, str]] = []
+
+    async def echo(query: dict[str, str]) -> Response:
+        seen.append(query)
+        return 200, "text/plain", b"ok"
+
+    async def broken(query: dict[str, str]) -> Response:
+        raise RuntimeError("handler bug")
+
+    async def main() -> None:
+        server = await serve_side("127.0.0.1", 0, {"/e": echo, "/b": broken}, name="test")
+        try:
+            port = port_of(server)
+            status, _, body = await get(port, "/e?a=1&b=two&a=3")
+            assert (status, body) == (200, b"ok")
+            assert seen == [{"a": "3", "b": "two"}]
+            status, _, body = await get(port, "/b")
+            assert status == 500
+            assert b'"code":"internal"' in body
+            status, _, _ = await request(port, b"garbage\r\n\r\n")
+            assert status == 400
+            status, _, _ = await request(port, b"GET / HTTP/1.1\r\nX: " + b"a" * 20_000)
+            assert status == 431
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(main)
