@@ -651,5 +651,5 @@ cdef class HttpProtocol:
         if self.state == ST_IDLE and not self.pending:
             self.transport.close()
         elif self.pending:
-            last = self.pending[-1]
+            last = self.pending[len(self.pending) - 1]  # wraparound is off in the core
             last.close_after = True

@@ -1,0 +1,502 @@
+"""Protocol tests: raw bytes through HttpProtocol over a fake transport, no sockets.
+
+The engine is an in-memory stand-in that completes each batch on the next loop iteration, the
+way a real engine completes from its own thread; the point here is HTTP framing, routing,
+ordering and limits, not storage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import uvloop
+
+from mqfast._core import HttpProtocol, Server
+from mqfast.api import ROUTES, App
+from mqfast.config import Settings
+from mqfast.messages import StoredMessage, TopicConfig, TopicInfo
+
+
+class MemorySink:
+    """Keeps deliveries in lists; completes batches on the next loop iteration."""
+
+    name = "memory"
+
+    def __init__(self) -> None:
+        self.topics: dict[str, TopicConfig] = {}
+        self.log: dict[tuple[str, int], list[Any]] = {}
+        self.batches = 0
+        self.hold = False
+        self.held: list[list[Any]] = []
+
+    def bind(self, loop: asyncio.AbstractEventLoop, on_done: Any) -> None:
+        self.loop = loop
+        self.on_done = on_done
+
+    async def start(self) -> None:
+        pass
+
+    def submit(self, batch: list[Any]) -> None:
+        self.batches += 1
+        if self.hold:
+            self.held.append(batch)
+            return
+        self.loop.call_soon(self._write, batch)
+
+    def release(self) -> None:
+        self.hold = False
+        for b in self.held:
+            self.loop.call_soon(self._write, b)
+        self.held = []
+
+    def _write(self, batch: list[Any]) -> None:
+        for d in batch:
+            part = self.log.setdefault((d.topic, d.partition), [])
+            d.offset = len(part)
+            part.append(d)
+        self.on_done(batch)
+
+    async def close(self, timeout: float) -> None:
+        pass
+
+    async def create_topic(self, config: TopicConfig) -> tuple[TopicConfig, bool]:
+        if config.name in self.topics:
+            return self.topics[config.name], False
+        self.topics[config.name] = config
+        return config, True
+
+    async def get_topic(self, name: str) -> TopicConfig | None:
+        return self.topics.get(name)
+
+    async def list_topics(self) -> list[TopicConfig]:
+        return sorted(self.topics.values(), key=lambda t: t.name)
+
+    async def delete_topic(self, name: str) -> None:
+        self.topics.pop(name)
+
+    async def describe_topic(self, name: str) -> TopicInfo:
+        raise NotImplementedError
+
+    async def read(self, topic: str, partition: int, offset: int, limit: int) -> list[StoredMessage]:
+        return []
+
+    def health(self) -> dict[str, object]:
+        return {"status": "up", "engine": self.name}
+
+
+class FakeTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.data = bytearray()
+        self.closed = False
+        self.paused = False
+        self.proto: asyncio.Protocol | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        assert not self.closed, "write after close"
+        self.data += data
+
+    def close(self) -> None:
+        # like a real transport: connection_lost follows on the next loop iteration
+        if not self.closed and self.proto is not None:
+            asyncio.get_event_loop().call_soon(self.proto.connection_lost, None)
+        self.closed = True
+
+    def abort(self) -> None:
+        self.close()
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+class Harness:
+    def __init__(self, loop: asyncio.AbstractEventLoop, **overrides: Any) -> None:
+        self.loop = loop
+        settings = Settings.from_env({}, **overrides)
+        self.sink = MemorySink()
+        self.app = App(settings, self.sink)  # type: ignore[arg-type]
+        self.core = Server(loop, self.sink, self.app, ROUTES, settings)  # type: ignore[arg-type]
+        self.app.attach(self.core)
+        self.app.ready = True
+        self.core.set_topic("t", 1)
+        self.sink.topics["t"] = TopicConfig("t", 1, 1, 0, 0)
+        self.core.set_topic("p4", 4)
+        self.sink.topics["p4"] = TopicConfig("p4", 4, 1, 0, 0)
+
+    def connect(self) -> tuple[HttpProtocol, FakeTransport]:
+        proto = self.core.protocol()
+        tr = FakeTransport()
+        tr.proto = proto
+        proto.connection_made(tr)
+        return proto, tr
+
+    async def settle(self, rounds: int = 5) -> None:
+        for _ in range(rounds):
+            await asyncio.sleep(0)
+
+
+def responses(data: bytes | bytearray) -> list[tuple[int, dict[str, str], bytes]]:
+    """Split a byte stream of HTTP/1.1 responses (Content-Length framed)."""
+    out = []
+    buf = bytes(data)
+    while buf:
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:])}
+        if status == 100:
+            buf = rest
+            continue
+        n = int(headers["content-length"])
+        out.append((status, headers, rest[:n]))
+        buf = rest[n:]
+    return out
+
+
+def post(path: str, body: bytes | dict[str, Any], extra: str = "") -> bytes:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(raw)}\r\n{extra}\r\n"
+    ).encode() + raw
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    lp = uvloop.new_event_loop()
+    yield lp
+    lp.close()
+
+
+def run(loop: asyncio.AbstractEventLoop, coro: Any) -> Any:
+    return loop.run_until_complete(coro)
+
+
+def test_produce_answers_after_the_engine_completes(loop: asyncio.AbstractEventLoop) -> None:
+    async def go() -> None:
+        h = Harness(loop)
+        proto, tr = h.connect()
+        proto.data_received(post("/api/v1/messages", {"topic": "t", "content": "hi"}))
+        assert tr.data == b"", "answered before the engine made the message durable"
+        await h.settle()
+        [(status, headers, body)] = responses(tr.data)
+        assert status == 200
+        msg = json.loads(body)
+        assert msg["topic"] == "t" and msg["offset"] == 0 and msg["partition"] == 0
+        assert msg["message_id"][14] == "7"  # UUIDv7
+        assert "date" in headers and headers["content-type"] == "application/json"
+        assert h.core.inflight == 0
+
+    run(loop, go())
+
+
+def test_pipelined_requests_are_answered_in_order(loop: asyncio.AbstractEventLoop) -> None:
+    async def go() -> None:
+        h = Harness(loop)
+        proto, tr = h.connect()
+        reqs = b"".join(
+            post("/api/v1/messages", {"topic": "t", "content": f"m{i}"}) for i in range(5)
+        )
+        reqs += b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+        reqs += post("/api/v1/messages", {"topic": "t", "content": "last"})
+        proto.data_received(reqs)
+        # the health answer is ready first but must wait behind the produce answers
+        assert tr.data == b""
+        await h.settle()
+        rs = responses(tr.data)
+        assert [r[0] for r in rs] == [200] * 5 + [200, 200]
+        offsets = [json.loads(r[2]).get("offset") for r in rs]
+        assert offsets == [0, 1, 2, 3, 4, None, 5]
+        assert h.sink.batches == 1, "one loop tick should make one engine batch"
+
+    run(loop, go())
+
+
+def test_request_split_across_packets(loop: asyncio.AbstractEventLoop) -> None:
+    async def go() -> None:
+        h = Harness(loop)
+        proto, tr = h.connect()
+        raw = post("/api/v1/messages", {"topic": "t", "content": "x" * 100})
+        for i in range(0, len(raw), 7):
+            proto.data_received(raw[i : i + 7])
+        await h.settle()
+        assert [r[0] for r in responses(tr.data)] == [200]
+
+    run(loop, go())
+
+
+def test_chunked_body(loop: asyncio.AbstractEventLoop) -> None:
+    async def go() -> None:
+        h = Harness(loop)
+        proto, tr = h.connect()
+        body = json.dumps({"topic": "t", "content": "chunked"}).encode()
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in (body[:10], body[10:])) + b"0\r\n\r\n"
+        proto.data_received(
+            b"POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + chunks
+        )
+        await h.settle()
+        assert [r[0] for r in responses(tr.data)] == [200]
+
+    run(loop, go())
+
+
+def test_fire_and_forget_is_202_before_durability(loop: asyncio.AbstractEventLoop) -> None:
+    async def go() -> None:
+        h = Harness(loop)
+        proto, tr = h.connect()
+        h.sink.hold = True
+        proto.data_received(
+            post("/api/v1/messages", {"topic": "t", "content": "x"}, "Prefer: respond-async\r\n")
+        )
+        [(status, _, body)] = responses(tr.data)
+        assert status == 202 and json.loads(body)["offset"] is None
+        h.sink.release()
+        await h.settle()
+        assert len(h.sink.log[("t", 0)]) == 1
+        assert h.core.inflight == 0
+
+    run(loop, go())
+
+
+def test_same_key_same_partition(loop: asyncio.AbstractEventLoop) -> None:
+    async def go() -> None:
+        h = Harness(loop)
+        proto, tr = h.connect()
+        for i in range(12):
+            key = "user-123" if i % 2 == 0 else f"other-{i}"
+            proto.data_received(
+                post("/api/v1/messages", {"topic": "p4", "key": key, "content": "x"})
+            )
+        await h.settle()
+        parts = [json.loads(r[2])["partition"] for r in responses(tr.data)]
+        assert len({parts[i] for i in range(0, 12, 2)}) == 1
+        assert len(set(parts)) > 1
+
+    run(loop, go())
+
+
+def test_unknown_topic_goes_through_the_slow_path(loop: asyncio.AbstractEventLoop) -> None:
+    async def go() -> None:
+        h = Harness(loop)
+        proto, tr = h.connect()
+        proto.data_received(post("/api/v1/messages", {"topic": "fresh", "content": "x"}))
+        await h.settle(20)
+        [(status, _, body)] = responses(tr.data)
+        assert status == 200 and json.loads(body)["topic"] == "fresh"
+        assert "fresh" in h.sink.topics
+
+    run(loop, go())
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "code", "closes"),
+    [
+        (post("/api/v1/messages", b"{nope"), 400, "malformed_json", False),
+        (post("/api/v1/messages", {"topic": "t", "content": 5}), 400, "invalid_field", False),
+        (post("/api/v1/messages", {"topic": "t"}), 400, "invalid_field", False),
+        (b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n", 404, "not_found", False),
+        (b"DELETE /api/v1/messages HTTP/1.1\r\nHost: x\r\n\r\n", 405, "method_not_allowed", False),
+        (b"GET /health HTTP/1.1\r\n\r\n", 400, "malformed_http", True),
+        (
+            b"POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            b"Content-Length: 5\r\n\r\nhello",
+            400,
+            "malformed_http",
+            True,
+        ),
+        (
+            b"POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            400,
+            "malformed_http",
+            True,
+        ),
+        (b"\x16\x03\x01\x02\x00garbage\r\n\r\n", 400, "malformed_http", True),
+        (
+            b"POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n",
+            413,
+            "payload_too_large",
+            True,
+        ),
+        (
+            b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n",
+            431,
+            "headers_too_large",
+            True,
+        ),
+    ],
+)
+def test_bad_requests(
+    loop: asyncio.AbstractEventLoop, raw: bytes, status: int, code: str, closes: bool
+) -> None:
+    async def go() -> None:
+        h = Harness(loop)
+        proto, tr = h.connect()
+        proto.data_received(raw)
+        await h.settle()
+        [(got, headers, body)] = responses(tr.data)
+        assert got == status, body
+        err = json.loads(body)["error"]
+        assert err["code"] == code and err["message"]
+        assert tr.closed == closes
+        assert (headers.get("connection") == "close") == closes
+        if status == 405:
+            assert headers["allow"] == "POST"
+        assert h.sink.log == {}, "a rejected request must leave no record"
+
+    run(loop, go())
+
+
+def test_error_names_the_field(loop: asyncio.AbstractEventLoop) -> None:
+    async def go() -> None:
+        h = Harness(loop)
+        proto, tr = h.connect()
+        bad = [
+            ({"topic": "t", "content": "x", "priority": 10}, "priority"),
+            ({"topic": "t", "content": "x", "ttl": "-5s"}, "ttl"),
+            ({"topic": "t", "content": "x", "ttl": "soon"}, "ttl"),
+            ({"topic": "t", "content": "x", "priorty": 1}, "priorty"),
+            ({"topic": "t"}, "content"),
+        ]
+        for body, _ in bad:
+            proto.data_received(post("/api/v1/messages", body))
+        await h.settle()
+        rs = responses(tr.data)
+        assert [json.loads(r[2])["error"]["field"] for r in rs] == [f for _, f in bad]
+        assert all(r[0] == 400 for r in rs)
+
+    run(loop, go())
+
+
+def test_batch_is_validated_whole_before_anything_is_written(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    async def go() -> None:
+        h = Harness(loop)
+        proto, tr = h.connect()
+        msgs: list[dict[str, Any]] = [{"content": f"m{i}"} for i in range(5)]
+        msgs[3]["priority"] = 42
+        proto.data_received(post("/api/v1/messages/batch", {"topic": "t", "messages": msgs}))
+        msgs[3]["priority"] = 1
+        proto.data_received(post("/api/v1/messages/batch", {"topic": "t", "messages": msgs}))
+        await h.settle()
+        (s1, _, b1), (s2, _, b2) = responses(tr.data)
+        assert s1 == 400 and json.loads(b1)["error"]["field"] == "messages[3].priority"
+        assert s2 == 200
+        result = json.loads(b2)
+        assert result["succeeded"] == 5 and result["failed"] == 0
+        assert [r["offset"] for r in result["results"]] == [0, 1, 2, 3, 4]
+
+    run(loop, go())
+
+
+def test_engine_errors_become_503_with_retry_after(loop: asyncio.AbstractEventLoop) -> None:
+    async def go() -> None:
+        from mqfast.errors import Unavailable
+
+        h = Harness(loop)
+
+        def failing(batch: list[Any]) -> None:
+            for d in batch:
+                d.error = Unavailable("disk full")
+            loop.call_soon(h.sink.on_done, batch)
+
+        h.sink.submit = failing  # type: ignore[method-assign]
+        proto, tr = h.connect()
+        proto.data_received(post("/api/v1/messages", {"topic": "t", "content": "x"}))
+        await h.settle()
+        [(status, headers, body)] = responses(tr.data)
+        assert status == 503 and headers["retry-after"] == "1"
+        assert json.loads(body)["error"]["code"] == "engine_unavailable"
+        assert not tr.closed
+
+    run(loop, go())
+
+
+def test_client_gone_before_the_engine_answers(loop: asyncio.AbstractEventLoop) -> None:
+    async def go() -> None:
+        h = Harness(loop)
+        proto, tr = h.connect()
+        proto.data_received(post("/api/v1/messages", {"topic": "t", "content": "x"}))
+        proto.connection_lost(None)
+        await h.settle()
+        assert tr.data == b""
+        assert len(h.sink.log[("t", 0)]) == 1  # still stored: the 2xx was simply not delivered
+        assert h.core.inflight == 0
+
+    run(loop, go())
+
+
+def test_http10_closes_unless_keep_alive(loop: asyncio.AbstractEventLoop) -> None:
+    async def go() -> None:
+        h = Harness(loop)
+        proto, tr = h.connect()
+        proto.data_received(b"GET /health/live HTTP/1.0\r\n\r\n")
+        [(status, headers, _)] = responses(tr.data)
+        assert status == 200 and headers["connection"] == "close" and tr.closed
+        proto2, tr2 = h.connect()
+        proto2.data_received(b"GET /health/live HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        [(status, headers, _)] = responses(tr2.data)
+        assert headers["connection"] == "keep-alive" and not tr2.closed
+
+    run(loop, go())
+
+
+def test_pipelining_abuse_pauses_reading(loop: asyncio.AbstractEventLoop) -> None:
+    async def go() -> None:
+        h = Harness(loop)
+        h.sink.hold = True
+        proto, tr = h.connect()
+        one = post("/api/v1/messages", {"topic": "t", "content": "x"})
+        proto.data_received(one * 300)
+        assert tr.paused
+        h.sink.release()
+        await h.settle()
+        assert not tr.paused
+        assert len(responses(tr.data)) == 300
+
+    run(loop, go())
+
+
+def test_shutdown_closes_idle_and_finishes_busy(loop: asyncio.AbstractEventLoop) -> None:
+    async def go() -> None:
+        h = Harness(loop)
+        idle, idle_tr = h.connect()
+        busy, busy_tr = h.connect()
+        busy.data_received(post("/api/v1/messages", {"topic": "t", "content": "x"}))
+        h.core.begin_shutdown()
+        assert idle_tr.closed and not busy_tr.closed
+        await h.settle()
+        [(status, _, _)] = responses(busy_tr.data)
+        assert status == 200 and busy_tr.closed
+        await h.settle()
+        assert h.core.busy() == 0
+
+    run(loop, go())
+
+
+def test_router() -> None:
+    core_router = Server.__new__(Server)  # noqa: F841 - construction needs a loop; use Router
+    from mqfast._core import Router
+
+    r = Router(ROUTES)
+    assert r.lookup(b"/api/v1/messages")[0] == r.produce_route
+    assert r.lookup(b"/api/v1/messages/")[0] == r.produce_route
+    route, params = r.lookup(b"/api/v1/topics/user-events")
+    assert r.template(route) == "/api/v1/topics/{name}" and params == [b"user-events"]
+    assert r.lookup(b"/api/v1/topics/a/b")[0] == -1
+    assert r.lookup(b"/nope")[0] == -1
