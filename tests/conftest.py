@@ -59,7 +59,7 @@ class MqfastProcess:
 
     def start(self, timeout: float = 20.0) -> MqfastProcess:
         assert self.log_path is not None
-        log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime
+        log = open(self.log_path, "ab")  # kept open for the child's lifetime
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mqfast.cli", "serve"],
             env=self.env,
@@ -121,7 +121,9 @@ class MqfastProcess:
         self.proc.wait()
 
 
-def raw_exchange(port: int, data: bytes, *, timeout: float = 5.0, half_close: bool = False) -> bytes:
+def raw_exchange(
+    port: int, data: bytes, *, timeout: float = 5.0, half_close: bool = False
+) -> bytes:
     """Send raw bytes, read until the server closes (or ``timeout``); for framing tests."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(data)

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from mqfast._core import HttpProtocol, Server
+from mqfast._core import HttpProtocol, Router, Server
 from mqfast.api import ROUTES, App
 from mqfast.config import Settings
 from mqfast.messages import StoredMessage, TopicConfig, TopicInfo
@@ -81,7 +81,9 @@ class MemorySink:
     async def describe_topic(self, name: str) -> TopicInfo:
         raise NotImplementedError
 
-    async def read(self, topic: str, partition: int, offset: int, limit: int) -> list[StoredMessage]:
+    async def read(
+        self, topic: str, partition: int, offset: int, limit: int
+    ) -> list[StoredMessage]:
         return []
 
     def health(self) -> dict[str, object]:
@@ -243,7 +245,8 @@ def test_chunked_body(loop: asyncio.AbstractEventLoop) -> None:
         h = Harness(loop)
         proto, tr = h.connect()
         body = json.dumps({"topic": "t", "content": "chunked"}).encode()
-        chunks = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in (body[:10], body[10:])) + b"0\r\n\r\n"
+        parts = (body[:10], body[10:])
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in parts) + b"0\r\n\r\n"
         proto.data_received(
             b"POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
             + chunks
@@ -475,7 +478,7 @@ def test_pipelining_abuse_pauses_reading(loop: asyncio.AbstractEventLoop) -> Non
 def test_shutdown_closes_idle_and_finishes_busy(loop: asyncio.AbstractEventLoop) -> None:
     async def go() -> None:
         h = Harness(loop)
-        idle, idle_tr = h.connect()
+        _idle, idle_tr = h.connect()
         busy, busy_tr = h.connect()
         busy.data_received(post("/api/v1/messages", {"topic": "t", "content": "x"}))
         h.core.begin_shutdown()
@@ -490,9 +493,6 @@ def test_shutdown_closes_idle_and_finishes_busy(loop: asyncio.AbstractEventLoop)
 
 
 def test_router() -> None:
-    core_router = Server.__new__(Server)  # noqa: F841 - construction needs a loop; use Router
-    from mqfast._core import Router
-
     r = Router(ROUTES)
     assert r.lookup(b"/api/v1/messages")[0] == r.produce_route
     assert r.lookup(b"/api/v1/messages/")[0] == r.produce_route
