@@ -635,9 +635,8 @@ cdef class HttpProtocol:
             if now - self.state_since_ns > self.server.header_timeout_ns:
                 # Slow or stalled client (slowloris): say so and close.
                 self.closing = True
-                body = msgspec.json.encode({"error": {
-                    "code": "request_timeout",
-                    "message": "request not received in time; closing the connection"}})
+                body = _errors.RequestTimeout(
+                    "request not received in time; closing the connection").to_body()
                 self.transport.write(http_response(self.server, 408, body, True, None, False))
                 self.transport.close()
         elif self.state == ST_IDLE and not self.pending:

@@ -29,7 +29,7 @@ class ErrorCode(enum.StrEnum):
     CONFLICT = "conflict"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     HEADERS_TOO_LARGE = "headers_too_large"
-    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    REQUEST_TIMEOUT = "request_timeout"
     RATE_LIMITED = "rate_limited"
     ENGINE_UNAVAILABLE = "engine_unavailable"
     SHUTTING_DOWN = "shutting_down"
@@ -104,9 +104,11 @@ class PayloadTooLarge(MqfastError):
     code = ErrorCode.PAYLOAD_TOO_LARGE
 
 
-class UnsupportedMediaType(MqfastError):
-    status = 415
-    code = ErrorCode.UNSUPPORTED_MEDIA_TYPE
+class RequestTimeout(MqfastError):
+    """The client did not send its request in time (slow or stalled: slowloris)."""
+
+    status = 408
+    code = ErrorCode.REQUEST_TIMEOUT
 
 
 class RateLimited(MqfastError):
