@@ -24,10 +24,31 @@ from typing import Any
 import pytest
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_port(span: int = 4) -> int:
+    """A free loopback port whose next ``span - 1`` neighbours are free too.
+
+    Workers serve their side listeners on base + worker index, so consecutive picks must not
+    be adjacent.
+    """
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = int(s.getsockname()[1])
+        wanted = set(range(base, base + span))
+        if base + span >= 65536 or wanted & _HANDED_OUT:
+            continue
+        try:
+            for port in range(base + 1, base + span):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        _HANDED_OUT.update(wanted)
+        return base
+    raise RuntimeError("no free port range")
+
+
+_HANDED_OUT: set[int] = set()
 
 
 @dataclass

@@ -50,6 +50,7 @@ cdef class Server:
         self.flush_scheduled = False
         self.flush_cb = self._flush
         self.sweeper = None
+        self.stored_hook = None
         self.date_header = http_date()
         self.shutting_down = False
         self.inflight = 0
@@ -150,6 +151,12 @@ cdef class Server:
                 else:  # the client went away; nobody to answer
                     p.single = None
                     p.deliveries = None
+        if self.stored_hook is not None:
+            self.stored_hook(batch)
+
+    def set_stored_hook(self, hook) -> None:
+        """Call ``hook(batch)`` after each engine batch (wakes long-polling consumers)."""
+        self.stored_hook = hook
 
     # ---- counters -------------------------------------------------------------------------
 

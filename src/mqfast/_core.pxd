@@ -32,10 +32,17 @@ cdef class Pending:
     cdef HttpProtocol conn
     cdef bytes payload
     cdef bint done
+    cdef bint started
+    cdef bint barrier       # not a produce: runs alone, after earlier answers, before later requests
     cdef bint close_after
-    cdef bint accepted_only
+    cdef bint http10
+    cdef bint prefer_async
     cdef int route
     cdef int status
+    cdef bytes method
+    cdef bytes url
+    cdef object body
+    cdef list params
     cdef int64_t t0_ns
     cdef Py_ssize_t waiting
     cdef Delivery single
@@ -89,6 +96,7 @@ cdef class Server:
     cdef bint flush_scheduled
     cdef object flush_cb
     cdef object sweeper
+    cdef object stored_hook
     cdef bytes date_header
     cdef readonly bint shutting_down
     cdef readonly Py_ssize_t inflight
@@ -146,6 +154,8 @@ cdef class HttpProtocol:
 
     cdef _reset_request(self)
     cdef _dispatch(self)
+    cdef bint _may_start(self, Pending p)
+    cdef _start(self, Pending p)
     cdef Pending _new_pending(self, int status)
     cdef _respond_now(self, Pending p, int status, bytes body, bytes extra)
     cdef _fail(self, Pending p, object exc)

@@ -1,7 +1,7 @@
 """Type stubs of the compiled core (``_core.pyx``): every name Python code may use."""
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from mqfast.config import Settings
@@ -98,6 +98,8 @@ class Server:
     def drop_topic(self, name: str) -> None:
         """Forget ``name``: the next produce to it goes through the slow path again."""
     def known_topics(self) -> list[str]: ...
+    def set_stored_hook(self, hook: Callable[[list[Delivery]], None] | None) -> None:
+        """Call ``hook(batch)`` after each engine batch (wakes long-polling consumers)."""
     def stats(self) -> dict[str, Any]:
         """A snapshot of the counters, read by the metrics collector at scrape time."""
     def begin_shutdown(self) -> None:

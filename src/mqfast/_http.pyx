@@ -309,7 +309,13 @@ cdef class HttpProtocol:
             raise _errors.PayloadTooLarge(
                 f"request body of {declared} bytes exceeds the limit of {self.body_limit} bytes")
         if self.expect_continue and self.transport is not None:
-            self.transport.write(_CONTINUE)
+            if self.pending:  # after the answers still owed, in order
+                p = Pending.new(self, -1, 0)
+                p.payload = _CONTINUE
+                p.done = p.started = True
+                self.pending.append(p)
+            else:
+                self.transport.write(_CONTINUE)
 
     def on_body(self, bytes chunk):
         self.body_len += len(chunk)
@@ -340,25 +346,56 @@ cdef class HttpProtocol:
         return p
 
     cdef _dispatch(self):
+        # The request moves into its slot: the parser's fields are reused by the next one.
         cdef Server server = self.server
         cdef Pending p = self._new_pending(0)
         cdef int route = self.route
         if not self.parser.should_keep_alive() or server.shutting_down:
             p.close_after = True
+        p.http10 = self.http10
+        p.prefer_async = self.prefer_async
+        p.url = self.url or b"/"
+        p.body = self.body
+        p.method = self.parser.get_method()
+        p.barrier = route != server.router.produce_route and route != server.router.batch_route
+        if self.params:
+            p.params = self.params
+            self.params = []
         try:
             if route < 0:
-                url = self.url or b"/"
                 raise _errors.NotFound(
-                    f"no such endpoint: {url.split(b'?')[0].decode('latin-1')}")
+                    f"no such endpoint: {p.url.split(b'?')[0].decode('latin-1')}")
             if not (self.method & <int>server.router.masks[route]):
                 allowed = server.router.methods[route]
-                p.status = 405
                 self._respond_now(
                     p, 405,
                     _errors.MethodNotAllowed(
                         f"method not allowed here; allowed: {', '.join(allowed)}").to_body(),
                     b"allow: %s\r\n" % ", ".join(allowed).encode())
                 return
+        except BaseException as exc:
+            self._fail(p, exc)
+            return
+        if self._may_start(p):
+            self._start(p)
+
+    cdef bint _may_start(self, Pending p):
+        # Pipelined requests run in order of arrival as far as it matters: produces run
+        # together (one engine batch keeps their order), anything else waits until every
+        # earlier request is answered, and later requests wait for it (RFC 9112 §9.3.2).
+        cdef Pending q
+        for q in self.pending:
+            if q is p:
+                return True
+            if not q.done and (q.barrier or p.barrier or not q.started):
+                return False
+        return True
+
+    cdef _start(self, Pending p):
+        cdef Server server = self.server
+        cdef int route = p.route
+        p.started = True
+        try:
             if route == server.router.produce_route:
                 self._produce(p)
             elif route == server.router.batch_route:
@@ -371,8 +408,11 @@ cdef class HttpProtocol:
     cdef _respond_now(self, Pending p, int status, bytes body, bytes extra):
         p.status = status
         p.payload = http_response(self.server, status, body, p.close_after, extra,
-                                  self.http10 and not p.close_after)
+                                  p.http10 and not p.close_after)
         p.done = True
+        p.started = True
+        p.body = None
+        p.params = None
 
     cdef _fail(self, Pending p, object exc):
         cdef bytes extra = None
@@ -397,13 +437,12 @@ cdef class HttpProtocol:
 
     cdef _call_app(self, Pending p):
         cdef Server server = self.server
-        url = self.url or b"/"
+        url = p.url
         q = url.find(b"?")
         query = b"" if q < 0 else url[q + 1:]
-        method = self.parser.get_method().decode()
-        body = bytes(self.body) if self.body is not None else b""
-        result = server.app.handle(server.router.templates[self.route], method,
-                                   list(self.params), query, body)
+        body = bytes(p.body) if p.body is not None else b""
+        result = server.app.handle(server.router.templates[p.route], p.method.decode(),
+                                   p.params or [], query, body)
         if _iscoroutine(result):
             task = server.loop.create_task(result)
             task.add_done_callback(_AppDone(self, p))
@@ -416,14 +455,17 @@ cdef class HttpProtocol:
         cdef Server server = self.server
         if server.inflight >= server.max_inflight:
             raise _errors.Unavailable("too many messages in flight; retry shortly")
-        body = self.body
+        body = p.body
+        p.body = None
         if body is None:
             raise _errors.MalformedJson("request body is empty; expected a JSON object")
         try:
             req = server.produce_decoder.decode(body)
         except _DecodeError as e:
             raise _errors.from_decode_error(e)
-        self._enqueue_one(p, req, self.prefer_async, True)
+        except UnicodeDecodeError:
+            raise _errors.MalformedJson("request body is not valid UTF-8")
+        self._enqueue_one(p, req, p.prefer_async, True)
 
     def _enqueue_one(self, Pending p, object req, bint prefer_async, bint may_resolve):
         cdef Server server = self.server
@@ -431,6 +473,8 @@ cdef class HttpProtocol:
         if ts is None:
             if not may_resolve:
                 raise _errors.UnknownTopic(f"unknown topic {req.topic!r}", field="topic")
+            # Validate before the topic is created: a rejected request leaves no trace.
+            self._prevalidate(req.topic, req.content, req.ttl, "")
             task = server.loop.create_task(server.app.resolve_topics([req.topic]))
             task.add_done_callback(_Resume(self, p, req, False, prefer_async))
             return
@@ -441,7 +485,7 @@ cdef class HttpProtocol:
             server.enqueue(d)
             p.status = 202
             p.payload = produce_ok(server, d, 202, p.close_after,
-                                   self.http10 and not p.close_after)
+                                   p.http10 and not p.close_after)
             p.done = True
             return
         p.single = d
@@ -477,15 +521,31 @@ cdef class HttpProtocol:
             priority, ts_ms, ts_ms + ttl_ns // 1000000 if ttl_ns > 0 else 0,
             new_message_id(ts_ms), p)
 
+    def _prevalidate(self, str topic, str content, object ttl, str where, str topic_field=None):
+        """The checks of ``_delivery`` that need no topic, for requests that may create one."""
+        reason = topic_name_error(topic)
+        if reason is not None:
+            field = topic_field or f"{where}topic"
+            raise _errors.BadRequest(f"{reason} (got {topic!r})", field=field)
+        cdef Py_ssize_t n = len(content.encode("utf-8"))
+        if n > self.server.max_size:
+            raise _errors.PayloadTooLarge(
+                f"{where}content is {n} bytes; the limit (MESSAGE_QUEUE_MAX_SIZE) is "
+                f"{self.server.max_size}", field=f"{where}content")
+        duration_ns(ttl, f"{where}ttl")
+
     cdef _produce_batch(self, Pending p):
         cdef Server server = self.server
-        body = self.body
+        body = p.body
+        p.body = None
         if body is None:
             raise _errors.MalformedJson("request body is empty; expected a JSON object")
         try:
             req = server.batch_decoder.decode(body)
         except _DecodeError as e:
             raise _errors.from_decode_error(e)
+        except UnicodeDecodeError:
+            raise _errors.MalformedJson("request body is not valid UTF-8")
         n = len(req.messages)
         if n == 0:
             raise _errors.BadRequest("messages must not be empty", field="messages")
@@ -495,7 +555,7 @@ cdef class HttpProtocol:
                 "(MESSAGE_QUEUE_MAX_BATCH)", field="messages")
         if server.inflight + n > server.max_inflight:
             raise _errors.Unavailable("too many messages in flight; retry shortly")
-        self._enqueue_batch(p, req, self.prefer_async, True)
+        self._enqueue_batch(p, req, p.prefer_async, True)
 
     def _enqueue_batch(self, Pending p, object req, bint prefer_async, bint may_resolve):
         cdef Server server = self.server
@@ -516,6 +576,13 @@ cdef class HttpProtocol:
                     missing = []
                 if topic not in missing:
                     missing.append(topic)
+        if missing is not None and may_resolve:
+            # Validate everything before any topic is created: a rejected batch leaves no trace.
+            for i, m in enumerate(req.messages):
+                topic = m.topic if m.topic is not None else default_topic
+                where = f"messages[{i}]."
+                self._prevalidate(topic, m.content, m.ttl, where,
+                                  where + "topic" if m.topic is not None else "topic")
         if missing is not None:
             if not may_resolve:
                 raise _errors.UnknownTopic(f"unknown topic {missing[0]!r}", field="topic")
@@ -559,7 +626,7 @@ cdef class HttpProtocol:
             if d.error is None:
                 p.status = 200
                 p.payload = produce_ok(self.server, d, 200, p.close_after,
-                                       self.http10 and not p.close_after)
+                                       p.http10 and not p.close_after)
                 p.done = True
             else:
                 self._fail(p, d.error)
@@ -594,22 +661,32 @@ cdef class HttpProtocol:
         cdef Server server = self.server
         cdef list chunks = None
         cdef bint close = False
+        cdef bint again = True
         pending = self.pending
-        while pending:
-            p = pending[0]
-            if not p.done:
-                break
-            pending.popleft()
-            server.record(p.route, p.status, p.t0_ns)
-            if chunks is None:
-                chunks = [p.payload]
-            else:
-                chunks.append(p.payload)
-            p.payload = None
-            p.conn = None
-            if p.close_after:
-                close = True
-                break
+        while again and not close:
+            while pending:
+                p = pending[0]
+                if not p.done:
+                    break
+                pending.popleft()
+                server.record(p.route, p.status, p.t0_ns)
+                if chunks is None:
+                    chunks = [p.payload]
+                else:
+                    chunks.append(p.payload)
+                p.payload = None
+                p.conn = None
+                if p.close_after:
+                    close = True
+                    break
+            # requests that waited for an earlier answer may run now
+            again = False
+            if not close and self.transport is not None:
+                for p in list(pending):
+                    if not p.started and self._may_start(p):
+                        self._start(p)
+                        again = True
+                again = again and pending and (<Pending>pending[0]).done
         if chunks is None or self.transport is None:
             return
         self.transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))

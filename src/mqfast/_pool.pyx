@@ -34,8 +34,11 @@ cdef class Pending:
         p.route = route
         p.t0_ns = t0_ns
         p.done = False
+        p.started = False
+        p.barrier = False
         p.close_after = False
-        p.accepted_only = False
+        p.http10 = False
+        p.prefer_async = False
         p.waiting = 0
         p.status = 0
         return p

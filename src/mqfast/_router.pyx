@@ -42,7 +42,7 @@ cdef class Router:
         if hit is not None:
             return <int>hit
         if len(path) > 1 and path.endswith(b"/"):
-            hit = self.exact.get(path[:-1])
+            hit = self.exact.get(path[:len(path) - 1])
             if hit is not None:
                 return <int>hit
         segs = path.strip(b"/").split(b"/")

@@ -53,6 +53,8 @@ def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
         return decoder.decode(body)
     except msgspec.DecodeError as e:
         raise errors.from_decode_error(e) from None
+    except UnicodeDecodeError:
+        raise errors.MalformedJson("request body is not valid UTF-8") from None
 
 
 def _check_topic_name(name: str, field: str = "name") -> None:
@@ -66,7 +68,7 @@ def _size(value: int | str | None, field: str) -> int:
     if value is None:
         return 0
     if isinstance(value, str):
-        if not value.strip().isdigit():
+        if not (value.strip().isascii() and value.strip().isdigit()):
             raise errors.BadRequest(
                 f"{field}: expected a number of bytes, got {value!r}", field=field
             )

@@ -45,7 +45,7 @@ def parse_duration(value: int | str, what: str) -> int:
         ns = value
     elif isinstance(value, str):
         text = value.strip()
-        if text.isdigit():
+        if text.isascii() and text.isdigit():
             ns = int(text)
         elif text.startswith("-"):
             raise ValueError(f"{what}: must not be negative, got {value!r}")
@@ -136,6 +136,13 @@ class Settings:
     idle_timeout_s: float = 75.0
     shutdown_timeout_s: float = 30.0
     retention_interval_s: float = 30.0
+    visibility_timeout_ns: int = 30 * NS_PER_SECOND
+    delivery_limit: int = 5
+    retry_backoff_ns: int = NS_PER_SECOND
+    retry_backoff_max_ns: int = 300 * NS_PER_SECOND
+    max_poll_ns: int = 300 * NS_PER_SECOND
+    consumer_timeout_ns: int = 60 * NS_PER_SECOND
+    metrics_interval_s: float = 10.0
     log_level: str = "INFO"
     db_host: str = "localhost"
     db_port: int = 5432
@@ -214,6 +221,28 @@ class Settings:
                 e.get("MESSAGE_QUEUE_RETENTION_INTERVAL", "30s"), "MESSAGE_QUEUE_RETENTION_INTERVAL"
             )
             / NS_PER_SECOND,
+            "visibility_timeout_ns": _duration(
+                e.get("MESSAGE_QUEUE_VISIBILITY_TIMEOUT", "30s"), "MESSAGE_QUEUE_VISIBILITY_TIMEOUT"
+            ),
+            "delivery_limit": _int(
+                e.get("MESSAGE_QUEUE_DELIVERY_LIMIT", "5"), "MESSAGE_QUEUE_DELIVERY_LIMIT", 1, 1000
+            ),
+            "retry_backoff_ns": _duration(
+                e.get("MESSAGE_QUEUE_RETRY_BACKOFF", "1s"), "MESSAGE_QUEUE_RETRY_BACKOFF"
+            ),
+            "retry_backoff_max_ns": _duration(
+                e.get("MESSAGE_QUEUE_RETRY_BACKOFF_MAX", "5m"), "MESSAGE_QUEUE_RETRY_BACKOFF_MAX"
+            ),
+            "max_poll_ns": _duration(
+                e.get("MESSAGE_QUEUE_MAX_POLL", "5m"), "MESSAGE_QUEUE_MAX_POLL"
+            ),
+            "consumer_timeout_ns": _duration(
+                e.get("MESSAGE_QUEUE_CONSUMER_TIMEOUT", "60s"), "MESSAGE_QUEUE_CONSUMER_TIMEOUT"
+            ),
+            "metrics_interval_s": _duration(
+                e.get("MESSAGE_QUEUE_METRICS_INTERVAL", "10s"), "MESSAGE_QUEUE_METRICS_INTERVAL"
+            )
+            / NS_PER_SECOND,
             "log_level": e.get("MESSAGE_QUEUE_LOG_LEVEL", d.log_level).strip().upper(),
             "db_host": e.get("DB_HOST", d.db_host),
             "db_port": _int(e.get("DB_PORT", str(d.db_port)), "DB_PORT", 1, 65535),
@@ -247,6 +276,16 @@ class Settings:
         if self.header_timeout_s <= 0 or self.idle_timeout_s <= 0:
             raise ConfigError(
                 "MESSAGE_QUEUE_HEADER_TIMEOUT and MESSAGE_QUEUE_IDLE_TIMEOUT must be > 0"
+            )
+        if self.visibility_timeout_ns <= 0:
+            raise ConfigError("MESSAGE_QUEUE_VISIBILITY_TIMEOUT must be > 0")
+        if self.metrics_interval_s <= 0 or self.consumer_timeout_ns <= 0:
+            raise ConfigError(
+                "MESSAGE_QUEUE_METRICS_INTERVAL and MESSAGE_QUEUE_CONSUMER_TIMEOUT must be > 0"
+            )
+        if self.retry_backoff_max_ns < self.retry_backoff_ns:
+            raise ConfigError(
+                "MESSAGE_QUEUE_RETRY_BACKOFF_MAX must be at least MESSAGE_QUEUE_RETRY_BACKOFF"
             )
         if self.max_batch_bytes < self.max_size:
             raise ConfigError(

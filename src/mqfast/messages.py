@@ -55,6 +55,7 @@ class CreateTopicRequest(msgspec.Struct, forbid_unknown_fields=True):
     replication: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1
     retention: Duration = None
     max_size: int | str | None = None
+    dead_letter_expired: bool = False
 
 
 class TopicConfig(msgspec.Struct, frozen=True, gc=False):
@@ -66,6 +67,7 @@ class TopicConfig(msgspec.Struct, frozen=True, gc=False):
     retention: int  # nanoseconds; 0 keeps messages forever
     max_size: int  # bytes for the whole topic; 0 is unlimited
     created_at: int = 0  # unix milliseconds
+    dead_letter_expired: bool = False  # expired messages go to <topic>.dlq (else just counted)
 
     def same_settings(self, other: TopicConfig) -> bool:
         """True when ``other`` asks for exactly these settings (creation is then idempotent)."""
@@ -74,6 +76,7 @@ class TopicConfig(msgspec.Struct, frozen=True, gc=False):
             and self.replication == other.replication
             and self.retention == other.retention
             and self.max_size == other.max_size
+            and self.dead_letter_expired == other.dead_letter_expired
         )
 
 
@@ -99,6 +102,7 @@ class TopicInfo(msgspec.Struct, gc=False):
     retention: int
     max_size: int
     created_at: int
+    dead_letter_expired: bool
     messages: int
     bytes: int
     partition_stats: list[PartitionStats]
@@ -130,3 +134,125 @@ produce_decoder = msgspec.json.Decoder(ProduceRequest)
 batch_decoder = msgspec.json.Decoder(BatchProduceRequest)
 create_topic_decoder = msgspec.json.Decoder(CreateTopicRequest)
 headers_encoder = msgspec.json.Encoder()
+
+
+# ---- consume / acknowledge ------------------------------------------------------------------
+
+
+class ConsumeRequest(msgspec.Struct, gc=False, forbid_unknown_fields=True):
+    """``POST /api/v1/messages/consume``: long-poll up to ``timeout`` for up to ``max_messages``."""
+
+    topic: str
+    group_id: str
+    consumer_id: str
+    max_messages: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 10
+    timeout: Duration = None
+    visibility_timeout: Duration = None
+
+
+class LeasedMessage(msgspec.Struct, gc=False):
+    """A message leased to one consumer of a group until ``lease_deadline`` (unix ms)."""
+
+    message_id: str
+    topic: str
+    partition: int
+    offset: int
+    key: str | None
+    content: str
+    headers: dict[str, str]
+    priority: int
+    timestamp: int
+    delivery_count: int
+    lease_deadline: int
+    expires_at: int = 0
+
+
+class ConsumeResponse(msgspec.Struct, gc=False):
+    messages: list[LeasedMessage]
+    count: int
+
+
+class AcknowledgeRequest(msgspec.Struct, gc=False, forbid_unknown_fields=True):
+    """``POST /api/v1/messages/acknowledge``; ``success: false`` schedules a redelivery."""
+
+    message_id: str
+    group_id: str
+    success: bool = True
+    topic: str | None = None
+    consumer_id: str | None = None
+    error: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
+    requeue_delay: Duration = None
+
+
+class AckItem(msgspec.Struct, gc=False, forbid_unknown_fields=True):
+    message_id: str
+    success: bool = True
+    error: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
+    requeue_delay: Duration = None
+
+
+class BatchAcknowledgeRequest(msgspec.Struct, gc=False, forbid_unknown_fields=True):
+    """``POST /api/v1/messages/acknowledge/batch``."""
+
+    group_id: str
+    acks: list[AckItem]
+    topic: str | None = None
+    consumer_id: str | None = None
+
+
+class ExtendRequest(msgspec.Struct, gc=False, forbid_unknown_fields=True):
+    """``POST /api/v1/messages/extend``: push the lease deadline to now + ``visibility_timeout``."""
+
+    message_id: str
+    group_id: str
+    visibility_timeout: Duration
+    topic: str | None = None
+    consumer_id: str | None = None
+
+
+# ---- consumers and metric history ------------------------------------------------------------
+
+
+class RegisterConsumerRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """``POST /api/v1/consumers``."""
+
+    consumer_id: str
+    group_id: str
+    topics: list[str]
+    max_concurrency: Annotated[int, msgspec.Meta(ge=1, le=100_000)] | None = None
+    rate_limit: Annotated[float, msgspec.Meta(gt=0, le=1_000_000)] | None = None
+
+
+class ConsumerInfo(msgspec.Struct):
+    """A registered consumer as stored and returned."""
+
+    consumer_id: str
+    group_id: str
+    topics: list[str]
+    max_concurrency: int | None
+    rate_limit: float | None
+    registered_at: int  # unix ms
+    last_seen: int  # unix ms; any consume or heartbeat
+    active: bool = True
+
+
+class MetricPoint(msgspec.Struct):
+    """One interval of one topic in ``GET /api/v1/metrics``."""
+
+    time: str  # RFC 3339, interval start
+    topic: str
+    interval_s: float
+    produced: int = 0
+    consumed: int = 0
+    expired: int = 0
+    failed: int = 0
+    retried: int = 0
+    queue_size: int = 0
+    dead_letter_size: int = 0
+    processing_avg_ms: float = 0.0
+    processing_p95_ms: float = 0.0
+    processing_p99_ms: float = 0.0
+    active_consumers: int = 0
+    total_consumers: int = 0
+    error_rate: float = 0.0
+    retry_rate: float = 0.0

@@ -175,11 +175,12 @@ def _supervise(settings: Settings) -> int:
         if stopping:
             code = code or (rc if rc > 0 else 0)
             continue
-        log.error("worker exited unexpectedly; restarting it", extra={"worker": index, "rc": rc})
-        if rc == 2:  # configuration errors do not heal by restarting
+        if rc in (1, 2):  # could not start (bad configuration, port taken): restarting won't help
+            log.error("worker could not start; stopping", extra={"worker": index, "rc": rc})
             forward(signal.SIGTERM, None)
-            code = 2
+            code = rc
             continue
+        log.error("worker exited unexpectedly; restarting it", extra={"worker": index, "rc": rc})
         time.sleep(0.5)
         spawn(index)
     return code

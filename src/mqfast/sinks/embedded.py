@@ -37,7 +37,7 @@ import msgspec
 
 from mqfast.errors import ConfigError, MqfastError, ShuttingDown, TopicExists, Unavailable
 from mqfast.errors import UnknownTopic as UnknownTopicError
-from mqfast.messages import PartitionStats, StoredMessage, TopicConfig, TopicInfo
+from mqfast.messages import GroupLag, PartitionStats, StoredMessage, TopicConfig, TopicInfo
 from mqfast.sinks import Delivery, DoneCallback
 
 log = logging.getLogger("mqfast.embedded")
@@ -92,6 +92,51 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             PRIMARY KEY (topic, partition, offset)
         ) WITHOUT ROWID""",
     ),
+    (
+        "ALTER TABLE topics ADD COLUMN dead_letter_expired INTEGER NOT NULL DEFAULT 0",
+        # Consumer groups (sinks/embedded_groups.py). A group's progress per partition is
+        # ``committed``: every message below it is complete. ``group_cursors`` is, per priority
+        # level, the next message never leased yet: levels are leased in offset order, so what
+        # lies below a cursor has a lease row or is complete.
+        "CREATE INDEX messages_priority ON messages (topic, partition, priority, offset)",
+        """CREATE TABLE group_partitions (
+            group_id TEXT NOT NULL,
+            topic TEXT NOT NULL,
+            partition INTEGER NOT NULL,
+            committed INTEGER NOT NULL,
+            PRIMARY KEY (group_id, topic, partition)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE group_cursors (
+            group_id TEXT NOT NULL,
+            topic TEXT NOT NULL,
+            partition INTEGER NOT NULL,
+            priority INTEGER NOT NULL,
+            next_offset INTEGER NOT NULL,
+            PRIMARY KEY (group_id, topic, partition, priority)
+        ) WITHOUT ROWID""",
+        # One row per message a group has touched above its committed position: leased (1),
+        # waiting for a retry (2) or complete (3; kept a while so a second ack is answered).
+        # ``due_ms`` is the lease deadline (1) or the retry time (2).
+        """CREATE TABLE leases (
+            group_id TEXT NOT NULL,
+            topic TEXT NOT NULL,
+            partition INTEGER NOT NULL,
+            offset INTEGER NOT NULL,
+            message_id TEXT NOT NULL,
+            priority INTEGER NOT NULL,
+            state INTEGER NOT NULL,
+            consumer_id TEXT,
+            due_ms INTEGER NOT NULL,
+            leased_ms INTEGER NOT NULL DEFAULT 0,
+            delivery_count INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT,
+            done_ms INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (group_id, topic, partition, offset)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX leases_message ON leases (group_id, message_id)",
+        "CREATE INDEX leases_due ON leases (group_id, topic, state, due_ms)",
+        "CREATE INDEX leases_consumer ON leases (consumer_id, state)",
+    ),
 )
 
 _INSERT_MESSAGE: Final = (
@@ -103,7 +148,9 @@ _UPDATE_PARTITION: Final = (
     "UPDATE partitions SET next_offset = ?, messages = messages + ?, bytes = bytes + ?"
     " WHERE topic = ? AND partition = ?"
 )
-_TOPIC_COLUMNS: Final = "name, partitions, replication, retention, max_size, created_at"
+_TOPIC_COLUMNS: Final = (
+    "name, partitions, replication, retention, max_size, created_at, dead_letter_expired"
+)
 
 _STOP: Final = object()
 # topic, partition, offset, message_id, key, value, headers, priority, timestamp, expires, size
@@ -123,6 +170,7 @@ def _topic_from_row(row: tuple[Any, ...]) -> TopicConfig:
         retention=row[3],
         max_size=row[4],
         created_at=row[5],
+        dead_letter_expired=bool(row[6]),
     )
 
 
@@ -388,6 +436,10 @@ class EmbeddedSink:
                 log.exception("retention pass failed")
 
     # -- connections -----------------------------------------------------------------------
+
+    def open_connection(self) -> sqlite3.Connection:
+        """A new connection to the engine's database (for stores sharing the file)."""
+        return self._connect()
 
     def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: the sqlite3 module issues no implicit BEGIN; every write
@@ -680,7 +732,7 @@ class EmbeddedSink:
                 raise TopicExists(_conflict_message(existing, config), field="name")
             created = config.created_at or _now_ms()
             conn.execute(
-                f"INSERT INTO topics ({_TOPIC_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO topics ({_TOPIC_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     config.name,
                     config.partitions,
@@ -688,6 +740,7 @@ class EmbeddedSink:
                     config.retention,
                     config.max_size,
                     created,
+                    int(config.dead_letter_expired),
                 ),
             )
             conn.executemany(
@@ -706,6 +759,7 @@ class EmbeddedSink:
             retention=config.retention,
             max_size=config.max_size,
             created_at=created,
+            dead_letter_expired=config.dead_letter_expired,
         )
         return stored, True
 
@@ -730,6 +784,8 @@ class EmbeddedSink:
                 raise UnknownTopicError(f"topic {name!r} does not exist")
             conn.execute("DELETE FROM partitions WHERE topic = ?", (name,))
             conn.execute("DELETE FROM messages WHERE topic = ?", (name,))
+            for table in ("group_partitions", "group_cursors", "leases"):
+                conn.execute(f"DELETE FROM {table} WHERE topic = ?", (name,))
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -763,6 +819,17 @@ class EmbeddedSink:
                     (name,),
                 )
             ]
+            # Lag: messages of the topic a group has not completed yet.
+            lags = [
+                GroupLag(group_id=g, lag=max(0, int(lag)))
+                for g, lag in conn.execute(
+                    "SELECT g.group_id, SUM(p.next_offset - g.committed)"
+                    " FROM group_partitions g JOIN partitions p"
+                    " ON p.topic = g.topic AND p.partition = g.partition"
+                    " WHERE g.topic = ? GROUP BY g.group_id ORDER BY g.group_id",
+                    (name,),
+                )
+            ]
         finally:
             conn.execute("COMMIT")
         return TopicInfo(
@@ -772,10 +839,11 @@ class EmbeddedSink:
             retention=t.retention,
             max_size=t.max_size,
             created_at=t.created_at,
+            dead_letter_expired=t.dead_letter_expired,
             messages=sum(s.messages for s in stats),
             bytes=sum(s.bytes for s in stats),
             partition_stats=stats,
-            consumer_groups=[],
+            consumer_groups=lags,
         )
 
     def _read_sync(
@@ -909,7 +977,7 @@ class EmbeddedSink:
 def _conflict_message(existing: TopicConfig, asked: TopicConfig) -> str:
     diffs: Iterable[str] = (
         f"{f}={getattr(existing, f)} (asked {getattr(asked, f)})"
-        for f in ("partitions", "replication", "retention", "max_size")
+        for f in ("partitions", "replication", "retention", "max_size", "dead_letter_expired")
         if getattr(existing, f) != getattr(asked, f)
     )
     return f"topic {existing.name!r} already exists with other settings: {', '.join(diffs)}"

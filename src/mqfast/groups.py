@@ -1,0 +1,466 @@
+"""Consume and acknowledge semantics, written once for every engine.
+
+The rules (ARCHITECTURE.md, "Delivery semantics"):
+
+- A consume leases up to ``max_messages`` to one consumer of a group until a visibility deadline;
+  within a group a message is leased to one consumer at a time, every group sees every message.
+- ``success: true`` completes a message. ``success: false``, or a lease that expires, is a failed
+  delivery: it is redelivered after an exponential backoff with jitter, and once its delivery
+  count reaches the limit it goes to ``<topic>.dlq`` instead.
+- A group's committed position only advances past complete messages, so a crash redelivers.
+- Priority: levels 0-9 share deliveries by smooth weighted round robin with weight
+  ``priority + 1`` among the levels that have messages ready: with a steady stream at 9 and a
+  backlog at 0, nine gets 10 of every 11 deliveries and zero still gets one. Within a level,
+  redeliveries that are due come first, then the oldest message.
+- TTL: a message past its expiry is never delivered; it is counted and, when its topic has
+  ``dead_letter_expired``, dead-lettered with reason ``expired``.
+
+Engines implement the storage primitives (``GroupStore``); this module owns validation, the
+policy numbers, long-poll waiting, per-consumer concurrency and rate limits, and the counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from mqfast import errors
+from mqfast._core import topic_name_error
+from mqfast.config import Settings, parse_duration
+from mqfast.messages import ConsumerInfo, LeasedMessage
+from mqfast.sinks import Delivery
+
+log = logging.getLogger("mqfast.groups")
+
+NS_PER_MS = 1_000_000
+PRIORITY_LEVELS = 10
+PRIORITY_WEIGHTS = tuple(p + 1 for p in range(PRIORITY_LEVELS))
+# Group and consumer ids appear in SQL keys, metric labels and DLQ headers: keep them tame.
+MAX_ID_LENGTH = 249
+DLQ_SUFFIX = ".dlq"
+# Idle long-polls re-check the store this often even without a wake-up, to notice work from
+# other worker processes sharing an embedded database (in-process produce wakes them at once).
+CROSS_PROCESS_RECHECK_S = 1.0
+
+
+def now_ms() -> int:
+    return time.time_ns() // NS_PER_MS
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The numbers of the delivery contract, from the settings."""
+
+    visibility_ms: int = 30_000
+    delivery_limit: int = 5
+    backoff_base_ms: int = 1_000
+    backoff_max_ms: int = 300_000
+    jitter: float = 0.2
+    # A completed message's lease row is kept this long after the group moved past it, so
+    # that acknowledging twice is answered "already acknowledged" rather than "unknown".
+    done_grace_ms: int = 300_000
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> Policy:
+        return cls(
+            visibility_ms=s.visibility_timeout_ns // NS_PER_MS,
+            delivery_limit=s.delivery_limit,
+            backoff_base_ms=s.retry_backoff_ns // NS_PER_MS,
+            backoff_max_ms=s.retry_backoff_max_ns // NS_PER_MS,
+        )
+
+    def backoff_ms(self, delivery_count: int, rand: float | None = None) -> int:
+        """Delay before redelivery after the ``delivery_count``-th failed delivery (±jitter)."""
+        r = random.random() if rand is None else rand
+        exp = min(max(delivery_count - 1, 0), 40)
+        base = min(self.backoff_max_ms, self.backoff_base_ms * (1 << exp))
+        return max(0, int(base * (1.0 - self.jitter + 2.0 * self.jitter * r)))
+
+
+class PriorityPicker:
+    """Smooth weighted round robin over priority levels (weights ``priority + 1``)."""
+
+    __slots__ = ("current",)
+
+    def __init__(self) -> None:
+        self.current = [0] * PRIORITY_LEVELS
+
+    def pick(self, ready: list[int]) -> int:
+        """The level to deliver from next, given how many are ready per level; -1 if none."""
+        total = 0
+        best = -1
+        for p in range(PRIORITY_LEVELS - 1, -1, -1):
+            if ready[p] > 0:
+                self.current[p] += PRIORITY_WEIGHTS[p]
+                total += PRIORITY_WEIGHTS[p]
+                if best < 0 or self.current[p] > self.current[best]:
+                    best = p
+        if best >= 0:
+            self.current[best] -= total
+        return best
+
+
+@dataclass(slots=True)
+class LeaseOutcome:
+    """What one lease transaction did."""
+
+    messages: list[LeasedMessage]
+    expired: int = 0  # TTL-expired messages skipped
+    dead_lettered: int = 0
+    reclaimed: int = 0  # leases found expired: failed deliveries
+    next_due_ms: int = 0  # earliest lease deadline or retry time of the group (0: none)
+
+
+@dataclass(slots=True)
+class SettleItem:
+    """One acknowledgement (``ack``), negative acknowledgement (``nack``) or lease extension."""
+
+    message_id: str
+    action: str  # "ack" | "nack" | "extend"
+    error: str | None = None
+    delay_ms: int | None = None
+    visibility_ms: int | None = None
+
+
+@dataclass(slots=True)
+class SettleResult:
+    message_id: str
+    status: str  # acknowledged | already_acknowledged | requeued | dead_lettered | extended
+    topic: str = ""
+    delivery_count: int = 0
+    processing_ms: float | None = None
+    redeliver_at: int | None = None
+    lease_deadline: int | None = None
+    error: errors.MqfastError | None = None
+
+
+class GroupStore(Protocol):
+    """Storage primitives of consumer groups; each call is one atomic transaction."""
+
+    async def lease(
+        self,
+        group: str,
+        topic: str,
+        consumer: str,
+        max_messages: int,
+        visibility_ms: int,
+        now: int,
+        picker: PriorityPicker,
+        max_leased: int | None,
+    ) -> LeaseOutcome:
+        """Reclaim expired leases, skip expired messages, lease up to ``max_messages``.
+
+        ``max_leased`` caps the consumer's leases across the store (``max_concurrency``).
+        Raises ``errors.UnknownTopic`` when the topic does not exist.
+        """
+
+    async def settle(
+        self,
+        group: str,
+        topic: str | None,
+        consumer: str | None,
+        items: list[SettleItem],
+        now: int,
+    ) -> list[SettleResult]:
+        """Apply acks, nacks and extensions; per-item errors are in the results."""
+
+    async def release_consumer(self, consumer: str, now: int) -> int:
+        """Make every lease held by ``consumer`` available again now; returns how many."""
+
+    async def redrive(self, topic: str, max_messages: int, now: int) -> int:
+        """Move up to ``max_messages`` from ``<topic>.dlq`` back to ``topic``; returns how many."""
+
+
+def check_id(value: str, field: str) -> None:
+    """Group and consumer ids: 1-249 printable characters."""
+    if not value or len(value) > MAX_ID_LENGTH or not value.isprintable():
+        raise errors.BadRequest(
+            f"{field} must be 1 to {MAX_ID_LENGTH} printable characters", field=field
+        )
+
+
+def check_topic(name: str, field: str = "topic") -> None:
+    reason = topic_name_error(name)
+    if reason is not None:
+        raise errors.BadRequest(f"{reason} (got {name!r})", field=field)
+
+
+def duration_ms(value: int | str | None, field: str, default_ms: int, max_ms: int) -> int:
+    """A request duration in milliseconds, ``default_ms`` when absent, at most ``max_ms``."""
+    if value is None:
+        return default_ms
+    try:
+        ns = parse_duration(value, field)
+    except ValueError as e:
+        raise errors.BadRequest(str(e), field=field) from None
+    ms = ns // NS_PER_MS
+    if ms > max_ms:
+        raise errors.BadRequest(
+            f"{field}: {ms} ms is more than the maximum of {max_ms} ms", field=field
+        )
+    return ms
+
+
+@dataclass(slots=True)
+class _Bucket:
+    """Token bucket of a consumer's ``rate_limit`` (deliveries per second)."""
+
+    rate: float
+    tokens: float
+    stamp: float
+
+    def take(self, want: int, now: float) -> int:
+        self.tokens = min(max(self.rate, 1.0), self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        got = min(want, int(self.tokens))
+        self.tokens -= got
+        return got
+
+    def wait_s(self) -> float:
+        return max(0.0, (1.0 - self.tokens) / self.rate)
+
+
+@dataclass(slots=True)
+class TopicCounters:
+    """Cumulative per-topic counters of this worker (metrics and history)."""
+
+    consumed: int = 0
+    acknowledged: int = 0
+    failed: int = 0
+    retried: int = 0
+    expired: int = 0
+    dead_lettered: int = 0
+    processing_ms: list[float] = field(default_factory=list)
+
+
+class Groups:
+    """Consume/acknowledge coordinator of one worker."""
+
+    def __init__(self, settings: Settings, store: GroupStore) -> None:
+        self.policy = Policy.from_settings(settings)
+        self.store = store
+        self.max_poll_ms = settings.max_poll_ns // NS_PER_MS
+        self.max_visibility_ms = 12 * 3600 * 1000
+        self._pickers: dict[tuple[str, str], PriorityPicker] = {}
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._buckets: dict[str, _Bucket] = {}
+        self._consumers: dict[str, tuple[float, ConsumerInfo | None]] = {}
+        self.lookup_consumer: ConsumerLookup | None = None
+        self.topics: dict[str, TopicCounters] = {}
+        self.consumed_by_group: dict[tuple[str, str], int] = {}
+        self._closing = False
+
+    # ---- wake-ups -------------------------------------------------------------------------
+
+    def waiting_topics(self) -> set[str]:
+        return {t for t, w in self._waiters.items() if w}
+
+    def notify(self, topics: Iterable[str]) -> None:
+        """New messages (or freed capacity) on ``topics``: wake the long-polls waiting there."""
+        for t in topics:
+            waiters = self._waiters.get(t)
+            if waiters:
+                for fut in waiters:
+                    if not fut.done():
+                        fut.set_result(None)
+
+    def on_stored(self, batch: list[Delivery]) -> None:
+        """The core's hook after each engine batch: wake long-polls on those topics."""
+        if self._waiters:
+            self.notify({d.topic for d in batch})
+
+    def shutdown(self) -> None:
+        """Wake every long-poll so it answers now (empty) and the server can drain."""
+        self._closing = True
+        for waiters in self._waiters.values():
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+
+    async def _wait(self, topic: str, seconds: float) -> None:
+        if seconds <= 0 or self._closing:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters = self._waiters.setdefault(topic, set())
+        waiters.add(fut)
+        try:
+            await asyncio.wait_for(fut, seconds)
+        except TimeoutError:
+            pass
+        finally:
+            waiters.discard(fut)
+            if not waiters:
+                self._waiters.pop(topic, None)
+
+    # ---- consumers ------------------------------------------------------------------------
+
+    async def _consumer(self, consumer_id: str) -> ConsumerInfo | None:
+        # Registered settings are read through a one-second cache: consume must not pay a
+        # metadata round trip each time.
+        hit = self._consumers.get(consumer_id)
+        mono = time.monotonic()
+        if hit is not None and mono - hit[0] < 1.0:
+            return hit[1]
+        info = await self.lookup_consumer(consumer_id) if self.lookup_consumer else None
+        self._consumers[consumer_id] = (mono, info)
+        if len(self._consumers) > 100_000:  # bounded: forget the oldest half
+            for k in list(self._consumers)[:50_000]:
+                del self._consumers[k]
+        return info
+
+    def forget_consumer(self, consumer_id: str) -> None:
+        self._consumers.pop(consumer_id, None)
+        self._buckets.pop(consumer_id, None)
+
+    def _counters(self, topic: str) -> TopicCounters:
+        c = self.topics.get(topic)
+        if c is None:
+            c = self.topics[topic] = TopicCounters()
+        return c
+
+    # ---- consume --------------------------------------------------------------------------
+
+    async def consume(
+        self,
+        topic: str,
+        group: str,
+        consumer: str,
+        max_messages: int,
+        timeout: int | str | None,
+        visibility: int | str | None,
+    ) -> list[LeasedMessage]:
+        """Long-poll until at least one message is leased or ``timeout`` passes."""
+        check_topic(topic)
+        check_id(group, "group_id")
+        check_id(consumer, "consumer_id")
+        wait_ms = duration_ms(timeout, "timeout", 0, self.max_poll_ms)
+        vis_ms = duration_ms(
+            visibility, "visibility_timeout", self.policy.visibility_ms, self.max_visibility_ms
+        )
+        if vis_ms <= 0:
+            raise errors.BadRequest(
+                "visibility_timeout must be positive", field="visibility_timeout"
+            )
+        info = await self._consumer(consumer)
+        if info is not None and info.group_id != group:
+            raise errors.Conflict(
+                f"consumer {consumer!r} is registered in group {info.group_id!r}, not {group!r}",
+                field="group_id",
+            )
+        deadline = time.monotonic() + wait_ms / 1000.0
+        picker = self._pickers.setdefault((group, topic), PriorityPicker())
+        counters = self._counters(topic)
+        while True:
+            want = max_messages
+            bucket_wait = 0.0
+            if info is not None and info.rate_limit:
+                bucket = self._buckets.get(consumer)
+                if bucket is None or bucket.rate != info.rate_limit:
+                    bucket = self._buckets[consumer] = _Bucket(
+                        info.rate_limit, max(info.rate_limit, 1.0), time.monotonic()
+                    )
+                want = bucket.take(want, time.monotonic())
+                if want == 0:
+                    bucket_wait = bucket.wait_s()
+            out = LeaseOutcome([])
+            if want > 0:
+                out = await self.store.lease(
+                    group,
+                    topic,
+                    consumer,
+                    want,
+                    vis_ms,
+                    now_ms(),
+                    picker,
+                    info.max_concurrency if info is not None else None,
+                )
+                if info is not None and info.rate_limit and len(out.messages) < want:
+                    self._buckets[consumer].tokens += want - len(out.messages)
+            counters.expired += out.expired
+            counters.dead_lettered += out.dead_lettered
+            counters.failed += out.reclaimed
+            if out.messages:
+                n = len(out.messages)
+                counters.consumed += n
+                counters.retried += sum(1 for m in out.messages if m.delivery_count > 1)
+                key = (topic, group)
+                self.consumed_by_group[key] = self.consumed_by_group.get(key, 0) + n
+                return out.messages
+            left = deadline - time.monotonic()
+            if left <= 0 or self._closing:
+                return []
+            pause = min(left, CROSS_PROCESS_RECHECK_S)
+            if bucket_wait:
+                pause = min(pause, bucket_wait)
+            if out.next_due_ms:
+                pause = min(pause, max(0.001, (out.next_due_ms - now_ms()) / 1000.0))
+            await self._wait(topic, pause)
+
+    # ---- acknowledge ----------------------------------------------------------------------
+
+    async def settle(
+        self,
+        group: str,
+        topic: str | None,
+        consumer: str | None,
+        items: list[SettleItem],
+    ) -> list[SettleResult]:
+        """Acks, nacks and extensions of one group; counters and wake-ups follow."""
+        check_id(group, "group_id")
+        if topic is not None:
+            check_topic(topic)
+        if consumer is not None:
+            check_id(consumer, "consumer_id")
+        results = await self.store.settle(group, topic, consumer, items, now_ms())
+        freed: set[str] = set()
+        for r in results:
+            if r.error is not None:
+                continue
+            c = self._counters(r.topic)
+            if r.status == "acknowledged":
+                c.acknowledged += 1
+                if r.processing_ms is not None and len(c.processing_ms) < 100_000:
+                    c.processing_ms.append(r.processing_ms)
+                freed.add(r.topic)
+            elif r.status in ("requeued", "dead_lettered"):
+                c.failed += 1
+                if r.status == "dead_lettered":
+                    c.dead_lettered += 1
+                freed.add(r.topic)
+        if freed:
+            self.notify(freed)  # consumers at their max_concurrency may go on
+        return results
+
+    def nack_delay_ms(self, value: int | str | None, field: str) -> int | None:
+        if value is None:
+            return None
+        return duration_ms(value, field, 0, self.policy.backoff_max_ms * 100)
+
+    def visibility_ms(self, value: int | str | None, field: str) -> int:
+        ms = duration_ms(value, field, self.policy.visibility_ms, self.max_visibility_ms)
+        if ms <= 0:
+            raise errors.BadRequest(f"{field} must be positive", field=field)
+        return ms
+
+    def snapshot(self) -> dict[str, object]:
+        """Counters for the Prometheus collector."""
+        return {
+            "consumed": dict(self.consumed_by_group),
+            "expired": {t: c.expired for t, c in self.topics.items()},
+            "dead_lettered": {t: c.dead_lettered for t, c in self.topics.items()},
+            "retried": {t: c.retried for t, c in self.topics.items()},
+            "nacked": {t: c.failed for t, c in self.topics.items()},
+        }
+
+
+class ConsumerLookup(Protocol):
+    async def __call__(self, consumer_id: str) -> ConsumerInfo | None: ...
+
+
+def dlq_name(topic: str) -> str:
+    return topic + DLQ_SUFFIX

@@ -1,0 +1,324 @@
+"""Metric history: the ``GET /api/v1/metrics`` query and the recorder that feeds the store.
+
+Every gateway process runs one ``HistoryRecorder``. Its ticks are aligned to wall-clock multiples
+of the interval, so that the points of all processes for one interval carry the same start time
+and the store can aggregate them; a process's contribution is the delta of its own cumulative
+counters since its previous sample.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import math
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Final
+from urllib.parse import unquote_to_bytes
+
+import msgspec
+
+from mqfast._core import topic_name_error
+from mqfast.errors import InvalidQuery
+from mqfast.messages import MetricPoint
+from mqfast.meta import MetaStore
+
+__all__ = [
+    "HistoryRecorder",
+    "TopicSample",
+    "format_rfc3339",
+    "parse_metrics_query",
+    "parse_rfc3339",
+]
+
+log = logging.getLogger("mqfast.history")
+
+DEFAULT_RANGE_MS: Final = 3_600_000
+_EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_ONE_MS: Final = dt.timedelta(milliseconds=1)
+_PARAMS: Final = ("start_time", "end_time", "topic")
+# RFC 3339 section 5.6; lower-case "t"/"z" and a space separator are allowed by its notes.
+_RFC3339: Final = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?"
+    r"(?:([Zz])|([+-])(\d{2}):(\d{2}))",
+    re.ASCII,
+)
+
+
+def parse_rfc3339(text: str) -> int:
+    """Unix milliseconds of an RFC 3339 timestamp (``Z`` or ``±hh:mm``, optional fraction).
+
+    Digits of the fraction beyond milliseconds are truncated. Raises ``ValueError``.
+    """
+    m = _RFC3339.fullmatch(text)
+    if m is None:
+        raise ValueError(f"{text!r} is not an RFC 3339 timestamp such as 2024-01-01T00:00:00Z")
+    year, month, day, hour, minute, second = (int(m.group(i)) for i in range(1, 7))
+    if second == 60:  # a leap second; Unix time has none, so it is the next second's start
+        second = 59
+        leap_ms = 1000
+    else:
+        leap_ms = 0
+    offset = dt.timedelta(0)
+    if m.group(8) is None:
+        oh, om = int(m.group(10)), int(m.group(11))
+        if oh > 23 or om > 59:
+            raise ValueError(f"{text!r} has an invalid UTC offset")
+        offset = dt.timedelta(hours=oh, minutes=om)
+        if m.group(9) == "-":
+            offset = -offset
+    try:
+        when = dt.datetime(year, month, day, hour, minute, second, tzinfo=dt.timezone(offset))
+    except ValueError as e:
+        raise ValueError(f"{text!r} is not a valid date and time: {e}") from None
+    frac = m.group(7) or ""
+    frac_ms = int(frac[:3].ljust(3, "0")) if frac else 0
+    return (when - _EPOCH) // _ONE_MS + frac_ms + leap_ms
+
+
+def format_rfc3339(ms: int) -> str:
+    """``ms`` (Unix milliseconds) as RFC 3339 UTC with ``Z``; milliseconds only when non-zero."""
+    when = _EPOCH + dt.timedelta(milliseconds=ms)
+    text = when.strftime("%Y-%m-%dT%H:%M:%S")
+    frac = ms % 1000
+    return f"{text}.{frac:03d}Z" if frac else f"{text}Z"
+
+
+def parse_metrics_query(
+    query: bytes, now_ms: int, max_range_s: float = 31 * 86400
+) -> tuple[int, int, str | None]:
+    """Parse the raw query string of ``GET /api/v1/metrics`` into ``(start_ms, end_ms, topic)``.
+
+    Parameters: ``start_time`` and ``end_time`` (RFC 3339; defaults: ``end = now``,
+    ``start = end - 1h``) and ``topic``. Raises ``InvalidQuery`` naming the parameter at fault
+    for an unknown or repeated parameter, an unparseable time, ``end_time`` before
+    ``start_time``, a range longer than ``max_range_s`` or an invalid topic name.
+    """
+    values: dict[str, str] = {}
+    for segment in query.split(b"&"):
+        if not segment:
+            continue
+        raw_name, _, raw_value = segment.partition(b"=")
+        name = _unquote(raw_name, None)
+        value = _unquote(raw_value, name)
+        if name not in _PARAMS:
+            allowed = ", ".join(_PARAMS)
+            raise InvalidQuery(f"unknown query parameter {name!r} (allowed: {allowed})", field=name)
+        if name in values:
+            raise InvalidQuery(f"query parameter {name!r} is given more than once", field=name)
+        values[name] = value
+
+    end_ms = _parse_time(values, "end_time", now_ms)
+    start_ms = _parse_time(values, "start_time", end_ms - DEFAULT_RANGE_MS)
+    if end_ms < start_ms:
+        raise InvalidQuery("end_time is before start_time", field="end_time")
+    if end_ms - start_ms > max_range_s * 1000:
+        raise InvalidQuery(
+            f"the range from start_time to end_time is longer than the maximum of"
+            f" {_human_seconds(max_range_s)}",
+            field="start_time",
+        )
+
+    topic = values.get("topic")
+    if topic is not None:
+        reason = topic_name_error(topic)
+        if reason is not None:
+            raise InvalidQuery(f"invalid topic: {reason}", field="topic")
+    return start_ms, end_ms, topic
+
+
+def _unquote(raw: bytes, field: str | None) -> str:
+    # "+" is kept literally rather than read as a space: no valid value contains a space, and
+    # clients often leave the "+" of a UTC offset ("...T00:00:00+02:00") unescaped.
+    try:
+        return unquote_to_bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        what = f"the value of {field!r}" if field else "a parameter name"
+        raise InvalidQuery(f"{what} is not valid percent-encoded UTF-8", field=field) from None
+
+
+def _parse_time(values: dict[str, str], name: str, default: int) -> int:
+    text = values.get(name)
+    if text is None:
+        return default
+    try:
+        return parse_rfc3339(text)
+    except ValueError as e:
+        raise InvalidQuery(f"invalid {name}: {e}", field=name) from None
+
+
+def _human_seconds(seconds: float) -> str:
+    if seconds >= 86400 and seconds % 86400 == 0:
+        return f"{int(seconds // 86400)} days"
+    return f"{seconds:g} seconds"
+
+
+# -- recorder ------------------------------------------------------------------------------
+
+
+class TopicSample(msgspec.Struct):
+    """One process's view of one topic at one instant.
+
+    Counters are cumulative since the process started (the recorder takes deltas); gauges are
+    current values; ``processing_ms`` holds the processing times (lease to acknowledgement)
+    observed since the previous sample.
+    """
+
+    produced: int = 0
+    consumed: int = 0
+    expired: int = 0
+    failed: int = 0
+    retried: int = 0
+    queue_size: int = 0
+    dead_letter_size: int = 0
+    active_consumers: int = 0
+    total_consumers: int = 0
+    processing_ms: list[float] = msgspec.field(default_factory=list)
+
+
+SampleFn = Callable[[], Awaitable[dict[str, TopicSample]]]
+
+
+def _percentile(ordered: list[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending, non-empty list."""
+    rank = max(1, math.ceil(q * len(ordered)))
+    return ordered[rank - 1]
+
+
+class HistoryRecorder:
+    """Writes one ``MetricPoint`` per topic per interval to ``store`` (see the module docstring).
+
+    ``start()`` takes the baseline sample at once and then ticks at every wall-clock multiple of
+    ``interval_s``; a tick's point is labelled with the start of the interval it ends. Points
+    forced by ``record_now`` are labelled with the interval in progress, and the store merges
+    them with that interval's scheduled point.
+    """
+
+    def __init__(
+        self,
+        store: MetaStore,
+        sample: SampleFn,
+        interval_s: float,
+        worker: str,
+    ) -> None:
+        if interval_s <= 0:
+            raise ValueError("interval_s must be positive")
+        self.store = store
+        self.sample = sample
+        self.interval_s = interval_s
+        self.worker = worker
+        self._interval_ms = max(1, round(interval_s * 1000))
+        self._last: dict[str, tuple[int, ...]] | None = None  # counters per topic; None: no base
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._failures = 0  # consecutive failed ticks, so a streak is logged once
+
+    def start(self) -> None:
+        """Start the background task on the running loop (idempotent)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="mqfast-history-recorder"
+            )
+
+    async def stop(self) -> None:
+        """Stop the background task; the interval in progress is not recorded."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+    async def record_now(self) -> None:
+        """Take one sample now and record its deltas (the first sample is only the baseline)."""
+        await self._tick(self._bucket_of(_wall_ms()))
+
+    async def _run(self) -> None:
+        if self._last is None:
+            await self._tick(None)  # baseline
+        while True:
+            now = _wall_ms()
+            boundary = self._bucket_of(now) + self._interval_ms
+            # The label is fixed before sleeping, so a wake-up a little early or late (the loop
+            # sleeps on the monotonic clock) still names the right interval.
+            await asyncio.sleep((boundary - now) / 1000)
+            await self._tick(boundary - self._interval_ms)
+
+    def _bucket_of(self, ms: int) -> int:
+        return ms - ms % self._interval_ms
+
+    async def _tick(self, label_ms: int | None) -> None:
+        async with self._lock:
+            try:
+                samples = await self.sample()
+                points = self._points(samples, label_ms)
+                if points:
+                    await self.store.record_points(points, self.worker)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self._failures += 1
+                if self._failures == 1:
+                    log.exception(
+                        "metric history: recording failed; retrying every interval",
+                        extra={"worker": self.worker},
+                    )
+                return
+            if self._failures:
+                log.info(
+                    "metric history: recording works again after %d failed intervals",
+                    self._failures,
+                    extra={"worker": self.worker},
+                )
+                self._failures = 0
+
+    def _points(self, samples: dict[str, TopicSample], label_ms: int | None) -> list[MetricPoint]:
+        """Deltas against the previous sample; advances the baseline."""
+        first = self._last is None
+        if self._last is None:
+            self._last = {}
+        last = self._last
+        points: list[MetricPoint] = []
+        time_text = format_rfc3339(label_ms) if label_ms is not None else ""
+        for topic, s in sorted(samples.items()):
+            now = (s.produced, s.consumed, s.expired, s.failed, s.retried)
+            before = last.get(topic)
+            last[topic] = now
+            if first or label_ms is None:
+                continue
+            # A counter below its previous value means the source restarted from zero.
+            if before is None:
+                before = (0, 0, 0, 0, 0)
+            produced, consumed, expired, failed, retried = (
+                c - p if c >= p else c for c, p in zip(now, before, strict=True)
+            )
+            ordered = sorted(s.processing_ms)
+            points.append(
+                MetricPoint(
+                    time=time_text,
+                    topic=topic,
+                    interval_s=self.interval_s,
+                    produced=produced,
+                    consumed=consumed,
+                    expired=expired,
+                    failed=failed,
+                    retried=retried,
+                    queue_size=s.queue_size,
+                    dead_letter_size=s.dead_letter_size,
+                    processing_avg_ms=sum(ordered) / len(ordered) if ordered else 0.0,
+                    processing_p95_ms=_percentile(ordered, 0.95) if ordered else 0.0,
+                    processing_p99_ms=_percentile(ordered, 0.99) if ordered else 0.0,
+                    active_consumers=s.active_consumers,
+                    total_consumers=s.total_consumers,
+                    error_rate=failed / consumed if consumed else 0.0,
+                    retry_rate=retried / consumed if consumed else 0.0,
+                )
+            )
+        return points
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000

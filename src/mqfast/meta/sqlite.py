@@ -1,0 +1,644 @@
+"""The embedded metadata store: consumers and metric history in the engine's SQLite file.
+
+It shares ``<data_dir>/mqfast.db`` with the embedded engine and keeps its own migrations under
+the component ``"meta"`` of ``schema_version``. Like the engine, it does all SQLite work on one
+dedicated thread with its own connection, in WAL mode, and starts every write transaction with
+``BEGIN IMMEDIATE`` so contention is a wait bounded by ``busy_timeout``, not a failed upgrade.
+
+Several processes (``--workers N``) share the file, so everything lives in the database. The one
+thing held in memory is ``touch``: consume requests call it on the event loop at request rate, so
+``last_seen`` is kept in a dict and written in one transaction at most once per
+``flush_interval_s`` (and before every sweep, and on close). Reads of this process overlay the
+unflushed values; other processes see them after the next flush.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Final, ParamSpec, TypeVar
+
+import msgspec
+
+from mqfast.errors import ConfigError, Unavailable
+from mqfast.messages import ConsumerInfo, MetricPoint, RegisterConsumerRequest
+from mqfast.meta.history import format_rfc3339, parse_rfc3339
+
+__all__ = ["DB_FILENAME", "SCHEMA_COMPONENT", "SqliteMeta"]
+
+log = logging.getLogger("mqfast.meta")
+
+_T = TypeVar("_T")
+_A = TypeVar("_A")
+_P = ParamSpec("_P")
+
+DB_FILENAME: Final = "mqfast.db"  # the embedded engine's file (sinks.embedded.DB_FILENAME)
+SCHEMA_COMPONENT: Final = "meta"
+# Pruning deletes in chunks, each its own transaction, so that a backlog of expired history (a
+# process that was down for days) never holds the write lock for long.
+PRUNE_CHUNK_ROWS: Final = 5_000
+
+# Each entry is one schema version (index + 1). Append only; never edit an applied migration.
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    (
+        """CREATE TABLE meta_consumers (
+            consumer_id TEXT PRIMARY KEY,
+            group_id TEXT NOT NULL,
+            topics TEXT NOT NULL,           -- JSON array of topic names
+            max_concurrency INTEGER,        -- NULL: no cap
+            rate_limit REAL,                -- deliveries per second, NULL: no cap
+            registered_at INTEGER NOT NULL, -- unix ms
+            last_seen INTEGER NOT NULL,     -- unix ms
+            active INTEGER NOT NULL DEFAULT 1
+        )""",
+        "CREATE INDEX meta_consumers_group ON meta_consumers (group_id, consumer_id)",
+        "CREATE INDEX meta_consumers_sweep ON meta_consumers (active, last_seen)",
+        # The key leads with the interval start: range queries and pruning are prefix scans.
+        """CREATE TABLE meta_metric_points (
+            ts_ms INTEGER NOT NULL,         -- interval start, unix ms
+            topic TEXT NOT NULL,
+            worker TEXT NOT NULL,
+            interval_s REAL NOT NULL,
+            produced INTEGER NOT NULL,
+            consumed INTEGER NOT NULL,
+            expired INTEGER NOT NULL,
+            failed INTEGER NOT NULL,
+            retried INTEGER NOT NULL,
+            queue_size INTEGER NOT NULL,
+            dead_letter_size INTEGER NOT NULL,
+            processing_avg_ms REAL NOT NULL,
+            processing_p95_ms REAL NOT NULL,
+            processing_p99_ms REAL NOT NULL,
+            active_consumers INTEGER NOT NULL,
+            total_consumers INTEGER NOT NULL,
+            error_rate REAL NOT NULL,
+            retry_rate REAL NOT NULL,
+            PRIMARY KEY (ts_ms, topic, worker)
+        ) WITHOUT ROWID""",
+    ),
+)
+
+_CONSUMER_COLUMNS: Final = (
+    "consumer_id, group_id, topics, max_concurrency, rate_limit, registered_at, last_seen, active"
+)
+_TOUCH: Final = (
+    "UPDATE meta_consumers SET last_seen = MAX(last_seen, ?), active = 1 WHERE consumer_id = ?"
+)
+# Recording a (time, topic, worker) again merges: SET expressions see the row's old values.
+_UPSERT_POINT: Final = """
+INSERT INTO meta_metric_points (
+    ts_ms, topic, worker, interval_s, produced, consumed, expired, failed, retried,
+    queue_size, dead_letter_size, processing_avg_ms, processing_p95_ms, processing_p99_ms,
+    active_consumers, total_consumers, error_rate, retry_rate
+) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (ts_ms, topic, worker) DO UPDATE SET
+    interval_s = MAX(interval_s, excluded.interval_s),
+    produced = produced + excluded.produced,
+    consumed = consumed + excluded.consumed,
+    expired = expired + excluded.expired,
+    failed = failed + excluded.failed,
+    retried = retried + excluded.retried,
+    queue_size = excluded.queue_size,
+    dead_letter_size = excluded.dead_letter_size,
+    processing_avg_ms = CASE WHEN consumed + excluded.consumed > 0
+        THEN (processing_avg_ms * consumed + excluded.processing_avg_ms * excluded.consumed)
+             / (consumed + excluded.consumed)
+        ELSE MAX(processing_avg_ms, excluded.processing_avg_ms) END,
+    processing_p95_ms = MAX(processing_p95_ms, excluded.processing_p95_ms),
+    processing_p99_ms = MAX(processing_p99_ms, excluded.processing_p99_ms),
+    active_consumers = excluded.active_consumers,
+    total_consumers = excluded.total_consumers,
+    error_rate = CASE WHEN consumed + excluded.consumed > 0
+        THEN CAST(failed + excluded.failed AS REAL) / (consumed + excluded.consumed) ELSE 0 END,
+    retry_rate = CASE WHEN consumed + excluded.consumed > 0
+        THEN CAST(retried + excluded.retried AS REAL) / (consumed + excluded.consumed) ELSE 0 END
+"""
+_QUERY_POINTS: Final = """
+SELECT ts_ms, topic, MAX(interval_s),
+    SUM(produced), SUM(consumed), SUM(expired), SUM(failed), SUM(retried),
+    MAX(queue_size), MAX(dead_letter_size),
+    SUM(processing_avg_ms * consumed), AVG(NULLIF(processing_avg_ms, 0)),
+    MAX(processing_p95_ms), MAX(processing_p99_ms),
+    MAX(active_consumers), MAX(total_consumers)
+FROM meta_metric_points
+WHERE ts_ms >= ? AND ts_ms < ? {topic_filter}
+GROUP BY ts_ms, topic
+ORDER BY ts_ms, topic
+"""
+_PRUNE_CHUNK: Final = """
+DELETE FROM meta_metric_points WHERE (ts_ms, topic, worker) IN (
+    SELECT ts_ms, topic, worker FROM meta_metric_points WHERE ts_ms < ? ORDER BY ts_ms LIMIT ?
+)
+"""
+
+_topics_decoder = msgspec.json.Decoder(list[str])
+_topics_encoder = msgspec.json.Encoder()
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _consumer_from_row(row: tuple[Any, ...]) -> ConsumerInfo:
+    return ConsumerInfo(
+        consumer_id=row[0],
+        group_id=row[1],
+        topics=_topics_decoder.decode(row[2]),
+        max_concurrency=row[3],
+        rate_limit=row[4],
+        registered_at=row[5],
+        last_seen=row[6],
+        active=bool(row[7]),
+    )
+
+
+class SqliteMeta:
+    """``MetaStore`` on SQLite, in ``<data_dir>/mqfast.db`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        data_dir: str,
+        *,
+        busy_timeout_s: float = 5.0,
+        history_retention_s: float = 7 * 86400,
+        flush_interval_s: float = 1.0,
+        prune_interval_s: float = 600.0,
+    ) -> None:
+        self.data_dir = data_dir
+        self.path = os.path.join(data_dir, DB_FILENAME)
+        self.busy_timeout_s = busy_timeout_s
+        self.history_retention_s = history_retention_s
+        self.flush_interval_s = flush_interval_s
+        self.prune_interval_s = prune_interval_s
+
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._conn_: sqlite3.Connection | None = None  # used only on the executor thread
+        self._closed = False
+
+        # consumer_id -> latest touch (unix ms) not yet written; only touched on the loop thread.
+        self._pending: dict[str, int] = {}
+        self._flush_task: asyncio.Task[None] | None = None
+        self._last_flush = 0.0  # loop.time() of the last flush attempt
+        self._flush_failures = 0  # consecutive failed flushes, so a streak is logged once
+        self._next_prune = 0.0  # time.monotonic() when record_points next prunes
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the database (creating the directory) and apply this store's migrations."""
+        if self._closed:
+            raise Unavailable("metadata store: closed")
+        self._loop = asyncio.get_running_loop()
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="mqfast-meta"
+        )
+        try:
+            await self._run(self._open)
+        except BaseException:
+            executor, self._executor = self._executor, None
+            executor.submit(self._close_conn)
+            executor.shutdown(wait=False)
+            raise
+        log.info("metadata store at %s (SQLite, WAL)", self.path, extra={"path": self.path})
+        if self._pending:
+            self._schedule_flush()
+
+    async def close(self) -> None:
+        """Write pending touches, close the connection and stop the thread; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        task, self._flush_task = self._flush_task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        if self._executor is None:
+            return
+        try:
+            await self.flush()
+        except Exception as e:
+            log.warning(
+                "metadata store: %d consumer touches not written on close: %s",
+                len(self._pending),
+                e,
+            )
+        try:
+            await self._run(self._close_conn)
+        finally:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    # -- consumers -------------------------------------------------------------------------
+
+    async def register(
+        self, req: RegisterConsumerRequest, now_ms: int
+    ) -> tuple[ConsumerInfo, bool]:
+        """Register ``req.consumer_id`` or update its settings; returns ``(info, created)``.
+
+        Re-registering keeps ``registered_at``, replaces group, topics and limits, and makes the
+        consumer active again with ``last_seen`` at least ``now_ms``.
+        """
+        return await self._run(self._register_sync, req, now_ms)
+
+    async def get_consumer(self, consumer_id: str) -> ConsumerInfo | None:
+        """The registered consumer or None (``last_seen`` includes unflushed touches)."""
+        rows = await self._run(
+            self._select_sync,
+            f"SELECT {_CONSUMER_COLUMNS} FROM meta_consumers WHERE consumer_id = ?",
+            (consumer_id,),
+        )
+        return self._overlay(_consumer_from_row(rows[0])) if rows else None
+
+    async def list_consumers(self, group_id: str | None = None) -> list[ConsumerInfo]:
+        """Every registered consumer (of ``group_id`` when given), sorted by id."""
+        if group_id is None:
+            sql = f"SELECT {_CONSUMER_COLUMNS} FROM meta_consumers ORDER BY consumer_id"
+            params: tuple[Any, ...] = ()
+        else:
+            sql = (
+                f"SELECT {_CONSUMER_COLUMNS} FROM meta_consumers WHERE group_id = ?"
+                " ORDER BY consumer_id"
+            )
+            params = (group_id,)
+        rows = await self._run(self._select_sync, sql, params)
+        return [self._overlay(_consumer_from_row(r)) for r in rows]
+
+    async def delete_consumer(self, consumer_id: str) -> bool:
+        """Unregister ``consumer_id``; False when it was not registered."""
+        self._pending.pop(consumer_id, None)
+        return await self._run(self._delete_sync, consumer_id)
+
+    def touch(self, consumer_id: str, now_ms: int) -> None:
+        """Record activity at ``now_ms``; written in the background (see the module docstring)."""
+        if self._closed:
+            return
+        pending = self._pending
+        if now_ms > pending.get(consumer_id, -1):
+            pending[consumer_id] = now_ms
+        if self._flush_task is None and self._executor is not None:
+            self._schedule_flush()
+
+    async def flush(self) -> None:
+        """Write the pending touches now (the background flush does this within a second)."""
+        touches = self._take_pending()
+        if not touches:
+            return
+        try:
+            await self._run(self._write_sync, self._apply_touches, touches)
+        except BaseException:
+            self._restore_pending(touches)
+            raise
+
+    async def sweep_inactive(self, now_ms: int, timeout_ms: int) -> list[str]:
+        """Mark active consumers last seen before ``now_ms - timeout_ms`` inactive.
+
+        Pending touches are written in the same transaction first. Returns the ids that became
+        inactive in this call, sorted; concurrent sweeps never return the same id twice.
+        """
+        touches = self._take_pending()
+        try:
+            return await self._run(self._sweep_sync, touches, now_ms - timeout_ms)
+        except BaseException:
+            self._restore_pending(touches)
+            raise
+
+    async def consumer_counts(self) -> tuple[int, int]:
+        """``(active, total)`` registered consumers, counting unflushed touches as activity."""
+        touched = _topics_encoder.encode(list(self._pending)).decode()
+        rows = await self._run(
+            self._select_sync,
+            "SELECT COALESCE(SUM(active OR consumer_id IN (SELECT value FROM json_each(?))), 0),"
+            " COUNT(*) FROM meta_consumers",
+            (touched,),
+        )
+        return int(rows[0][0]), int(rows[0][1])
+
+    # -- metric history --------------------------------------------------------------------
+
+    async def record_points(self, points: list[MetricPoint], worker: str) -> None:
+        """Store (or merge into) the points of ``worker``; prunes old history now and then.
+
+        Raises ``ValueError`` when a point's ``time`` is not RFC 3339.
+        """
+        rows = [
+            (
+                parse_rfc3339(p.time),
+                p.topic,
+                worker,
+                p.interval_s,
+                p.produced,
+                p.consumed,
+                p.expired,
+                p.failed,
+                p.retried,
+                p.queue_size,
+                p.dead_letter_size,
+                p.processing_avg_ms,
+                p.processing_p95_ms,
+                p.processing_p99_ms,
+                p.active_consumers,
+                p.total_consumers,
+                p.error_rate,
+                p.retry_rate,
+            )
+            for p in points
+        ]
+        if rows:
+            await self._run(self._write_sync, self._insert_points, rows)
+        if time.monotonic() >= self._next_prune:
+            self._next_prune = time.monotonic() + self.prune_interval_s
+            try:
+                await self.prune()
+            except Unavailable as e:
+                log.warning("metadata store: pruning metric history failed: %s", e)
+
+    async def query_points(
+        self, start_ms: int, end_ms: int, topic: str | None
+    ) -> list[MetricPoint]:
+        """Points starting in ``[start_ms, end_ms)``, aggregated over workers (``MetaStore``)."""
+        if end_ms <= start_ms:
+            return []
+        params: tuple[Any, ...] = (start_ms, end_ms)
+        topic_filter = ""
+        if topic is not None:
+            topic_filter = "AND topic = ?"
+            params += (topic,)
+        rows = await self._run(
+            self._select_sync, _QUERY_POINTS.format(topic_filter=topic_filter), params
+        )
+        return [self._point_from_row(r) for r in rows]
+
+    async def prune(self, now_ms: int | None = None) -> int:
+        """Delete history older than ``history_retention_s`` before ``now_ms`` (default: now).
+
+        Returns the number of rows deleted.
+        """
+        now = _wall_ms() if now_ms is None else now_ms
+        cutoff = now - int(self.history_retention_s * 1000)
+        deleted = 0
+        while True:
+            n = await self._run(self._write_sync, self._prune_chunk, cutoff)
+            deleted += n
+            if n < PRUNE_CHUNK_ROWS:
+                break
+        if deleted:
+            log.info("metric history: pruned %d points", deleted, extra={"deleted": deleted})
+        return deleted
+
+    @staticmethod
+    def _point_from_row(r: tuple[Any, ...]) -> MetricPoint:
+        consumed = int(r[4])
+        failed = int(r[6])
+        retried = int(r[7])
+        if consumed > 0:
+            avg = float(r[10]) / consumed
+        else:  # no weights: the plain mean of the workers that timed something
+            avg = float(r[11] or 0.0)
+        return MetricPoint(
+            time=format_rfc3339(int(r[0])),
+            topic=r[1],
+            interval_s=float(r[2]),
+            produced=int(r[3]),
+            consumed=consumed,
+            expired=int(r[5]),
+            failed=failed,
+            retried=retried,
+            queue_size=int(r[8]),
+            dead_letter_size=int(r[9]),
+            processing_avg_ms=avg,
+            processing_p95_ms=float(r[12]),
+            processing_p99_ms=float(r[13]),
+            active_consumers=int(r[14]),
+            total_consumers=int(r[15]),
+            error_rate=failed / consumed if consumed else 0.0,
+            retry_rate=retried / consumed if consumed else 0.0,
+        )
+
+    # -- touches (loop thread) -------------------------------------------------------------
+
+    def _overlay(self, info: ConsumerInfo) -> ConsumerInfo:
+        seen = self._pending.get(info.consumer_id)
+        if seen is not None:
+            info.last_seen = max(info.last_seen, seen)
+            info.active = True
+        return info
+
+    def _take_pending(self) -> list[tuple[int, str]]:
+        pending, self._pending = self._pending, {}
+        return [(ms, cid) for cid, ms in pending.items()]
+
+    def _restore_pending(self, touches: list[tuple[int, str]]) -> None:
+        pending = self._pending
+        for ms, cid in touches:
+            if ms > pending.get(cid, -1):
+                pending[cid] = ms
+
+    def _schedule_flush(self) -> None:
+        assert self._loop is not None
+        self._flush_task = self._loop.create_task(self._flush_later(), name="mqfast-meta-flush")
+
+    async def _flush_later(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.sleep(max(0.0, self._last_flush + self.flush_interval_s - loop.time()))
+            self._last_flush = loop.time()
+            try:
+                await self.flush()
+            except Exception as e:
+                self._flush_failures += 1
+                if self._flush_failures == 1:
+                    log.warning(
+                        "metadata store: writing consumer last_seen failed, will retry: %s", e
+                    )
+            else:
+                if self._flush_failures:
+                    log.info(
+                        "metadata store: consumer last_seen written again after %d failures",
+                        self._flush_failures,
+                    )
+                    self._flush_failures = 0
+        finally:
+            if self._flush_task is asyncio.current_task():
+                self._flush_task = None
+                # Touches that arrived during the write (or a failed write) need another round.
+                if self._pending and not self._closed:
+                    self._schedule_flush()
+
+    # -- executor thread -------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        if self._executor is None:
+            raise Unavailable("metadata store: not started or closed")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(
+                self._executor, functools.partial(fn, *args, **kwargs)
+            )
+        except sqlite3.Error as e:
+            raise Unavailable(f"metadata store: {e}") from e
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._conn_ is None:
+            raise Unavailable("metadata store: not started or closed")
+        return self._conn_
+
+    def _open(self) -> None:
+        os.makedirs(self.data_dir, exist_ok=True)
+        # isolation_level=None: no implicit BEGIN; every write transaction is BEGIN IMMEDIATE.
+        conn = sqlite3.connect(
+            self.path,
+            timeout=self.busy_timeout_s,
+            isolation_level=None,
+            check_same_thread=True,
+            cached_statements=32,
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise Unavailable(f"metadata store: cannot enable WAL on {self.path} (got {mode})")
+            # WAL + NORMAL survives a process crash; losing the last commits to a power cut only
+            # costs a registration or a metric interval, not messages.
+            conn.execute("PRAGMA synchronous = NORMAL")
+            self._conn_ = conn
+            self._write_sync(self._migrate, None)
+        except BaseException:
+            self._conn_ = None
+            conn.close()
+            raise
+
+    def _close_conn(self) -> None:
+        if self._conn_ is not None:
+            self._conn_.close()
+            self._conn_ = None
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            if conn.in_transaction:  # SQLite may already have rolled back (e.g. disk full)
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def _write_sync(self, fn: Callable[[sqlite3.Connection, _A], _T], arg: _A) -> _T:
+        with self._transaction() as conn:
+            return fn(conn, arg)
+
+    def _migrate(self, conn: sqlite3.Connection, _: object) -> None:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version"
+            " (component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
+        )
+        row = conn.execute(
+            "SELECT version FROM schema_version WHERE component = ?", (SCHEMA_COMPONENT,)
+        ).fetchone()
+        current = int(row[0]) if row else 0
+        if current > len(MIGRATIONS):
+            raise ConfigError(
+                f"{self.path}: metadata schema version {current} is newer than this mqfast"
+                f" supports ({len(MIGRATIONS)}); upgrade mqfast or use another data directory"
+            )
+        for version in range(current + 1, len(MIGRATIONS) + 1):
+            for stmt in MIGRATIONS[version - 1]:
+                conn.execute(stmt)
+            conn.execute(
+                "INSERT OR REPLACE INTO schema_version (component, version) VALUES (?, ?)",
+                (SCHEMA_COMPONENT, version),
+            )
+            log.info("metadata schema migrated to version %d", version)
+
+    def _select_sync(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        return self._conn().execute(sql, params).fetchall()
+
+    def _register_sync(
+        self, req: RegisterConsumerRequest, now_ms: int
+    ) -> tuple[ConsumerInfo, bool]:
+        topics = _topics_encoder.encode(req.topics).decode()
+        with self._transaction() as conn:
+            row = conn.execute(
+                "SELECT registered_at, last_seen FROM meta_consumers WHERE consumer_id = ?",
+                (req.consumer_id,),
+            ).fetchone()
+            if row is None:
+                registered_at, last_seen = now_ms, now_ms
+                conn.execute(
+                    f"INSERT INTO meta_consumers ({_CONSUMER_COLUMNS})"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, 1)",
+                    (
+                        req.consumer_id,
+                        req.group_id,
+                        topics,
+                        req.max_concurrency,
+                        req.rate_limit,
+                        registered_at,
+                        last_seen,
+                    ),
+                )
+            else:
+                registered_at, last_seen = int(row[0]), max(int(row[1]), now_ms)
+                conn.execute(
+                    "UPDATE meta_consumers SET group_id = ?, topics = ?, max_concurrency = ?,"
+                    " rate_limit = ?, last_seen = ?, active = 1 WHERE consumer_id = ?",
+                    (
+                        req.group_id,
+                        topics,
+                        req.max_concurrency,
+                        req.rate_limit,
+                        last_seen,
+                        req.consumer_id,
+                    ),
+                )
+        info = ConsumerInfo(
+            consumer_id=req.consumer_id,
+            group_id=req.group_id,
+            topics=list(req.topics),
+            max_concurrency=req.max_concurrency,
+            rate_limit=req.rate_limit,
+            registered_at=registered_at,
+            last_seen=last_seen,
+            active=True,
+        )
+        return info, row is None
+
+    def _delete_sync(self, consumer_id: str) -> bool:
+        with self._transaction() as conn:
+            cur = conn.execute("DELETE FROM meta_consumers WHERE consumer_id = ?", (consumer_id,))
+            return cur.rowcount > 0
+
+    @staticmethod
+    def _apply_touches(conn: sqlite3.Connection, touches: list[tuple[int, str]]) -> None:
+        conn.executemany(_TOUCH, touches)
+
+    def _sweep_sync(self, touches: list[tuple[int, str]], cutoff_ms: int) -> list[str]:
+        with self._transaction() as conn:
+            if touches:
+                conn.executemany(_TOUCH, touches)
+            rows = conn.execute(
+                "UPDATE meta_consumers SET active = 0 WHERE active = 1 AND last_seen < ?"
+                " RETURNING consumer_id",
+                (cutoff_ms,),
+            ).fetchall()
+        return sorted(r[0] for r in rows)
+
+    @staticmethod
+    def _insert_points(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+        conn.executemany(_UPSERT_POINT, rows)
+
+    @staticmethod
+    def _prune_chunk(conn: sqlite3.Connection, cutoff_ms: int) -> int:
+        return int(conn.execute(_PRUNE_CHUNK, (cutoff_ms, PRUNE_CHUNK_ROWS)).rowcount)
