@@ -21,6 +21,7 @@ directives = {
     "wraparound": False,
     "cdivision": True,
     "embedsignature": True,
+    "auto_pickle": False,
 }
 if DEBUG:
     cflags = ["-O0", "-g"]
