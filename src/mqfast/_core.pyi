@@ -98,7 +98,7 @@ class Server:
     def drop_topic(self, name: str) -> None:
         """Forget ``name``: the next produce to it goes through the slow path again."""
     def known_topics(self) -> list[str]: ...
-    def set_stored_hook(self, hook: Callable[[list[Delivery]], None] | None) -> None:
+    def set_stored_hook(self, hook: Callable[[list[Any]], None] | None) -> None:
         """Call ``hook(batch)`` after each engine batch (wakes long-polling consumers)."""
     def stats(self) -> dict[str, Any]:
         """A snapshot of the counters, read by the metrics collector at scrape time."""

@@ -1,4 +1,5 @@
-"""Handlers of the routes that are not hot: topics, health, the OpenAPI document.
+"""Handlers of the routes that are not hot: consume, acknowledge, topics, consumers, metrics,
+health, the OpenAPI document.
 
 The compiled core routes every request; produce is answered there. Everything else arrives here
 as ``App.handle(template, method, params, query, body)`` and returns ``(status, body, extra
@@ -19,7 +20,19 @@ import msgspec
 from mqfast import __version__, errors
 from mqfast._core import Server, topic_name_error
 from mqfast.config import Settings, parse_duration
-from mqfast.messages import CreateTopicRequest, TopicConfig, create_topic_decoder
+from mqfast.groups import Groups, SettleItem, SettleResult, check_id, now_ms
+from mqfast.messages import (
+    AcknowledgeRequest,
+    BatchAcknowledgeRequest,
+    ConsumeRequest,
+    CreateTopicRequest,
+    ExtendRequest,
+    RegisterConsumerRequest,
+    TopicConfig,
+    create_topic_decoder,
+)
+from mqfast.meta import MetaStore
+from mqfast.meta.history import format_rfc3339, parse_metrics_query
 from mqfast.sinks import Sink
 
 Response = tuple[int, bytes, bytes | None]
@@ -31,8 +44,17 @@ log = logging.getLogger("mqfast.api")
 ROUTES: list[tuple[str, tuple[str, ...]]] = [
     ("/api/v1/messages", ("POST",)),
     ("/api/v1/messages/batch", ("POST",)),
+    ("/api/v1/messages/consume", ("POST",)),
+    ("/api/v1/messages/acknowledge", ("POST",)),
+    ("/api/v1/messages/acknowledge/batch", ("POST",)),
+    ("/api/v1/messages/extend", ("POST",)),
     ("/api/v1/topics", ("GET", "POST")),
     ("/api/v1/topics/{name}", ("GET", "DELETE")),
+    ("/api/v1/topics/{name}/redrive", ("POST",)),
+    ("/api/v1/consumers", ("GET", "POST")),
+    ("/api/v1/consumers/{consumer_id}", ("GET", "DELETE")),
+    ("/api/v1/consumers/{consumer_id}/heartbeat", ("POST",)),
+    ("/api/v1/metrics", ("GET",)),
     ("/health", ("GET",)),
     ("/health/live", ("GET",)),
     ("/health/ready", ("GET",)),
@@ -40,6 +62,14 @@ ROUTES: list[tuple[str, tuple[str, ...]]] = [
 ]
 
 _json = msgspec.json.Encoder()
+_consume = msgspec.json.Decoder(ConsumeRequest)
+_ack = msgspec.json.Decoder(AcknowledgeRequest)
+_ack_batch = msgspec.json.Decoder(BatchAcknowledgeRequest)
+_extend = msgspec.json.Decoder(ExtendRequest)
+_register = msgspec.json.Decoder(RegisterConsumerRequest)
+_redrive = msgspec.json.Decoder(dict[str, int])
+# A metrics query answers at most this many points; a wider one is asked to narrow down.
+MAX_METRIC_POINTS = 50_000
 
 
 def _ok(obj: object, status: int = 200) -> Response:
@@ -83,9 +113,17 @@ def _size(value: int | str | None, field: str) -> int:
 class App:
     """The slow-path handlers, bound to one worker's core ``Server`` and engine."""
 
-    def __init__(self, settings: Settings, sink: Sink) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        sink: Sink,
+        groups: Groups | None = None,
+        meta: MetaStore | None = None,
+    ) -> None:
         self.settings = settings
         self.sink = sink
+        self.groups = groups
+        self.meta = meta
         self.core: Server | None = None
         self.started = time.monotonic()
         self.ready = False
@@ -94,6 +132,17 @@ class App:
             ("/api/v1/topics", "POST"): self.create_topic,
             ("/api/v1/topics/{name}", "GET"): self.get_topic,
             ("/api/v1/topics/{name}", "DELETE"): self.delete_topic,
+            ("/api/v1/topics/{name}/redrive", "POST"): self.redrive,
+            ("/api/v1/messages/consume", "POST"): self.consume,
+            ("/api/v1/messages/acknowledge", "POST"): self.acknowledge,
+            ("/api/v1/messages/acknowledge/batch", "POST"): self.acknowledge_batch,
+            ("/api/v1/messages/extend", "POST"): self.extend,
+            ("/api/v1/consumers", "GET"): self.list_consumers,
+            ("/api/v1/consumers", "POST"): self.register_consumer,
+            ("/api/v1/consumers/{consumer_id}", "GET"): self.get_consumer,
+            ("/api/v1/consumers/{consumer_id}", "DELETE"): self.delete_consumer,
+            ("/api/v1/consumers/{consumer_id}/heartbeat", "POST"): self.heartbeat,
+            ("/api/v1/metrics", "GET"): self.metric_history,
             ("/health", "GET"): self.health,
             ("/health/live", "GET"): self.live,
             ("/health/ready", "GET"): self.ready_check,
@@ -164,6 +213,7 @@ class App:
             retention=retention,
             max_size=_size(req.max_size, "max_size"),
             created_at=int(time.time() * 1000),
+            dead_letter_expired=req.dead_letter_expired,
         )
         if self.settings.engine == "embedded" and cfg.replication != 1:
             raise errors.BadRequest(
@@ -194,6 +244,207 @@ class App:
         self.core.drop_topic(name)
         log.info("topic deleted", extra={"topic": name})
         return _ok({"name": name, "deleted": True})
+
+    async def redrive(self, params: list[str], query: bytes, body: bytes) -> Response:
+        """Move the messages of ``<name>.dlq`` back to ``<name>`` (all, or ``max_messages``)."""
+        _check_topic_name(params[0])
+        limit = 100_000
+        if body.strip():
+            opts = _decode(_redrive, body)
+            unknown = set(opts) - {"max_messages"}
+            if unknown:
+                raise errors.BadRequest(f"unknown field {sorted(unknown)[0]!r}", field="body")
+            limit = opts.get("max_messages", limit)
+            if not 1 <= limit <= 100_000:
+                raise errors.BadRequest("max_messages must be 1 to 100000", field="max_messages")
+        moved = await self._groups().store.redrive(params[0], limit, now_ms())
+        if moved:
+            self._groups().notify([params[0]])
+            log.info("dead letters redriven", extra={"topic": params[0], "moved": moved})
+        return _ok({"topic": params[0], "moved": moved})
+
+    # ---- consume and acknowledge ----------------------------------------------------------
+
+    def _groups(self) -> Groups:
+        if self.groups is None:
+            raise errors.Unavailable("consumer groups are not available on this engine")
+        return self.groups
+
+    def _meta(self) -> MetaStore:
+        if self.meta is None:
+            raise errors.Unavailable("the metadata store is not available")
+        return self.meta
+
+    async def consume(self, params: list[str], query: bytes, body: bytes) -> Response:
+        req: ConsumeRequest = _decode(_consume, body)
+        groups = self._groups()
+        if self.meta is not None:
+            check_id(req.consumer_id, "consumer_id")
+            self.meta.touch(req.consumer_id, now_ms())  # any consume is a heartbeat
+        msgs = await groups.consume(
+            req.topic,
+            req.group_id,
+            req.consumer_id,
+            req.max_messages,
+            req.timeout,
+            req.visibility_timeout,
+        )
+        return _ok({"messages": msgs, "count": len(msgs)})
+
+    @staticmethod
+    def _result(r: SettleResult) -> dict[str, object]:
+        out: dict[str, object] = {
+            "message_id": r.message_id,
+            "status": r.status,
+            "topic": r.topic,
+            "delivery_count": r.delivery_count,
+        }
+        if r.redeliver_at is not None:
+            out["redeliver_at"] = r.redeliver_at
+        if r.lease_deadline is not None:
+            out["lease_deadline"] = r.lease_deadline
+        return out
+
+    async def acknowledge(self, params: list[str], query: bytes, body: bytes) -> Response:
+        req: AcknowledgeRequest = _decode(_ack, body)
+        groups = self._groups()
+        item = SettleItem(
+            message_id=req.message_id,
+            action="ack" if req.success else "nack",
+            error=req.error,
+            delay_ms=groups.nack_delay_ms(req.requeue_delay, "requeue_delay"),
+        )
+        [r] = await groups.settle(req.group_id, req.topic, req.consumer_id, [item])
+        if r.error is not None:
+            raise r.error
+        return _ok(self._result(r))
+
+    async def acknowledge_batch(self, params: list[str], query: bytes, body: bytes) -> Response:
+        req: BatchAcknowledgeRequest = _decode(_ack_batch, body)
+        groups = self._groups()
+        if not req.acks:
+            raise errors.BadRequest("acks must not be empty", field="acks")
+        if len(req.acks) > self.settings.max_batch_messages:
+            raise errors.BadRequest(
+                f"batch has {len(req.acks)} acknowledgements; at most "
+                f"{self.settings.max_batch_messages} are allowed",
+                field="acks",
+            )
+        items = [
+            SettleItem(
+                message_id=a.message_id,
+                action="ack" if a.success else "nack",
+                error=a.error,
+                delay_ms=groups.nack_delay_ms(a.requeue_delay, f"acks[{i}].requeue_delay"),
+            )
+            for i, a in enumerate(req.acks)
+        ]
+        results = await groups.settle(req.group_id, req.topic, req.consumer_id, items)
+        out: list[dict[str, object]] = []
+        for r in results:
+            if r.error is None:
+                out.append(self._result(r))
+            else:
+                out.append(
+                    {
+                        "message_id": r.message_id,
+                        "error": {"code": str(r.error.code), "message": r.error.message},
+                    }
+                )
+        failed = sum(1 for r in results if r.error is not None)
+        return _ok({"results": out, "succeeded": len(results) - failed, "failed": failed})
+
+    async def extend(self, params: list[str], query: bytes, body: bytes) -> Response:
+        req: ExtendRequest = _decode(_extend, body)
+        groups = self._groups()
+        item = SettleItem(
+            message_id=req.message_id,
+            action="extend",
+            visibility_ms=groups.visibility_ms(req.visibility_timeout, "visibility_timeout"),
+        )
+        [r] = await groups.settle(req.group_id, req.topic, req.consumer_id, [item])
+        if r.error is not None:
+            raise r.error
+        return _ok(self._result(r))
+
+    # ---- consumers --------------------------------------------------------------------------
+
+    async def register_consumer(self, params: list[str], query: bytes, body: bytes) -> Response:
+        req: RegisterConsumerRequest = _decode(_register, body)
+        check_id(req.consumer_id, "consumer_id")
+        check_id(req.group_id, "group_id")
+        if not req.topics:
+            raise errors.BadRequest("topics must not be empty", field="topics")
+        for i, t in enumerate(req.topics):
+            _check_topic_name(t, f"topics[{i}]")
+        info, created = await self._meta().register(req, now_ms())
+        if self.groups is not None:
+            self.groups.forget_consumer(req.consumer_id)  # new limits apply at once
+        if created:
+            log.info(
+                "consumer registered",
+                extra={"consumer_id": req.consumer_id, "group_id": req.group_id},
+            )
+        return _ok(info, 201 if created else 200)
+
+    async def list_consumers(self, params: list[str], query: bytes, body: bytes) -> Response:
+        group = None
+        if query:
+            from urllib.parse import parse_qs
+
+            q = parse_qs(query.decode("latin-1"), keep_blank_values=True)
+            unknown = set(q) - {"group_id"}
+            if unknown:
+                raise errors.InvalidQuery(
+                    f"unknown query parameter {sorted(unknown)[0]!r}", field=sorted(unknown)[0]
+                )
+            if "group_id" in q:
+                group = q["group_id"][-1]
+        return _ok({"consumers": await self._meta().list_consumers(group)})
+
+    async def get_consumer(self, params: list[str], query: bytes, body: bytes) -> Response:
+        info = await self._meta().get_consumer(params[0])
+        if info is None:
+            raise errors.NotFound(f"no consumer {params[0]!r} is registered", field="consumer_id")
+        return _ok(info)
+
+    async def delete_consumer(self, params: list[str], query: bytes, body: bytes) -> Response:
+        if not await self._meta().delete_consumer(params[0]):
+            raise errors.NotFound(f"no consumer {params[0]!r} is registered", field="consumer_id")
+        released = 0
+        if self.groups is not None:
+            self.groups.forget_consumer(params[0])
+            released = await self.groups.store.release_consumer(params[0], now_ms())
+        log.info("consumer deleted", extra={"consumer_id": params[0], "released": released})
+        return _ok({"consumer_id": params[0], "deleted": True, "released": released})
+
+    async def heartbeat(self, params: list[str], query: bytes, body: bytes) -> Response:
+        meta = self._meta()
+        info = await meta.get_consumer(params[0])
+        if info is None:
+            raise errors.NotFound(f"no consumer {params[0]!r} is registered", field="consumer_id")
+        now = now_ms()
+        meta.touch(params[0], now)
+        return _ok({"consumer_id": params[0], "active": True, "last_seen": now})
+
+    async def metric_history(self, params: list[str], query: bytes, body: bytes) -> Response:
+        start, end, topic = parse_metrics_query(query, now_ms())
+        points = await self._meta().query_points(start, end, topic)
+        if len(points) > MAX_METRIC_POINTS:
+            raise errors.InvalidQuery(
+                f"the range holds {len(points)} points, more than {MAX_METRIC_POINTS}; "
+                "narrow start_time/end_time or filter by topic",
+                field="start_time",
+            )
+        return _ok(
+            {
+                "start_time": format_rfc3339(start),
+                "end_time": format_rfc3339(end),
+                "topic": topic,
+                "interval_s": self.settings.metrics_interval_s,
+                "points": points,
+            }
+        )
 
     # ---- health ---------------------------------------------------------------------------
 

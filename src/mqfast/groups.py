@@ -27,7 +27,7 @@ import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from mqfast import errors
 from mqfast._core import topic_name_error
@@ -447,15 +447,17 @@ class Groups:
             raise errors.BadRequest(f"{field} must be positive", field=field)
         return ms
 
-    def snapshot(self) -> dict[str, object]:
-        """Counters for the Prometheus collector."""
-        return {
-            "consumed": dict(self.consumed_by_group),
-            "expired": {t: c.expired for t, c in self.topics.items()},
-            "dead_lettered": {t: c.dead_lettered for t, c in self.topics.items()},
-            "retried": {t: c.retried for t, c in self.topics.items()},
-            "nacked": {t: c.failed for t, c in self.topics.items()},
-        }
+    def merge_stats(self, stats: dict[str, Any]) -> dict[str, Any]:
+        """Add this worker's consume counters to a core ``stats()`` snapshot (for /metrics)."""
+        stats["consumed"] = dict(self.consumed_by_group)
+        topics = stats.setdefault("topics", {})
+        for name, c in self.topics.items():
+            t = topics.setdefault(name, {"produced": 0, "failed": 0, "bytes": 0})
+            t["failed"] = t.get("failed", 0) + c.failed
+            t["expired"] = c.expired
+            t["dead_lettered"] = c.dead_lettered
+            t["retried"] = c.retried
+        return stats
 
 
 class ConsumerLookup(Protocol):

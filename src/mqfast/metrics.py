@@ -65,18 +65,37 @@ def _topic_families(topics: Mapping[str, Mapping[str, int]]) -> Iterator[Metric]
         PREFIX + "messages_produced", "Messages durably produced.", labels=["topic"]
     )
     failed = CounterMetricFamily(
-        PREFIX + "messages_failed", "Messages whose produce failed.", labels=["topic"]
+        PREFIX + "messages_failed",
+        "Failed produces plus failed deliveries (negative acknowledgements, expired leases).",
+        labels=["topic"],
     )
     nbytes = CounterMetricFamily(
         PREFIX + "produced_bytes", "Payload bytes durably produced.", labels=["topic"]
+    )
+    expired = CounterMetricFamily(
+        PREFIX + "messages_expired", "Messages past their TTL, never delivered.", labels=["topic"]
+    )
+    dead = CounterMetricFamily(
+        PREFIX + "messages_dead_lettered",
+        "Messages moved to <topic>.dlq (delivery limit reached, or expired).",
+        labels=["topic"],
+    )
+    retried = CounterMetricFamily(
+        PREFIX + "messages_redelivered", "Deliveries after the first one.", labels=["topic"]
     )
     for topic, t in sorted(topics.items()):
         produced.add_metric([topic], t.get("produced", 0))
         failed.add_metric([topic], t.get("failed", 0))
         nbytes.add_metric([topic], t.get("bytes", 0))
+        expired.add_metric([topic], t.get("expired", 0))
+        dead.add_metric([topic], t.get("dead_lettered", 0))
+        retried.add_metric([topic], t.get("retried", 0))
     yield produced
     yield failed
     yield nbytes
+    yield expired
+    yield dead
+    yield retried
 
 
 def _consumed_family(consumed: Mapping[Any, int]) -> Metric:

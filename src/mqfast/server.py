@@ -22,26 +22,47 @@ from mqfast.api import ROUTES, App
 from mqfast.config import Settings
 from mqfast.debug import install_gc_monitor, start_debug_server
 from mqfast.errors import ConfigError
+from mqfast.groups import Groups, GroupStore, Policy, dlq_name, now_ms
 from mqfast.log import configure_logging
+from mqfast.meta import MetaStore
+from mqfast.meta.history import HistoryRecorder, TopicSample
 from mqfast.metrics import build_registry, start_metrics_server
 from mqfast.sinks import Sink
 
 log = logging.getLogger("mqfast.server")
 
 
-def make_sink(settings: Settings) -> Sink:
-    """The storage engine named by ``MESSAGE_QUEUE_ENGINE``."""
-    if settings.engine == "embedded":
-        from mqfast.sinks.embedded import EmbeddedSink
+class Engine:
+    """The storage engine named by ``MESSAGE_QUEUE_ENGINE``: messages, groups and metadata."""
 
-        return EmbeddedSink(
+    def __init__(self, settings: Settings) -> None:
+        if settings.engine != "embedded":
+            raise ConfigError(
+                f"MESSAGE_QUEUE_ENGINE={settings.engine!r}: this build has only the embedded engine"
+            )
+        from mqfast.meta.sqlite import SqliteMeta
+        from mqfast.sinks.embedded import EmbeddedSink
+        from mqfast.sinks.embedded_groups import EmbeddedGroups
+
+        sink = EmbeddedSink(
             settings.data_dir,
             fsync=settings.fsync,
             retention_interval_s=settings.retention_interval_s,
         )
-    raise ConfigError(
-        f"MESSAGE_QUEUE_ENGINE={settings.engine!r}: this build has only the embedded engine"
-    )
+        self.sink: Sink = sink
+        self._groups = EmbeddedGroups(sink.open_connection, Policy.from_settings(settings))
+        self.groups_store: GroupStore = self._groups
+        self.meta: MetaStore = SqliteMeta(settings.data_dir)
+
+    async def start(self) -> None:
+        await self.sink.start()  # migrates the database first
+        await self._groups.start()
+        await self.meta.start()
+
+    async def close(self, timeout: float) -> None:
+        await self.sink.close(timeout)
+        await self._groups.close()
+        await self.meta.close()
 
 
 def _side_port(addr: tuple[str, int] | None, index: int) -> tuple[str, int] | None:
@@ -61,13 +82,28 @@ async def serve(settings: Settings, *, index: int = 0, reuse_port: bool = False)
     loop = asyncio.get_running_loop()
     install_gc_monitor()
     reseed_ids()
-    sink = make_sink(settings)
-    app = App(settings, sink)
+    engine = Engine(settings)
+    sink = engine.sink
+    groups = Groups(settings, engine.groups_store)
+    groups.lookup_consumer = engine.meta.get_consumer
+    app = App(settings, sink, groups, engine.meta)
     core = Server(loop, sink, app, ROUTES, settings)
+    core.set_stored_hook(groups.on_stored)
     app.attach(core)
-    await sink.start()
+    await engine.start()
     for cfg in await sink.list_topics():
         core.set_topic(cfg.name, cfg.partitions)
+    consumer_counts = [0, 0]
+    background = [
+        loop.create_task(_sweep_consumers(settings, engine, groups, consumer_counts)),
+    ]
+    recorder = HistoryRecorder(
+        engine.meta,
+        lambda: _sample(core, groups, sink, consumer_counts),
+        settings.metrics_interval_s,
+        worker=f"{os.uname().nodename}:{os.getpid()}",
+    )
+    recorder.start()
 
     listener = await loop.create_server(
         core.protocol, settings.host, settings.port, reuse_port=reuse_port, backlog=4096
@@ -76,7 +112,11 @@ async def serve(settings: Settings, *, index: int = 0, reuse_port: bool = False)
     side: list[asyncio.Server] = []
     metrics_addr = _side_port(settings.metrics_addr, index)
     if metrics_addr is not None:
-        side.append(await start_metrics_server(*metrics_addr, build_registry(core.stats)))
+        registry = build_registry(
+            lambda: groups.merge_stats(core.stats()),
+            lambda: {"active_consumers": float(consumer_counts[0])},
+        )
+        side.append(await start_metrics_server(*metrics_addr, registry))
     pprof_addr = _side_port(settings.pprof_addr, index)
     if pprof_addr is not None:
         side.append(await start_debug_server(*pprof_addr))
@@ -103,17 +143,78 @@ async def serve(settings: Settings, *, index: int = 0, reuse_port: bool = False)
     log.info("shutting down: no new connections, finishing in-flight requests")
     app.ready = False
     listener.close()
+    groups.shutdown()
     core.begin_shutdown()
     while core.busy() and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     unfinished = core.busy()
     core.stop()
-    await sink.close(max(0.5, deadline - time.monotonic()))
+    for task in background:
+        task.cancel()
+    await recorder.stop()
+    await engine.close(max(0.5, deadline - time.monotonic()))
     for s in side:
         s.close()
     if unfinished:
         log.warning("stopped at the deadline with work unfinished", extra={"busy": unfinished})
     log.info("mqfast stopped", extra={"worker": index})
+
+
+async def _sweep_consumers(
+    settings: Settings, engine: Engine, groups: Groups, counts: list[int]
+) -> None:
+    """Mark silent consumers inactive and release their leases; keep the gauge current."""
+    timeout_ms = settings.consumer_timeout_ns // 1_000_000
+    every = max(0.5, min(5.0, timeout_ms / 4000))
+    failing = False
+    while True:
+        await asyncio.sleep(every)
+        try:
+            for consumer in await engine.meta.sweep_inactive(now_ms(), timeout_ms):
+                released = await engine.groups_store.release_consumer(consumer, now_ms())
+                groups.forget_consumer(consumer)
+                log.info(
+                    "consumer inactive; leases released",
+                    extra={"consumer_id": consumer, "released": released},
+                )
+            counts[0], counts[1] = await engine.meta.consumer_counts()
+            failing = False
+        except Exception:
+            if not failing:
+                log.exception("consumer sweep failed; retrying")
+            failing = True
+
+
+async def _sample(
+    core: Server, groups: Groups, sink: Sink, consumers: list[int]
+) -> dict[str, TopicSample]:
+    """Cumulative counters and current gauges per topic, for the metric history."""
+    stats = groups.merge_stats(core.stats())
+    sizes = {t.name: t for t in await sink.list_topics()}
+    out: dict[str, TopicSample] = {}
+    for name in sizes:
+        if name.endswith(".dlq") and name[: -len(".dlq")] in sizes:
+            continue  # reported as the dead-letter size of its origin
+        t = stats["topics"].get(name, {})
+        c = groups.topics.get(name)
+        info = await sink.describe_topic(name)
+        dlq = dlq_name(name)
+        dlq_size = (await sink.describe_topic(dlq)).messages if dlq in sizes else 0
+        out[name] = TopicSample(
+            produced=t.get("produced", 0),
+            consumed=c.consumed if c else 0,
+            expired=c.expired if c else 0,
+            failed=c.failed if c else 0,
+            retried=c.retried if c else 0,
+            queue_size=max((g.lag for g in info.consumer_groups), default=info.messages),
+            dead_letter_size=dlq_size,
+            active_consumers=consumers[0],
+            total_consumers=consumers[1],
+            processing_ms=c.processing_ms if c else [],
+        )
+        if c:
+            c.processing_ms = []
+    return out
 
 
 def run_worker(settings: Settings, index: int = 0, reuse_port: bool = False) -> int:
