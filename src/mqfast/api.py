@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from importlib import resources
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
 
 import msgspec
 
@@ -390,8 +390,6 @@ class App:
     async def list_consumers(self, params: list[str], query: bytes, body: bytes) -> Response:
         group = None
         if query:
-            from urllib.parse import parse_qs
-
             q = parse_qs(query.decode("latin-1"), keep_blank_values=True)
             unknown = set(q) - {"group_id"}
             if unknown:
