@@ -20,6 +20,9 @@ class _App(Protocol):
     ) -> tuple[int, bytes, bytes | None] | Awaitable[tuple[int, bytes, bytes | None]]: ...
     async def resolve_topics(self, names: list[str]) -> None: ...
 
+def debug_counters() -> dict[str, int]:
+    """Pooled objects alive now; zero when every request has been answered and released."""
+
 def reseed_ids() -> None:
     """Draw a new random part for message ids; each worker process calls it after fork."""
 

@@ -8,6 +8,7 @@ ordering and limits, not storage.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from mqfast._core import HttpProtocol, Router, Server
+from mqfast._core import HttpProtocol, Router, Server, debug_counters
 from mqfast.api import ROUTES, App
 from mqfast.config import Settings
 from mqfast.messages import StoredMessage, TopicConfig, TopicInfo
@@ -181,6 +182,9 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     lp = uvloop.new_event_loop()
     yield lp
     lp.close()
+    gc.collect()
+    # every pooled request slot and delivery was released: nothing leaks per request
+    assert debug_counters() == {"pending": 0, "deliveries": 0}
 
 
 def run(loop: asyncio.AbstractEventLoop, coro: Any) -> Any:
