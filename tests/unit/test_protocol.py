@@ -271,6 +271,7 @@ def test_fire_and_forget_is_202_before_durability(loop: asyncio.AbstractEventLoo
         )
         [(status, _, body)] = responses(tr.data)
         assert status == 202 and json.loads(body)["offset"] is None
+        assert debug_counters()["deliveries"] == 1  # held by the engine until it is stored
         h.sink.release()
         await h.settle()
         assert len(h.sink.log[("t", 0)]) == 1
