@@ -30,7 +30,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, TypeVar
 
 import msgspec
@@ -156,6 +156,23 @@ _STOP: Final = object()
 # topic, partition, offset, message_id, key, value, headers, priority, timestamp, expires, size
 _Row = tuple[str, int, int, str, bytes | None, bytes, bytes | None, int, int, int, int]
 _headers_decoder = msgspec.json.Decoder(dict[str, str])
+
+
+def _rows(written: list[Delivery], offsets: list[int], sizes: list[int]) -> Iterator[_Row]:
+    for d, off, size in zip(written, offsets, sizes, strict=True):
+        yield (
+            d.topic,
+            d.partition,
+            off,
+            d.message_id,
+            d.key,
+            d.value,
+            d.headers,
+            d.priority,
+            d.timestamp_ms,
+            d.expires_ms,
+            size,
+        )
 
 
 def _now_ms() -> int:
@@ -573,8 +590,9 @@ class EmbeddedSink:
 
     def _write(self, conn: sqlite3.Connection, batches: list[list[Delivery]]) -> None:
         """Write ``batches`` in one transaction, then complete them on the loop."""
-        params: list[_Row] = []
         written: list[Delivery] = []
+        offsets: list[int] = []
+        sizes: list[int] = []
         missing: list[Delivery] = []
         # (topic, partition) -> [first offset of this txn, next offset, bytes written]
         parts: dict[tuple[str, int], list[int]] = {}
@@ -583,7 +601,6 @@ class EmbeddedSink:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 execute = conn.execute
-                append = params.append
                 for batch in batches:
                     for d in batch:
                         tp = (d.topic, d.partition)
@@ -604,24 +621,13 @@ class EmbeddedSink:
                         if h is not None:
                             size += len(h)
                         st[2] += size
-                        append(
-                            (
-                                tp[0],
-                                tp[1],
-                                off,
-                                d.message_id,
-                                k,
-                                v,
-                                h,
-                                d.priority,
-                                d.timestamp_ms,
-                                d.expires_ms,
-                                size,
-                            )
-                        )
                         written.append(d)
-                if params:
-                    conn.executemany(_INSERT_MESSAGE, params)
+                        offsets.append(off)
+                        sizes.append(size)
+                if written:
+                    # Rows are made one at a time as SQLite binds them: a list of thousands of
+                    # row tuples alive at once would wake the garbage collector every commit.
+                    conn.executemany(_INSERT_MESSAGE, _rows(written, offsets, sizes))
                     conn.executemany(
                         _UPDATE_PARTITION,
                         [
@@ -644,8 +650,8 @@ class EmbeddedSink:
             return
 
         # Offsets become visible only now that they are committed.
-        for d, p in zip(written, params, strict=True):
-            d.offset = p[2]
+        for d, off in zip(written, offsets, strict=True):
+            d.offset = off
         for d in missing:
             d.error = UnknownTopicError(
                 f"topic {d.topic!r} (partition {d.partition}) does not exist"
