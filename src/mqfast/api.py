@@ -27,6 +27,7 @@ from mqfast.messages import (
     ConsumeRequest,
     CreateTopicRequest,
     ExtendRequest,
+    RedriveRequest,
     RegisterConsumerRequest,
     TopicConfig,
     create_topic_decoder,
@@ -67,7 +68,7 @@ _ack = msgspec.json.Decoder(AcknowledgeRequest)
 _ack_batch = msgspec.json.Decoder(BatchAcknowledgeRequest)
 _extend = msgspec.json.Decoder(ExtendRequest)
 _register = msgspec.json.Decoder(RegisterConsumerRequest)
-_redrive = msgspec.json.Decoder(dict[str, int])
+_redrive = msgspec.json.Decoder(RedriveRequest)
 # A metrics query answers at most this many points; a wider one is asked to narrow down.
 MAX_METRIC_POINTS = 50_000
 
@@ -248,15 +249,7 @@ class App:
     async def redrive(self, params: list[str], query: bytes, body: bytes) -> Response:
         """Move the messages of ``<name>.dlq`` back to ``<name>`` (all, or ``max_messages``)."""
         _check_topic_name(params[0])
-        limit = 100_000
-        if body.strip():
-            opts = _decode(_redrive, body)
-            unknown = set(opts) - {"max_messages"}
-            if unknown:
-                raise errors.BadRequest(f"unknown field {sorted(unknown)[0]!r}", field="body")
-            limit = opts.get("max_messages", limit)
-            if not 1 <= limit <= 100_000:
-                raise errors.BadRequest("max_messages must be 1 to 100000", field="max_messages")
+        limit = _decode(_redrive, body).max_messages if body.strip() else 100_000
         moved = await self._groups().store.redrive(params[0], limit, now_ms())
         if moved:
             self._groups().notify([params[0]])

@@ -352,6 +352,11 @@ class Groups:
                 f"consumer {consumer!r} is registered in group {info.group_id!r}, not {group!r}",
                 field="group_id",
             )
+        if info is not None and topic not in info.topics:
+            raise errors.Conflict(
+                f"consumer {consumer!r} is registered for topics {info.topics}, not {topic!r}",
+                field="topic",
+            )
         deadline = time.monotonic() + wait_ms / 1000.0
         picker = self._pickers.setdefault((group, topic), PriorityPicker())
         counters = self._counters(topic)

@@ -200,6 +200,12 @@ class BatchAcknowledgeRequest(msgspec.Struct, gc=False, forbid_unknown_fields=Tr
     consumer_id: str | None = None
 
 
+class RedriveRequest(msgspec.Struct, gc=False, forbid_unknown_fields=True):
+    """``POST /api/v1/topics/{name}/redrive`` (the body is optional)."""
+
+    max_messages: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 100_000
+
+
 class ExtendRequest(msgspec.Struct, gc=False, forbid_unknown_fields=True):
     """``POST /api/v1/messages/extend``: push the lease deadline to now + ``visibility_timeout``."""
 

@@ -11,10 +11,14 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import socket
 import threading
+import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from importlib import resources
 from typing import Any
 
@@ -50,6 +54,45 @@ CONTRACT_CREATE_TOPIC = {
     "replication": 3,
     "retention": "604800000000000",
     "max_size": "1073741824",
+}
+
+CONTRACT_CONSUME = {
+    "topic": "user-events",
+    "group_id": "user-processor",
+    "consumer_id": "consumer-1",
+    "max_messages": 10,
+    "timeout": "30000000000",
+}
+CONTRACT_ACK = {
+    "message_id": "msg-12345",
+    "topic": "user-events",
+    "success": True,
+    "group_id": "user-processor",
+}
+CONTRACT_REGISTER = {
+    "consumer_id": "consumer-1",
+    "group_id": "user-processor",
+    "topics": ["user-events", "order-events"],
+    "max_concurrency": 5,
+    "rate_limit": 100,
+}
+CONTRACT_METRICS_QUERY = (
+    "start_time=2024-01-01T00:00:00Z&end_time=2024-01-02T00:00:00Z&topic=user-events"
+)
+# The headers a dead letter carries (sinks/embedded_groups.py); the document must name them all.
+DLQ_HEADERS = {
+    f"x-mqfast-dlq-{h}"
+    for h in (
+        "topic",
+        "partition",
+        "offset",
+        "message-id",
+        "group",
+        "delivery-count",
+        "error",
+        "reason",
+        "time",
+    )
 }
 
 Key = tuple[str, str, int]  # (path template, method, status)
@@ -160,7 +203,7 @@ def raw(srv: MqfastProcess, data: bytes) -> Reply:
 
 
 def concrete(path: str) -> str:
-    return path.replace("{name}", "some-topic")
+    return path.replace("{name}", "some-topic").replace("{consumer_id}", "some-consumer")
 
 
 # ---- the document itself ---------------------------------------------------------------------
@@ -221,7 +264,8 @@ def test_document_structure() -> None:
                 _follow(param["$ref"][1:])
         if "{" in path:
             params = [_follow(p["$ref"][1:])[1] for p in DOC["paths"][path]["parameters"]]
-            assert {p["name"] for p in params if p["in"] == "path"} == {"name"}
+            in_path = {p["name"] for p in params if p["in"] == "path"}
+            assert in_path == set(re.findall(r"\{(\w+)\}", path)), path
 
     for path in ("/api/v1/messages", "/api/v1/messages/batch"):
         params = [_follow(p["$ref"][1:])[1] for p in DOC["paths"][path]["post"]["parameters"]]
@@ -239,13 +283,15 @@ def test_contract_examples_validate_against_request_schemas() -> None:
     assert not _errors_of(produce, CONTRACT_PRODUCE)
     assert not _errors_of(produce, {"topic": "test", "content": "Hello World"})  # the curl one
     assert not _errors_of(create, CONTRACT_CREATE_TOPIC)
-    # The document's own examples validate too.
-    for path, validator in (
-        ("/api/v1/messages", produce),
-        ("/api/v1/topics", create),
-        ("/api/v1/messages/batch", batch),
-    ):
-        media = DOC["paths"][path]["post"]["requestBody"]["content"][JSON]
+    # The document's own examples validate too, on every route with a body.
+    for path, method in _operations():
+        if "requestBody" not in DOC["paths"][path][method]:
+            continue
+        validator = _validator(
+            f"/paths/{_esc(path)}/{method}/requestBody/content/{_esc(JSON)}/schema"
+        )
+        media = DOC["paths"][path][method]["requestBody"]["content"][JSON]
+        assert media["examples"], (path, method)
         for name, example in media["examples"].items():
             assert not _errors_of(validator, example["value"]), (path, name)
     # The constraints the server enforces are in the schemas.
@@ -273,6 +319,100 @@ def test_contract_examples_validate_against_request_schemas() -> None:
     assert not _errors_of(batch, {"topic": "t", "messages": [{"content": "x", "ttl": "1h30m"}]})
 
 
+def test_contract_examples_of_consumer_routes() -> None:
+    consume = _request_schema("/api/v1/messages/consume")
+    ack = _request_schema("/api/v1/messages/acknowledge")
+    ack_batch = _request_schema("/api/v1/messages/acknowledge/batch")
+    extend = _request_schema("/api/v1/messages/extend")
+    register = _request_schema("/api/v1/consumers")
+    redrive = _request_schema("/api/v1/topics/{name}/redrive")
+    assert not _errors_of(consume, CONTRACT_CONSUME)
+    assert not _errors_of(ack, CONTRACT_ACK)
+    assert not _errors_of(register, CONTRACT_REGISTER)
+    for example, path in (
+        (CONTRACT_CONSUME, "/api/v1/messages/consume"),
+        (CONTRACT_ACK, "/api/v1/messages/acknowledge"),
+        (CONTRACT_REGISTER, "/api/v1/consumers"),
+    ):
+        media = DOC["paths"][path]["post"]["requestBody"]["content"][JSON]
+        assert media["examples"]["contract"]["value"] == example, path
+    # The metrics query: every parameter is documented and its value valid.
+    params: dict[str, tuple[str, dict[str, Any]]] = {}
+    for q in DOC["paths"]["/api/v1/metrics"]["get"]["parameters"]:
+        ptr, param = _follow(q["$ref"][1:])
+        params[param["name"]] = (ptr, param)
+    for pair in CONTRACT_METRICS_QUERY.split("&"):
+        name, _, value = pair.partition("=")
+        ptr, param = params[name]
+        assert param["in"] == "query", name
+        assert not _errors_of(_validator(f"{ptr}/schema"), value), name
+    assert _errors_of(_validator(f"{params['start_time'][0]}/schema"), "yesterday")
+    assert _errors_of(_validator(f"{params['topic'][0]}/schema"), "bad name")
+    # Durations in their three forms; the server's ranges.
+    for timeout in (30_000_000_000, "30000000000", "30s", "1m30s", None):
+        assert not _errors_of(consume, {**CONTRACT_CONSUME, "timeout": timeout}), timeout
+    for bad in (
+        {**CONTRACT_CONSUME, "max_messages": 0},
+        {**CONTRACT_CONSUME, "max_messages": 1001},
+        {**CONTRACT_CONSUME, "max_messages": None},
+        {**CONTRACT_CONSUME, "timeout": "soon"},
+        {**CONTRACT_CONSUME, "timeout": -1},
+        {**CONTRACT_CONSUME, "visibility_timeout": "1 minute"},
+        {**CONTRACT_CONSUME, "group": "g"},
+        {**CONTRACT_CONSUME, "group_id": ""},
+        {**CONTRACT_CONSUME, "topic": "bad name"},
+        {"topic": "t", "group_id": "g"},
+    ):
+        assert _errors_of(consume, bad), bad
+    assert not _errors_of(consume, {**CONTRACT_CONSUME, "max_messages": 1000})
+    for bad in (
+        {**CONTRACT_ACK, "succes": True},
+        {**CONTRACT_ACK, "error": "x" * 4097},
+        {**CONTRACT_ACK, "requeue_delay": "later"},
+        {**CONTRACT_ACK, "success": None},
+        {"message_id": "m"},
+    ):
+        assert _errors_of(ack, bad), bad
+    assert not _errors_of(ack, {**CONTRACT_ACK, "success": False, "requeue_delay": "250ms"})
+    assert not _errors_of(ack_batch, {"group_id": "g", "acks": [{"message_id": "m"}]})
+    for bad in (
+        {"group_id": "g", "acks": []},
+        {"group_id": "g", "acks": [{"message_id": "m", "group_id": "g"}]},
+        {"acks": [{"message_id": "m"}]},
+    ):
+        assert _errors_of(ack_batch, bad), bad
+    assert not _errors_of(extend, {"message_id": "m", "group_id": "g", "visibility_timeout": "1m"})
+    assert _errors_of(extend, {"message_id": "m", "group_id": "g"})
+    for bad in (
+        {**CONTRACT_REGISTER, "topics": []},
+        {**CONTRACT_REGISTER, "topics": ["bad name"]},
+        {**CONTRACT_REGISTER, "max_concurrency": 0},
+        {**CONTRACT_REGISTER, "max_concurrency": 100_001},
+        {**CONTRACT_REGISTER, "rate_limit": 0},
+        {**CONTRACT_REGISTER, "extra": 1},
+    ):
+        assert _errors_of(register, bad), bad
+    assert not _errors_of(redrive, {}) and not _errors_of(redrive, {"max_messages": 100_000})
+    assert _errors_of(redrive, {"max_messages": 0}) and _errors_of(redrive, {"max": 1})
+
+
+def test_semantics_are_described() -> None:
+    consume = DOC["paths"]["/api/v1/messages/consume"]["post"]["description"]
+    for header in DLQ_HEADERS:
+        assert f"`{header}`" in consume, header
+    for words in ("priority + 1", "lease", "visibility_timeout", "<topic>.dlq", "at-least-once"):
+        assert words in consume, words
+    ack = DOC["paths"]["/api/v1/messages/acknowledge"]["post"]["description"]
+    assert "x-mqfast-dlq-reason" in ack and "MESSAGE_QUEUE_DELIVERY_LIMIT" in ack
+    assert DOC["components"]["schemas"]["AckStatus"]["enum"] == [
+        "acknowledged",
+        "already_acknowledged",
+        "requeued",
+        "dead_lettered",
+        "extended",
+    ]
+
+
 # ---- real responses --------------------------------------------------------------------------
 
 # What each scenario below drives; together they must be everything the document promises.
@@ -281,6 +421,19 @@ P, B, T, TN = (
     "/api/v1/messages/batch",
     "/api/v1/topics",
     "/api/v1/topics/{name}",
+)
+C, A, AB, X, RD = (
+    "/api/v1/messages/consume",
+    "/api/v1/messages/acknowledge",
+    "/api/v1/messages/acknowledge/batch",
+    "/api/v1/messages/extend",
+    "/api/v1/topics/{name}/redrive",
+)
+CS, CI, HB, M = (
+    "/api/v1/consumers",
+    "/api/v1/consumers/{consumer_id}",
+    "/api/v1/consumers/{consumer_id}/heartbeat",
+    "/api/v1/metrics",
 )
 COVERS: dict[str, set[Key]] = {
     "produce": {
@@ -307,6 +460,39 @@ COVERS: dict[str, set[Key]] = {
         (TN, "DELETE", 404),
     },
     "unknown_topic": {(P, "POST", 404), (B, "POST", 404)},
+    "consume": {
+        (C, "POST", 200),
+        (C, "POST", 400),
+        (C, "POST", 404),
+        (C, "POST", 409),
+        (A, "POST", 200),
+        (A, "POST", 400),
+        (A, "POST", 404),
+        (A, "POST", 409),
+        (AB, "POST", 200),
+        (AB, "POST", 400),
+        (X, "POST", 200),
+        (X, "POST", 400),
+        (X, "POST", 404),
+        (X, "POST", 409),
+        (RD, "POST", 200),
+        (RD, "POST", 400),
+        (RD, "POST", 404),
+    },
+    "consumers": {
+        (CS, "POST", 201),
+        (CS, "POST", 200),
+        (CS, "POST", 400),
+        (CS, "GET", 200),
+        (CS, "GET", 400),
+        (CI, "GET", 200),
+        (CI, "GET", 404),
+        (CI, "DELETE", 200),
+        (CI, "DELETE", 404),
+        (HB, "POST", 200),
+        (HB, "POST", 404),
+    },
+    "metrics": {(M, "GET", 200), (M, "GET", 400)},
     "health": {
         ("/health", "GET", 200),
         ("/health/live", "GET", 200),
@@ -322,6 +508,22 @@ COVERS: dict[str, set[Key]] = {
         (TN, "DELETE", 503),
         ("/health", "GET", 503),
         ("/health/ready", "GET", 503),
+    },
+    "unavailable_consume": {
+        (k, m, 503)
+        for k, m in (
+            (C, "POST"),
+            (A, "POST"),
+            (AB, "POST"),
+            (X, "POST"),
+            (RD, "POST"),
+            (CS, "GET"),
+            (CS, "POST"),
+            (CI, "GET"),
+            (CI, "DELETE"),
+            (HB, "POST"),
+            (M, "GET"),
+        )
     },
     "framing": {(p, m.upper(), s) for p, m in _operations() for s in (400, 405, 413, 431)},
     "timeout": {(p, m.upper(), 408) for p, m in _operations()},
@@ -466,10 +668,273 @@ def test_health_and_meta_responses(server: MqfastProcess) -> None:
     assert h["status"] == "ok" and h["version"] == __version__
     assert seen == COVERS["health"]
     # A path no route matches: the shared NotFound response.
-    r = server.request("GET", "/api/v1/consumers")
+    r = server.request("GET", "/api/v1/queues")
     assert r.status == 404
     ptr, _ = _follow("/components/responses/NotFound")
     assert not _errors_of(_validator(f"{ptr}/content/{_esc(JSON)}/schema"), r.json())
+
+
+def _produce(srv: MqfastProcess, topic: str, content: str, priority: int = 0) -> str:
+    r = srv.request("POST", P, {"topic": topic, "content": content, "priority": priority})
+    assert r.status == 200, r.body
+    return str(r.json()["message_id"])
+
+
+def _consume(srv: MqfastProcess, seen: set[Key], **body: Any) -> list[dict[str, Any]]:
+    r = srv.request("POST", C, {"group_id": "g", "consumer_id": "c1", **body})
+    seen.add(check(r, C, "POST", 200))
+    assert r.json()["count"] == len(r.json()["messages"])
+    return list(r.json()["messages"])
+
+
+def test_consume_and_acknowledge_responses(make_server: MakeServer) -> None:
+    srv = make_server(
+        MESSAGE_QUEUE_VISIBILITY_TIMEOUT="1s",
+        MESSAGE_QUEUE_RETRY_BACKOFF="50ms",
+        MESSAGE_QUEUE_DELIVERY_LIMIT="2",
+        MESSAGE_QUEUE_MAX_BATCH="5",
+    )
+    seen: set[Key] = set()
+    low = _produce(srv, "jobs", "low", 0)
+    high = _produce(srv, "jobs", "high", 9)
+
+    # consume
+    msgs = _consume(srv, seen, topic="jobs", max_messages=10, timeout="1s")
+    assert [m["message_id"] for m in msgs] == [high, low]  # highest priority first
+    assert all(m["delivery_count"] == 1 for m in msgs)
+    assert _consume(srv, seen, topic="jobs", timeout=0) == []  # both are leased
+    seen.add(check(srv.request("POST", C, {**CONTRACT_CONSUME, "topic": "nope"}), C, "POST", 404))
+    for bad, field in (
+        ({"max_messages": 0}, "max_messages"),
+        ({"max_messages": 1001}, "max_messages"),
+        ({"timeout": "soon"}, "timeout"),
+        ({"timeout": "1h"}, "timeout"),  # beyond MESSAGE_QUEUE_MAX_POLL
+        ({"visibility_timeout": "0s"}, "visibility_timeout"),
+        ({"visibility_timeout": "13h"}, "visibility_timeout"),
+        ({"group_id": ""}, "group_id"),
+        ({"topic": "bad name"}, "topic"),
+        ({"groupid": "g"}, "groupid"),
+    ):
+        r = srv.request("POST", C, {**CONTRACT_CONSUME, "topic": "jobs", **bad})
+        seen.add(check(r, C, "POST", 400))
+        assert r.json()["error"].get("field") == field, r.body
+    r = srv.request("POST", C, "{")
+    seen.add(check(r, C, "POST", 400))
+    assert r.json()["error"]["code"] == "malformed_json"
+    reg = {"consumer_id": "c9", "group_id": "g", "topics": ["jobs"]}
+    assert srv.request("POST", CS, reg).status == 201
+    r = srv.request("POST", C, {"topic": "jobs", "group_id": "other", "consumer_id": "c9"})
+    seen.add(check(r, C, "POST", 409))
+    assert r.json()["error"]["field"] == "group_id"
+
+    # extend
+    lease = {"message_id": high, "group_id": "g", "consumer_id": "c1"}
+    r = srv.request("POST", X, {**lease, "visibility_timeout": "30s"})
+    seen.add(check(r, X, "POST", 200))
+    assert r.json()["lease_deadline"] > msgs[0]["lease_deadline"]
+    for bad, field in (
+        ({}, "visibility_timeout"),
+        ({"visibility_timeout": "0s"}, "visibility_timeout"),
+        ({"visibility_timeout": "13h"}, "visibility_timeout"),
+        ({"visibility_timeout": "1m", "consumer_id": ""}, "consumer_id"),
+    ):
+        r = srv.request("POST", X, {**lease, **bad})
+        seen.add(check(r, X, "POST", 400))
+        assert r.json()["error"].get("field") == field, r.body
+    unknown = {"message_id": str(uuid.uuid4()), "group_id": "g", "visibility_timeout": "1m"}
+    seen.add(check(srv.request("POST", X, unknown), X, "POST", 404))
+
+    # acknowledge
+    r = srv.request("POST", A, {**lease, "consumer_id": "c2"})
+    seen.add(check(r, A, "POST", 409))  # leased to another consumer
+    assert r.json()["error"]["field"] == "consumer_id"
+    r = srv.request("POST", A, lease)
+    seen.add(check(r, A, "POST", 200))
+    assert r.json()["status"] == "acknowledged"
+    r = srv.request("POST", A, lease)
+    seen.add(check(r, A, "POST", 200))
+    assert r.json()["status"] == "already_acknowledged"
+    seen.add(check(srv.request("POST", A, {**lease, "success": False}), A, "POST", 409))
+    r = srv.request("POST", X, {**lease, "visibility_timeout": "1m"})
+    seen.add(check(r, X, "POST", 409))  # complete: nothing to extend
+    seen.add(check(srv.request("POST", A, CONTRACT_ACK), A, "POST", 404))
+    for bad, field in (
+        ({"group_id": None}, "group_id"),
+        ({"error": "x" * 4097}, "error"),
+        ({"success": False, "requeue_delay": "later"}, "requeue_delay"),
+        ({"topic": "bad name"}, "topic"),
+        ({"sucess": True}, "sucess"),
+    ):
+        r = srv.request("POST", A, {**CONTRACT_ACK, **bad})
+        seen.add(check(r, A, "POST", 400))
+        assert r.json()["error"].get("field") == field, r.body
+    seen.add(check(srv.request("POST", A, ""), A, "POST", 400))
+    nack = {"message_id": low, "group_id": "g", "success": False}
+    r = srv.request("POST", A, {**nack, "requeue_delay": "0s"})
+    seen.add(check(r, A, "POST", 200))
+    assert r.json()["status"] == "requeued" and r.json()["delivery_count"] == 1
+    [again] = _consume(srv, seen, topic="jobs", timeout="5s")
+    assert (again["message_id"], again["delivery_count"]) == (low, 2)
+    r = srv.request("POST", A, {**nack, "error": "boom"})
+    seen.add(check(r, A, "POST", 200))
+    assert r.json()["status"] == "dead_lettered"  # MESSAGE_QUEUE_DELIVERY_LIMIT=2
+
+    # the dead letter carries the documented headers
+    [dead] = _consume(srv, seen, topic="jobs.dlq")
+    dlq_headers = {k: v for k, v in dead["headers"].items() if k.startswith("x-mqfast-dlq-")}
+    assert set(dlq_headers) == DLQ_HEADERS
+    assert dlq_headers["x-mqfast-dlq-message-id"] == low
+    assert dlq_headers["x-mqfast-dlq-reason"] == "failed"
+    assert dlq_headers["x-mqfast-dlq-error"] == "boom"
+    assert dlq_headers["x-mqfast-dlq-delivery-count"] == "2"
+
+    # an expired lease cannot be acknowledged
+    late = _produce(srv, "jobs", "late")
+    [m] = _consume(srv, seen, topic="jobs", visibility_timeout="1ms")
+    assert m["message_id"] == late
+    time.sleep(0.05)
+    r = srv.request("POST", A, {"message_id": late, "group_id": "g"})
+    seen.add(check(r, A, "POST", 409))
+    assert r.json()["error"]["field"] == "message_id"
+
+    # batch acknowledge
+    ids = [_produce(srv, "batch", str(i)) for i in range(2)]
+    assert len(_consume(srv, seen, topic="batch")) == 2
+    acks = [
+        {"message_id": ids[0]},
+        {"message_id": ids[1], "success": False, "requeue_delay": "1h"},
+        {"message_id": "nope"},
+        {"message_id": late},  # its lease expired above
+    ]
+    r = srv.request("POST", AB, {"group_id": "g", "consumer_id": "c1", "acks": acks})
+    seen.add(check(r, AB, "POST", 200))
+    res = r.json()
+    assert (res["succeeded"], res["failed"]) == (2, 2)
+    assert [x.get("status") for x in res["results"][:2]] == ["acknowledged", "requeued"]
+    codes = [x["error"]["code"] for x in res["results"][2:]]
+    assert codes == ["not_found", "conflict"]
+    for bad, field in (
+        ({"acks": []}, "acks"),
+        ({"acks": [{"message_id": "m"}] * 6}, "acks"),  # MESSAGE_QUEUE_MAX_BATCH=5
+        ({"acks": [{"message_id": "m"}, {"message_id": "n", "requeue_delay": "x"}]}, None),
+        ({"acks": [{"message_id": "m", "topic": "t"}]}, "acks[0].topic"),
+    ):
+        r = srv.request("POST", AB, {"group_id": "g", **bad})
+        seen.add(check(r, AB, "POST", 400))
+        if field is not None:
+            assert r.json()["error"].get("field") == field, r.body
+    assert r.json()["error"]["code"] == "invalid_field"
+
+    # redrive
+    r = srv.request("POST", "/api/v1/topics/jobs/redrive", {"max_messages": 10})
+    seen.add(check(r, RD, "POST", 200))
+    assert r.json() == {"topic": "jobs", "moved": 1}
+    r = srv.request("POST", "/api/v1/topics/jobs/redrive")
+    seen.add(check(r, RD, "POST", 200))
+    assert r.json()["moved"] == 0
+    [back] = _consume(srv, seen, topic="jobs", timeout="5s")
+    assert back["content"] == "low" and back["delivery_count"] == 1
+    assert back["headers"] == {"x-mqfast-redriven-from": "jobs.dlq"}
+    for url, body, field in (
+        ("/api/v1/topics/bad%20name/redrive", None, "name"),
+        ("/api/v1/topics/jobs/redrive", {"max_messages": 0}, "max_messages"),
+        ("/api/v1/topics/jobs/redrive", {"max_messages": 100_001}, "max_messages"),
+        ("/api/v1/topics/jobs/redrive", {"limit": 1}, "body"),
+        ("/api/v1/topics/jobs/redrive", "[1", None),
+    ):
+        r = srv.request("POST", url, body)
+        seen.add(check(r, RD, "POST", 400))
+        assert r.json()["error"].get("field") == field, r.body
+    r = srv.request("POST", "/api/v1/topics/nope/redrive")
+    seen.add(check(r, RD, "POST", 404))
+    assert seen == COVERS["consume"]
+
+
+def test_consumer_responses(server: MqfastProcess) -> None:
+    seen: set[Key] = set()
+    r = server.request("POST", CS, CONTRACT_REGISTER)
+    seen.add(check(r, CS, "POST", 201))
+    assert r.json()["registered_at"] == r.json()["last_seen"]
+    r = server.request("POST", CS, {**CONTRACT_REGISTER, "max_concurrency": None})
+    seen.add(check(r, CS, "POST", 200))
+    assert r.json()["max_concurrency"] is None and r.json()["rate_limit"] == 100
+    for bad, field in (
+        ({"topics": []}, "topics"),
+        ({"topics": ["ok", "bad name"]}, "topics[1]"),
+        ({"max_concurrency": 0}, "max_concurrency"),
+        ({"rate_limit": 0}, "rate_limit"),
+        ({"consumer_id": ""}, "consumer_id"),
+        ({"group": "g"}, "group"),
+    ):
+        r = server.request("POST", CS, {**CONTRACT_REGISTER, **bad})
+        seen.add(check(r, CS, "POST", 400))
+        assert r.json()["error"].get("field") == field, r.body
+    seen.add(check(server.request("POST", CS, "{"), CS, "POST", 400))
+    other = {"consumer_id": "consumer-2", "group_id": "other", "topics": ["t"]}
+    assert server.request("POST", CS, other).status == 201
+
+    r = server.request("GET", CS)
+    seen.add(check(r, CS, "GET", 200))
+    assert [c["consumer_id"] for c in r.json()["consumers"]] == ["consumer-1", "consumer-2"]
+    r = server.request("GET", CS + "?group_id=user-processor")
+    seen.add(check(r, CS, "GET", 200))
+    assert [c["consumer_id"] for c in r.json()["consumers"]] == ["consumer-1"]
+    r = server.request("GET", CS + "?group=x")
+    seen.add(check(r, CS, "GET", 400))
+    assert r.json()["error"] == {**r.json()["error"], "code": "invalid_query", "field": "group"}
+
+    r = server.request("GET", "/api/v1/consumers/consumer-1")
+    seen.add(check(r, CI, "GET", 200))
+    assert r.json()["group_id"] == "user-processor" and r.json()["active"] is True
+    seen.add(check(server.request("GET", "/api/v1/consumers/nope"), CI, "GET", 404))
+    r = server.request("POST", "/api/v1/consumers/consumer-1/heartbeat")
+    seen.add(check(r, HB, "POST", 200))
+    seen.add(check(server.request("POST", "/api/v1/consumers/nope/heartbeat"), HB, "POST", 404))
+
+    # Deleting a consumer releases its leases.
+    _produce(server, "user-events", "x")
+    r = server.request("POST", C, CONTRACT_CONSUME)
+    assert r.status == 200 and r.json()["count"] == 1, r.body
+    r = server.request("DELETE", "/api/v1/consumers/consumer-1")
+    seen.add(check(r, CI, "DELETE", 200))
+    assert r.json() == {"consumer_id": "consumer-1", "deleted": True, "released": 1}
+    seen.add(check(server.request("DELETE", "/api/v1/consumers/consumer-1"), CI, "DELETE", 404))
+    assert seen == COVERS["consumers"]
+
+
+def test_metric_history_responses(make_server: MakeServer) -> None:
+    srv = make_server(MESSAGE_QUEUE_METRICS_INTERVAL="200ms")
+    seen: set[Key] = set()
+    r = srv.request("GET", f"{M}?{CONTRACT_METRICS_QUERY}")
+    seen.add(check(r, M, "GET", 200))
+    body = r.json()
+    assert (body["start_time"], body["end_time"]) == (
+        "2024-01-01T00:00:00Z",
+        "2024-01-02T00:00:00Z",
+    )
+    assert body["topic"] == "user-events" and body["points"] == []
+    # Points appear once an interval with traffic has been recorded.
+    _produce(srv, "t", "x")
+    deadline = time.monotonic() + 30
+    while True:
+        r = srv.request("GET", M)
+        seen.add(check(r, M, "GET", 200))
+        if r.json()["points"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert any(p["topic"] == "t" and p["produced"] >= 1 for p in r.json()["points"]), r.body
+    for query, field in (
+        ("start_time=yesterday", "start_time"),
+        ("start_time=2024-01-02T00:00:00Z&end_time=2024-01-01T00:00:00Z", "end_time"),
+        ("start_time=2024-01-01T00:00:00Z&end_time=2024-03-01T00:00:00Z", "start_time"),
+        ("topic=a&topic=b", "topic"),
+        ("topic=bad%20name", "topic"),
+        ("since=1h", "since"),
+    ):
+        r = srv.request("GET", f"{M}?{query}")
+        seen.add(check(r, M, "GET", 400))
+        assert r.json()["error"] == {**r.json()["error"], "code": "invalid_query", "field": field}
+    assert seen == COVERS["metrics"]
 
 
 def _ops_with(path: str, status: int) -> set[Key]:
@@ -521,16 +986,17 @@ def test_request_timeout_on_every_route(make_server: MakeServer) -> None:
 WAL_READ_LOCKS = (123, 5)  # byte offset and count of SQLite's WAL reader locks in the -shm file
 
 
-@pytest.fixture
-def engine_fault(make_server: MakeServer, tmp_path: Any) -> Iterator[list[MqfastProcess]]:
-    """Four servers on one database whose WAL reader slots are locked: every engine call fails.
+@contextmanager
+def faulty_servers(make_server: MakeServer, tmp_path: Any, n: int) -> Iterator[list[MqfastProcess]]:
+    """``n`` servers on one database whose WAL reader slots are locked: every engine call fails.
 
-    Several servers so that the calls (each failing after SQLite's own retries) run in parallel.
+    Several servers so that the calls (each failing after SQLite's own retries, on the one
+    thread of the engine, the consumer groups or the metadata store) run in parallel.
     """
     first = make_server(data_dir=tmp_path / "faulty")
     assert first.request("POST", P, {"topic": "t", "content": "x"}).status == 200
     # Started after "t" exists, the others know it: their produce goes straight to the engine.
-    servers = [first, *(make_server(data_dir=tmp_path / "faulty") for _ in range(3))]
+    servers = [first, *(make_server(data_dir=tmp_path / "faulty") for _ in range(n - 1))]
     fd = os.open(tmp_path / "faulty" / "mqfast.db-shm", os.O_RDWR)
     start, count = WAL_READ_LOCKS
     fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, count, start)
@@ -541,20 +1007,21 @@ def engine_fault(make_server: MakeServer, tmp_path: Any) -> Iterator[list[Mqfast
         os.close(fd)
 
 
-def test_engine_unavailable(engine_fault: list[MqfastProcess]) -> None:
-    s0, s1, s2, s3 = engine_fault
-    calls = [
-        (s0, "POST", P, P, {"topic": "t", "content": "x"}),
-        (s0, "GET", T, T, None),
-        (s1, "POST", B, B, {"topic": "t", "messages": [{"content": "x"}]}),
-        (s1, "GET", "/api/v1/topics/t", TN, None),
-        (s2, "POST", T, T, {"name": "new-topic"}),
-        (s3, "DELETE", "/api/v1/topics/t", TN, None),
-    ]
+@pytest.fixture
+def engine_fault(make_server: MakeServer, tmp_path: Any) -> Iterator[list[MqfastProcess]]:
+    with faulty_servers(make_server, tmp_path, 4) as servers:
+        yield servers
+
+
+Call = tuple[MqfastProcess, str, str, str, Any]
+
+
+def _all_unavailable(calls: list[Call]) -> set[Key]:
+    """Run ``calls`` in parallel; each must be a documented 503 ``engine_unavailable``."""
     lock = threading.Lock()
     seen: set[Key] = set()
 
-    def call(args: tuple[MqfastProcess, str, str, str, Any]) -> None:
+    def call(args: Call) -> None:
         srv, method, url, template, body = args
         r = srv.request(method, url, body, timeout=120)
         key = check(r, template, method, 503)
@@ -564,12 +1031,51 @@ def test_engine_unavailable(engine_fault: list[MqfastProcess]) -> None:
 
     with ThreadPoolExecutor(len(calls)) as pool:
         list(pool.map(call, calls))
+    return seen
+
+
+def test_engine_unavailable(engine_fault: list[MqfastProcess]) -> None:
+    s0, s1, s2, s3 = engine_fault
+    calls: list[Call] = [
+        (s0, "POST", P, P, {"topic": "t", "content": "x"}),
+        (s0, "GET", T, T, None),
+        (s1, "POST", B, B, {"topic": "t", "messages": [{"content": "x"}]}),
+        (s1, "GET", "/api/v1/topics/t", TN, None),
+        (s2, "POST", T, T, {"name": "new-topic"}),
+        (s3, "DELETE", "/api/v1/topics/t", TN, None),
+    ]
+    seen = _all_unavailable(calls)
     # The failed writes leave the engine reported down until a write succeeds.
     h = s0.request("GET", "/health")
     seen.add(check(h, "/health", "GET", 503))
     assert h.json()["checks"]["engine"]["status"] == "down"
     seen.add(check(s0.request("GET", "/health/ready"), "/health/ready", "GET", 503))
     assert seen == COVERS["unavailable"]
+
+
+def test_consume_routes_unavailable(make_server: MakeServer, tmp_path: Any) -> None:
+    # The metadata store (consumers, metric history; consume looks its consumer up there) and
+    # the consumer groups each run on one thread per server: one call of each per server.
+    meta_calls = [
+        ("POST", C, C, {"topic": "t", "group_id": "g", "consumer_id": "c"}),
+        ("GET", CS, CS, None),
+        ("POST", CS, CS, {"consumer_id": "c", "group_id": "g", "topics": ["t"]}),
+        ("GET", "/api/v1/consumers/c", CI, None),
+        ("DELETE", "/api/v1/consumers/c", CI, None),
+        ("POST", "/api/v1/consumers/c/heartbeat", HB, None),
+        ("GET", M, M, None),
+    ]
+    group_calls = [
+        ("POST", A, A, {"message_id": "m", "group_id": "g"}),
+        ("POST", AB, AB, {"group_id": "g", "acks": [{"message_id": "m"}]}),
+        ("POST", X, X, {"message_id": "m", "group_id": "g", "visibility_timeout": "1m"}),
+        ("POST", "/api/v1/topics/t/redrive", RD, None),
+    ]
+    with faulty_servers(make_server, tmp_path, len(meta_calls)) as servers:
+        calls: list[Call] = [(srv, *c) for srv, c in zip(servers, meta_calls, strict=True)]
+        calls += [(srv, *c) for srv, c in zip(servers, group_calls, strict=False)]
+        seen = _all_unavailable(calls)
+    assert seen == COVERS["unavailable_consume"]
 
 
 def test_error_codes_match_the_code() -> None:

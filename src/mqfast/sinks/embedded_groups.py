@@ -622,9 +622,17 @@ class EmbeddedGroups:
             )
         if state == LEASED and due <= now:
             # The lease ran out before this arrived: it is a failed delivery either way.
-            self._fail(conn, group, t, p, off, count, "lease expired", None, now)
+            dead = self._fail(conn, group, t, p, off, count, "lease expired", None, now)
             touched.add((t, p))
-            state = RETRY
+            raise errors.Conflict(
+                f"the lease of message {item.message_id!r} expired; "
+                + (
+                    f"it reached the delivery limit and went to {dlq_name(t)!r}"
+                    if dead
+                    else "it will be delivered again"
+                ),
+                field="message_id",
+            )
         if state == RETRY:
             raise errors.Conflict(
                 f"the lease of message {item.message_id!r} expired; it will be delivered again",
