@@ -839,7 +839,7 @@ def test_consume_and_acknowledge_responses(make_server: MakeServer) -> None:
         ("/api/v1/topics/bad%20name/redrive", None, "name"),
         ("/api/v1/topics/jobs/redrive", {"max_messages": 0}, "max_messages"),
         ("/api/v1/topics/jobs/redrive", {"max_messages": 100_001}, "max_messages"),
-        ("/api/v1/topics/jobs/redrive", {"limit": 1}, "body"),
+        ("/api/v1/topics/jobs/redrive", {"limit": 1}, "limit"),
         ("/api/v1/topics/jobs/redrive", "[1", None),
     ):
         r = srv.request("POST", url, body)
