@@ -53,6 +53,9 @@ MAX_ROWS_PER_TXN: Final = 5_000
 RETENTION_CHUNK_ROWS: Final = 5_000
 RETENTION_CHUNK_BYTES: Final = 64 * 1024 * 1024
 SCHEMA_COMPONENT: Final = "embedded"
+# How often the WAL is copied back into the database file; at full load the WAL grows by a few
+# MB per interval, which bounds both its size and the work of each checkpoint.
+CHECKPOINT_INTERVAL_S: Final = 0.5
 
 # Each entry is one schema version (index + 1). Append only; never edit an applied migration.
 # A component-keyed version table (not PRAGMA user_version) lets other stores (metadata,
@@ -217,6 +220,8 @@ class EmbeddedSink:
         self._admin: concurrent.futures.ThreadPoolExecutor | None = None
         self._admin_conn: sqlite3.Connection | None = None  # used only on the admin thread
         self._retention_task: asyncio.Task[None] | None = None
+        self._checkpointer: threading.Thread | None = None
+        self._checkpoint_stop = threading.Event()
         self._retention_lock = asyncio.Lock()
 
         self._closed = False  # set on the loop thread by close(); submit() then refuses
@@ -275,6 +280,10 @@ class EmbeddedSink:
             self._retention_task = loop.create_task(
                 self._retention_loop(), name="mqfast-embedded-retention"
             )
+        self._checkpointer = threading.Thread(
+            target=self._checkpoint_main, name="mqfast-embedded-checkpoint", daemon=True
+        )
+        self._checkpointer.start()
 
     async def close(self, timeout: float) -> None:
         """Stop accepting, write what is queued (within ``timeout``), then release everything.
@@ -308,6 +317,10 @@ class EmbeddedSink:
                 await self._join(writer, self.busy_timeout_s + 1.0)
         # Whatever nobody else took (writer dead or never started) is completed here.
         self._fail_queued(ShuttingDown("server is shutting down"))
+        if self._checkpointer is not None:
+            self._checkpoint_stop.set()
+            await self._join(self._checkpointer, self.busy_timeout_s + 1.0)
+            self._checkpointer = None
 
         if self._admin is not None:
             try:
@@ -452,6 +465,32 @@ class EmbeddedSink:
             except Exception:
                 log.exception("retention pass failed")
 
+    def _checkpoint_main(self) -> None:
+        # WAL checkpoints copy pages into the database file and fsync it. Left to SQLite they
+        # run inside whichever COMMIT crosses 1000 pages, i.e. in the produce writer, stalling
+        # every request of that group commit for the length of an fsync. Here they run on
+        # their own thread; PASSIVE never blocks writers, so produce goes on meanwhile.
+        try:
+            conn = self._connect()
+        except Exception:
+            log.exception("embedded checkpointer could not open the database")
+            return
+        failing = False
+        try:
+            while not self._checkpoint_stop.wait(CHECKPOINT_INTERVAL_S):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    failing = False
+                except sqlite3.Error:
+                    if not failing:
+                        log.exception("embedded WAL checkpoint failed; will retry")
+                    failing = True
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error:
+            log.exception("final WAL checkpoint failed")
+        finally:
+            conn.close()
+
     # -- connections -----------------------------------------------------------------------
 
     def open_connection(self) -> sqlite3.Connection:
@@ -474,6 +513,8 @@ class EmbeddedSink:
             conn.close()
             raise Unavailable(f"embedded engine: cannot enable WAL on {self.path} (got {mode})")
         conn.execute(f"PRAGMA synchronous = {'FULL' if self.fsync else 'NORMAL'}")
+        # Checkpoints belong to the checkpointer thread, never to a committing connection.
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
         return conn
 
     def _admin_open(self) -> None:
