@@ -1,0 +1,124 @@
+"""``GET /api/v1/metrics``: per-interval points recorded every MESSAGE_QUEUE_METRICS_INTERVAL."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+from urllib.parse import quote
+
+from tests.conformance.conftest import DELIVERY_LIMIT, Gateway, now_ms, wait_for
+
+POINT_FIELDS = {
+    "time",
+    "topic",
+    "interval_s",
+    "produced",
+    "consumed",
+    "expired",
+    "failed",
+    "retried",
+    "queue_size",
+    "dead_letter_size",
+    "processing_avg_ms",
+    "processing_p95_ms",
+    "processing_p99_ms",
+    "active_consumers",
+    "total_consumers",
+    "error_rate",
+    "retry_rate",
+}
+
+
+def rfc3339(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def history(gw: Gateway, start_ms: int, end_ms: int, topic: str | None = None) -> Any:
+    q = f"start_time={quote(rfc3339(start_ms))}&end_time={quote(rfc3339(end_ms))}"
+    if topic is not None:
+        q += f"&topic={topic}"
+    return gw.ok("GET", f"/api/v1/metrics?{q}")
+
+
+def totals(points: list[dict[str, Any]], field: str) -> float:
+    return sum(p[field] for p in points)
+
+
+def test_history_records_per_interval_points(engine_server: Gateway) -> None:
+    gw = engine_server
+    start = now_ms() - 2000
+    t = gw.topic()
+    brief = gw.produce(t, "brief", ttl="100ms")
+    wait_for(lambda: now_ms() > brief["timestamp"] + 200, what="expiry")
+    gw.produce_many(t, 4)
+    msgs = gw.consume_until(t, "g", "c1", 4)
+    for m in msgs[:3]:
+        gw.ack(m["message_id"], "g")
+    # the fourth fails until it is dead-lettered
+    m = msgs[3]
+    for _ in range(DELIVERY_LIMIT - 1):
+        gw.nack(m["message_id"], "g", error="bad")
+        [m] = gw.consume(t, "g", "c1", timeout="10s")
+    assert gw.nack(m["message_id"], "g")["status"] == "dead_lettered"
+    assert gw.consume(t, "g", "c1", timeout="300ms") == []
+
+    def enough() -> list[dict[str, Any]] | None:
+        pts: list[dict[str, Any]] = history(gw, start, now_ms() + 2000, t)["points"]
+        ok = (
+            totals(pts, "produced") >= 5
+            and totals(pts, "consumed") >= 4 + DELIVERY_LIMIT - 1
+            and totals(pts, "failed") >= DELIVERY_LIMIT
+            and totals(pts, "expired") >= 1
+            and totals(pts, "retried") >= DELIVERY_LIMIT - 1
+            and any(p["dead_letter_size"] >= 1 for p in pts)
+            and any(p["processing_avg_ms"] > 0 or p["consumed"] for p in pts)
+        )
+        return pts if ok else None
+
+    pts = wait_for(enough, timeout=20, every=0.5, what="metric points")
+    assert totals(pts, "produced") == 5
+    assert totals(pts, "consumed") == 4 + DELIVERY_LIMIT - 1
+    for p in pts:
+        assert POINT_FIELDS <= set(p), set(p) ^ POINT_FIELDS
+        assert p["topic"] == t
+        assert p["interval_s"] == 1
+        dt.datetime.fromisoformat(p["time"].replace("Z", "+00:00"))
+        if p["consumed"]:
+            assert p["error_rate"] == p["failed"] / p["consumed"]
+            assert p["retry_rate"] == p["retried"] / p["consumed"]
+        assert p["processing_p99_ms"] >= p["processing_p95_ms"] >= 0
+    times = [p["time"] for p in pts]
+    assert len(times) == len(set(times)), "one point per interval and topic"
+    # the last point shows the backlog gone: queue size 0, one dead letter
+    wait_for(
+        lambda: (
+            (q := history(gw, start, now_ms() + 2000, t)["points"])
+            and q[-1]["queue_size"] == 0
+            and q[-1]["dead_letter_size"] == 1
+        ),
+        timeout=15,
+        every=0.5,
+        what="queue_size 0 and dead_letter_size 1",
+    )
+    # without a topic filter the points of every topic come back
+    every = history(gw, start, now_ms() + 2000)["points"]
+    assert t in {p["topic"] for p in every}
+
+
+def test_history_bounds_are_validated(engine_server: Gateway) -> None:
+    gw = engine_server
+    now = now_ms()
+    cases = [
+        f"start_time={quote(rfc3339(now))}&end_time={quote(rfc3339(now - 60_000))}",
+        "start_time=yesterday",
+        "end_time=2024-13-01T00:00:00Z",
+        f"start_time={quote(rfc3339(now - 40 * 86_400_000))}&end_time={quote(rfc3339(now))}",
+        "start_time=2024-01-01T00:00:00Z&start_time=2024-01-01T00:00:00Z",
+        "bogus=1",
+        "topic=bad%20name",
+    ]
+    for q in cases:
+        r = gw.call("GET", f"/api/v1/metrics?{q}")
+        assert r.status == 400, (q, r.status, r.body)
+    out = gw.ok("GET", "/api/v1/metrics")
+    assert isinstance(out["points"], list)
