@@ -359,7 +359,7 @@ class Groups:
             )
         deadline = time.monotonic() + wait_ms / 1000.0
         picker = self._pickers.setdefault((group, topic), PriorityPicker())
-        counters = self._counters(topic)
+        counters: TopicCounters | None = None  # made after the first lease: the topic exists
         while True:
             want = max_messages
             bucket_wait = 0.0
@@ -386,6 +386,8 @@ class Groups:
                 )
                 if info is not None and info.rate_limit and len(out.messages) < want:
                     self._buckets[consumer].tokens += want - len(out.messages)
+            if counters is None:
+                counters = self._counters(topic)
             counters.expired += out.expired
             counters.dead_lettered += out.dead_lettered
             counters.failed += out.reclaimed

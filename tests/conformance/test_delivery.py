@@ -345,6 +345,10 @@ def test_delivery_limit_moves_the_message_to_the_dlq_with_headers(engine_server:
         statuses.append(gw.nack(m["message_id"], "g", error=f"boom {count}")["status"])
         after = now_ms()
     assert statuses == ["requeued"] * (DELIVERY_LIMIT - 1) + ["dead_lettered"]
+    # dead-lettered is not acknowledged: acking it now is refused, not "already acknowledged"
+    late = gw.ack_reply(p["message_id"], "g")
+    assert late.status == 409, late.body
+    assert "no longer deliverable" in late.json()["error"]["message"]
     # gone from the origin for that group, and complete there
     assert gw.consume(t, "g", "c1", timeout="1s") == []
     wait_for(lambda: gw.lag(t, "g") == 0, what="lag 0 after dead-lettering")

@@ -599,7 +599,7 @@ class EmbeddedGroups:
     ) -> None:
         row = conn.execute(
             "SELECT topic, partition, offset, state, consumer_id, due_ms, leased_ms,"
-            " delivery_count FROM leases WHERE group_id = ? AND message_id = ?",
+            " delivery_count, last_error FROM leases WHERE group_id = ? AND message_id = ?",
             (group, item.message_id),
         ).fetchone()
         if row is None or (topic is not None and row[0] != topic):
@@ -609,15 +609,21 @@ class EmbeddedGroups:
                 " (never delivered to it, or completed long ago)",
                 field="message_id",
             )
-        t, p, off, state, holder, due, leased_ms, count = row
+        t, p, off, state, holder, due, leased_ms, count, outcome = row
         res.topic = t
         res.delivery_count = count
         if state == DONE:
-            if item.action == "ack":
+            if item.action == "ack" and outcome is None:
                 res.status = "already_acknowledged"
                 return
+            if outcome is not None:  # dead-lettered or expired, not acknowledged
+                raise errors.Conflict(
+                    f"message {item.message_id!r} is no longer deliverable in group {group!r}"
+                    f" ({outcome})",
+                    field="message_id",
+                )
             raise errors.Conflict(
-                f"message {item.message_id!r} is already complete in group {group!r}",
+                f"message {item.message_id!r} is already acknowledged in group {group!r}",
                 field="message_id",
             )
         if state == LEASED and due <= now:
@@ -655,8 +661,8 @@ class EmbeddedGroups:
             return
         if item.action == "ack":
             conn.execute(
-                "UPDATE leases SET state = ?, done_ms = ?, consumer_id = NULL WHERE group_id = ?"
-                " AND topic = ? AND partition = ? AND offset = ?",
+                "UPDATE leases SET state = ?, done_ms = ?, consumer_id = NULL, last_error = NULL"
+                " WHERE group_id = ? AND topic = ? AND partition = ? AND offset = ?",
                 (DONE, now, group, t, p, off),
             )
             res.status = "acknowledged"
