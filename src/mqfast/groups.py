@@ -43,8 +43,8 @@ PRIORITY_WEIGHTS = tuple(p + 1 for p in range(PRIORITY_LEVELS))
 # Group and consumer ids appear in SQL keys, metric labels and DLQ headers: keep them tame.
 MAX_ID_LENGTH = 249
 DLQ_SUFFIX = ".dlq"
-# Idle long-polls re-check the store this often even without a wake-up, to notice work from
-# other worker processes sharing an embedded database (in-process produce wakes them at once).
+# With several workers sharing an embedded database, idle long-polls re-check the store this
+# often, to notice messages produced by another process (in-process produce wakes them at once).
 CROSS_PROCESS_RECHECK_S = 1.0
 
 
@@ -175,6 +175,9 @@ class GroupStore(Protocol):
     async def redrive(self, topic: str, max_messages: int, now: int) -> int:
         """Move up to ``max_messages`` from ``<topic>.dlq`` back to ``topic``; returns how many."""
 
+    async def prune(self, now: int) -> int:
+        """Forget complete messages older than the grace period; returns how many."""
+
 
 def check_id(value: str, field: str) -> None:
     """Group and consumer ids: 1-249 printable characters."""
@@ -245,6 +248,7 @@ class Groups:
         self.policy = Policy.from_settings(settings)
         self.store = store
         self.max_poll_ms = settings.max_poll_ns // NS_PER_MS
+        self.recheck_s = CROSS_PROCESS_RECHECK_S if settings.workers > 1 else float("inf")
         self.max_visibility_ms = 12 * 3600 * 1000
         self._pickers: dict[tuple[str, str], PriorityPicker] = {}
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
@@ -401,7 +405,7 @@ class Groups:
             left = deadline - time.monotonic()
             if left <= 0 or self._closing:
                 return []
-            pause = min(left, CROSS_PROCESS_RECHECK_S)
+            pause = min(left, self.recheck_s)
             if bucket_wait:
                 pause = min(pause, bucket_wait)
             if out.next_due_ms:

@@ -32,6 +32,8 @@ from mqfast.sinks import Sink
 
 log = logging.getLogger("mqfast.server")
 
+PRUNE_INTERVAL_S = 30.0
+
 
 class Engine:
     """The storage engine named by ``MESSAGE_QUEUE_ENGINE``: messages, groups and metadata."""
@@ -42,7 +44,7 @@ class Engine:
                 f"MESSAGE_QUEUE_ENGINE={settings.engine!r}: this build has only the embedded engine"
             )
         from mqfast.meta.sqlite import SqliteMeta
-        from mqfast.sinks.embedded import EmbeddedSink
+        from mqfast.sinks.embedded import EmbeddedSink, write_lock
         from mqfast.sinks.embedded_groups import EmbeddedGroups
 
         sink = EmbeddedSink(
@@ -51,7 +53,9 @@ class Engine:
             retention_interval_s=settings.retention_interval_s,
         )
         self.sink: Sink = sink
-        self._groups = EmbeddedGroups(sink.open_connection, Policy.from_settings(settings))
+        self._groups = EmbeddedGroups(
+            sink.open_connection, write_lock(sink.path), Policy.from_settings(settings)
+        )
         self.groups_store: GroupStore = self._groups
         self.meta: MetaStore = SqliteMeta(settings.data_dir)
 
@@ -96,7 +100,7 @@ async def serve(settings: Settings, *, index: int = 0, reuse_port: bool = False)
         core.set_topic(cfg.name, cfg.partitions)
     consumer_counts = [0, 0]
     background = [
-        loop.create_task(_sweep_consumers(settings, engine, groups, consumer_counts)),
+        loop.create_task(_maintain_groups(settings, engine, groups, consumer_counts)),
     ]
     recorder = HistoryRecorder(
         engine.meta,
@@ -165,16 +169,21 @@ async def serve(settings: Settings, *, index: int = 0, reuse_port: bool = False)
     log.info("mqfast stopped", extra={"worker": index})
 
 
-async def _sweep_consumers(
+async def _maintain_groups(
     settings: Settings, engine: Engine, groups: Groups, counts: list[int]
 ) -> None:
-    """Mark silent consumers inactive and release their leases; keep the gauge current."""
+    """Mark silent consumers inactive and release their leases; keep the gauge current;
+    forget long-complete messages."""
     timeout_ms = settings.consumer_timeout_ns // 1_000_000
     every = max(0.5, min(5.0, timeout_ms / 4000))
     failing = False
+    last_prune = 0.0
     while True:
         await asyncio.sleep(every)
         try:
+            if time.monotonic() - last_prune > PRUNE_INTERVAL_S:
+                last_prune = time.monotonic()
+                await engine.groups_store.prune(now_ms())
             for consumer in await engine.meta.sweep_inactive(now_ms(), timeout_ms):
                 released = await engine.groups_store.release_consumer(consumer, now_ms())
                 groups.forget_consumer(consumer)

@@ -35,7 +35,7 @@ from mqfast import errors
 from mqfast.groups import LeaseOutcome, Policy, PriorityPicker, SettleItem, SettleResult
 from mqfast.messages import TopicConfig
 from mqfast.sinks import Delivery
-from mqfast.sinks.embedded import EmbeddedSink
+from mqfast.sinks.embedded import EmbeddedSink, write_lock
 from mqfast.sinks.embedded_groups import DLQ_HEADER_PREFIX, EmbeddedGroups
 
 T = TypeVar("T")
@@ -122,7 +122,7 @@ class World:
         self.sink = EmbeddedSink(str(self.path), retention_interval_s=0)
         self.sink.bind(self.loop, self._on_done)
         self.run(self.sink.start())
-        self.store = EmbeddedGroups(self.sink.open_connection, POLICY)
+        self.store = EmbeddedGroups(self.sink.open_connection, write_lock(self.sink.path), POLICY)
         self.run(self.store.start())
         self.picker = PriorityPicker()  # in memory: a restarted gateway starts afresh
 

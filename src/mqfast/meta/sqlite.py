@@ -30,6 +30,7 @@ import msgspec
 from mqfast.errors import ConfigError, Unavailable
 from mqfast.messages import ConsumerInfo, MetricPoint, RegisterConsumerRequest
 from mqfast.meta.history import format_rfc3339, parse_rfc3339
+from mqfast.sinks.embedded import immediate, write_lock
 
 __all__ = ["DB_FILENAME", "SCHEMA_COMPONENT", "SqliteMeta"]
 
@@ -525,15 +526,9 @@ class SqliteMeta:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        # the engine's lock of this database file: see sinks.embedded.write_lock
+        with immediate(self._conn(), write_lock(self.path)) as conn:
             yield conn
-        except BaseException:
-            if conn.in_transaction:  # SQLite may already have rolled back (e.g. disk full)
-                conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
 
     def _write_sync(self, fn: Callable[[sqlite3.Connection, _A], _T], arg: _A) -> _T:
         with self._transaction() as conn:

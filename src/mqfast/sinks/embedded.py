@@ -31,6 +31,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, Final, TypeVar
 
 import msgspec
@@ -178,6 +179,43 @@ def _rows(written: list[Delivery], offsets: list[int], sizes: list[int]) -> Iter
         )
 
 
+_WRITE_LOCKS: dict[str, threading.Lock] = {}
+_WRITE_LOCKS_GUARD = threading.Lock()
+
+
+def write_lock(path: str) -> threading.Lock:
+    """The lock every write transaction of this process on the database at ``path`` takes.
+
+    When SQLite's write lock is taken, its busy handler sleeps 1, 2, 5, 10, 15, 20, 25 ms and
+    on: a consume transaction meeting a produce commit would stall for milliseconds. Threads
+    of one process queue on this lock instead and are woken the moment it is free; only other
+    processes (``--workers N``) still meet the busy handler.
+    """
+    key = os.path.abspath(path)
+    with _WRITE_LOCKS_GUARD:
+        lock = _WRITE_LOCKS.get(key)
+        if lock is None:
+            lock = _WRITE_LOCKS[key] = threading.Lock()
+        return lock
+
+
+@contextmanager
+def immediate(conn: sqlite3.Connection, lock: threading.Lock) -> Iterator[sqlite3.Connection]:
+    """One write transaction: this process's lock of the database, then ``BEGIN IMMEDIATE``."""
+    with lock:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:  # SQLite may already have rolled back (disk full, I/O)
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # the connection may be unusable; the next BEGIN will tell
+            raise
+
+
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -212,6 +250,7 @@ class EmbeddedSink:
         self.fsync = fsync
         self.retention_interval_s = retention_interval_s
         self.busy_timeout_s = busy_timeout_s
+        self._write_lock = write_lock(self.path)
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_done: DoneCallback | None = None
@@ -476,9 +515,15 @@ class EmbeddedSink:
             log.exception("embedded checkpointer could not open the database")
             return
         failing = False
+        seen = -1
         try:
             while not self._checkpoint_stop.wait(CHECKPOINT_INTERVAL_S):
                 try:
+                    # data_version moves when another connection commits: idle, nothing to do
+                    version = conn.execute("PRAGMA data_version").fetchone()[0]
+                    if version == seen:
+                        continue
+                    seen = version
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                     failing = False
                 except sqlite3.Error:
@@ -639,8 +684,7 @@ class EmbeddedSink:
         parts: dict[tuple[str, int], list[int]] = {}
         absent: set[tuple[str, int]] = set()
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate(conn, self._write_lock):
                 execute = conn.execute
                 for batch in batches:
                     for d in batch:
@@ -677,14 +721,6 @@ class EmbeddedSink:
                             if s[1] != s[0]
                         ],
                     )
-                execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    try:
-                        conn.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass  # the connection may be unusable; the next BEGIN will tell
-                raise
         except Exception as e:
             self._note_failure(e, sum(len(b) for b in batches))
             self._complete_failed(batches, Unavailable(f"embedded engine: {e}"))
@@ -766,39 +802,17 @@ class EmbeddedSink:
 
     def _create_topic_sync(self, config: TopicConfig) -> tuple[TopicConfig, bool]:
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(conn, self._write_lock):
             row = conn.execute(
                 f"SELECT {_TOPIC_COLUMNS} FROM topics WHERE name = ?", (config.name,)
             ).fetchone()
-            if row is not None:
-                conn.execute("COMMIT")
-                existing = _topic_from_row(row)
-                if existing.same_settings(config):
-                    return existing, False
-                raise TopicExists(_conflict_message(existing, config), field="name")
-            created = config.created_at or _now_ms()
-            conn.execute(
-                f"INSERT INTO topics ({_TOPIC_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    config.name,
-                    config.partitions,
-                    config.replication,
-                    config.retention,
-                    config.max_size,
-                    created,
-                    int(config.dead_letter_expired),
-                ),
-            )
-            conn.executemany(
-                "INSERT INTO partitions (topic, partition) VALUES (?, ?)",
-                [(config.name, p) for p in range(config.partitions)],
-            )
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+            if row is None:
+                created = self._insert_topic(conn, config)
+        if row is not None:
+            existing = _topic_from_row(row)
+            if existing.same_settings(config):
+                return existing, False
+            raise TopicExists(_conflict_message(existing, config), field="name")
         stored = TopicConfig(
             name=config.name,
             partitions=config.partitions,
@@ -809,6 +823,27 @@ class EmbeddedSink:
             dead_letter_expired=config.dead_letter_expired,
         )
         return stored, True
+
+    @staticmethod
+    def _insert_topic(conn: sqlite3.Connection, config: TopicConfig) -> int:
+        created = config.created_at or _now_ms()
+        conn.execute(
+            f"INSERT INTO topics ({_TOPIC_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                config.name,
+                config.partitions,
+                config.replication,
+                config.retention,
+                config.max_size,
+                created,
+                int(config.dead_letter_expired),
+            ),
+        )
+        conn.executemany(
+            "INSERT INTO partitions (topic, partition) VALUES (?, ?)",
+            [(config.name, p) for p in range(config.partitions)],
+        )
+        return created
 
     def _get_topic_sync(self, name: str) -> TopicConfig | None:
         row = (
@@ -824,8 +859,7 @@ class EmbeddedSink:
 
     def _delete_topic_sync(self, name: str) -> None:
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(conn, self._write_lock):
             cur = conn.execute("DELETE FROM topics WHERE name = ?", (name,))
             if cur.rowcount == 0:
                 raise UnknownTopicError(f"topic {name!r} does not exist")
@@ -833,11 +867,6 @@ class EmbeddedSink:
             conn.execute("DELETE FROM messages WHERE topic = ?", (name,))
             for table in ("group_partitions", "group_cursors", "leases"):
                 conn.execute(f"DELETE FROM {table} WHERE topic = ?", (name,))
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
 
     def _describe_topic_sync(self, name: str) -> TopicInfo:
         conn = self._conn()
@@ -981,8 +1010,7 @@ class EmbeddedSink:
         make_take: Callable[[sqlite3.Connection], Callable[[int, int], bool]],
     ) -> tuple[int, bool]:
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(conn, self._write_lock):
             take = make_take(conn)
             rows = conn.execute(
                 "SELECT offset, timestamp_ms, size FROM messages"
@@ -1010,11 +1038,6 @@ class EmbeddedSink:
                     " WHERE topic = ? AND partition = ?",
                     (count, nbytes, topic, partition),
                 )
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
         more = count > 0 and (
             nbytes >= RETENTION_CHUNK_BYTES or (not stopped and len(rows) == RETENTION_CHUNK_ROWS)
         )

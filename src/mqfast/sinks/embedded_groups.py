@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import sqlite3
+import threading
 from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
@@ -32,6 +33,7 @@ from mqfast.groups import (
     dlq_name,
 )
 from mqfast.messages import LeasedMessage
+from mqfast.sinks.embedded import immediate
 
 _T = TypeVar("_T")
 
@@ -43,16 +45,27 @@ DLQ_HEADER_PREFIX: Final = "x-mqfast-dlq-"
 _headers_decoder = msgspec.json.Decoder(dict[str, str])
 _headers_encoder = msgspec.json.Encoder()
 
-_MESSAGE_COLUMNS: Final = (
-    "message_id, offset, key, value, headers, priority, timestamp_ms, expires_ms"
+_UPSERT_LEASE: Final = (
+    "INSERT INTO leases (group_id, topic, partition, offset, message_id, priority, state,"
+    " consumer_id, due_ms, leased_ms, delivery_count) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+    " ON CONFLICT (group_id, topic, partition, offset) DO UPDATE SET"
+    " state = excluded.state, consumer_id = excluded.consumer_id,"
+    " due_ms = excluded.due_ms, leased_ms = excluded.leased_ms,"
+    " delivery_count = excluded.delivery_count"
 )
+# partition, offset, delivery count so far, message_id, key, value, headers, priority,
+# timestamp_ms, expires_ms (message columns None when retention removed the message)
+_Candidate = tuple[Any, ...]
 
 
 class EmbeddedGroups:
     """``groups.GroupStore`` on the embedded engine's SQLite database."""
 
-    def __init__(self, connect: Callable[[], sqlite3.Connection], policy: Policy) -> None:
+    def __init__(
+        self, connect: Callable[[], sqlite3.Connection], lock: threading.Lock, policy: Policy
+    ) -> None:
         self._connect = connect
+        self._lock = lock
         self.policy = policy
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
@@ -90,15 +103,8 @@ class EmbeddedGroups:
         conn = self._conn
         if conn is None:
             raise errors.Unavailable("embedded engine: consumer groups not started")
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn(conn, *args)
-            conn.execute("COMMIT")
-            return result
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+        with immediate(conn, self._lock):
+            return fn(conn, *args)
 
     # ---- public API (GroupStore) ----------------------------------------------------------
 
@@ -141,6 +147,9 @@ class EmbeddedGroups:
 
     async def redrive(self, topic: str, max_messages: int, now: int) -> int:
         return await self._run(self._txn, self._redrive, topic, max_messages, now)
+
+    async def prune(self, now: int) -> int:
+        return await self._run(self._txn, self._prune, now)
 
     # ---- lease ----------------------------------------------------------------------------
 
@@ -291,15 +300,18 @@ class EmbeddedGroups:
         touched: set[int],
     ) -> None:
         # Candidates per level: retries that are due (oldest due first), then never-leased
-        # messages from each partition's cursor of that level.
-        retries: list[list[tuple[int, int, int]]] = [[] for _ in range(PRIORITY_LEVELS)]
-        for p, off, pri, count in conn.execute(
-            "SELECT partition, offset, priority, delivery_count FROM leases"
-            " WHERE group_id = ? AND topic = ? AND state = ? AND due_ms <= ?"
-            " ORDER BY due_ms LIMIT ?",
+        # messages from each partition's cursor of that level. Rows carry the message itself.
+        retries: list[list[_Candidate]] = [[] for _ in range(PRIORITY_LEVELS)]
+        for row in conn.execute(
+            "SELECT l.partition, l.offset, l.delivery_count, m.message_id, m.key, m.value,"
+            " m.headers, l.priority, m.timestamp_ms, m.expires_ms FROM leases l"
+            " LEFT JOIN messages m ON m.topic = l.topic AND m.partition = l.partition"
+            " AND m.offset = l.offset"
+            " WHERE l.group_id = ? AND l.topic = ? AND l.state = ? AND l.due_ms <= ?"
+            " ORDER BY l.due_ms LIMIT ?",
             (group, topic, RETRY, now, want * 4),
         ):
-            retries[pri].append((p, off, count))
+            retries[row[7]].append(row)
         cursors: dict[tuple[int, int], int] = {
             (p, pri): nxt
             for p, pri, nxt in conn.execute(
@@ -308,55 +320,48 @@ class EmbeddedGroups:
                 (group, topic),
             )
         }
-        fresh: list[list[tuple[int, int]]] = [[] for _ in range(PRIORITY_LEVELS)]
+        fresh: list[list[_Candidate]] = [[] for _ in range(PRIORITY_LEVELS)]
         for pri in range(PRIORITY_LEVELS):
             for p in range(partitions):
                 start = max(cursors.get((p, pri), 0), committed[p])
-                for (off,) in conn.execute(
-                    "SELECT offset FROM messages WHERE topic = ? AND partition = ?"
-                    " AND priority = ? AND offset >= ? ORDER BY offset LIMIT ?",
-                    (topic, p, pri, start, want),
-                ):
-                    fresh[pri].append((p, off))
-            # interleave partitions by offset so no partition starves another
-            fresh[pri].sort(key=lambda t: (t[1], t[0]))
+                fresh[pri].extend(
+                    conn.execute(
+                        "SELECT partition, offset, 0, message_id, key, value, headers, priority,"
+                        " timestamp_ms, expires_ms FROM messages INDEXED BY messages_priority"
+                        # the planner would otherwise walk the log past every other level
+                        " WHERE topic = ? AND partition = ? AND priority = ? AND offset >= ?"
+                        " ORDER BY offset LIMIT ?",
+                        (topic, p, pri, start, want),
+                    )
+                )
+            if partitions > 1:  # interleave partitions by offset so none starves another
+                fresh[pri].sort(key=lambda c: (c[1], c[0]))
         ready = [len(retries[i]) + len(fresh[i]) for i in range(PRIORITY_LEVELS)]
         ri = [0] * PRIORITY_LEVELS
         fi = [0] * PRIORITY_LEVELS
         deadline = now + visibility_ms
+        moved: dict[tuple[int, int], int] = {}
+        leased: list[tuple[Any, ...]] = []
         while len(out.messages) < want:
             level = picker.pick(ready)
             if level < 0:
                 break
             ready[level] -= 1
             if ri[level] < len(retries[level]):
-                p, off, count = retries[level][ri[level]]
+                c = retries[level][ri[level]]
                 ri[level] += 1
             else:
-                p, off = fresh[level][fi[level]]
+                c = fresh[level][fi[level]]
                 fi[level] += 1
-                count = 0
-                cur = cursors.get((p, level), 0)
-                if off + 1 > cur:
-                    cursors[(p, level)] = off + 1
-                    conn.execute(
-                        "INSERT OR REPLACE INTO group_cursors (group_id, topic, partition,"
-                        " priority, next_offset) VALUES (?, ?, ?, ?, ?)",
-                        (group, topic, p, level, off + 1),
-                    )
-            msg = conn.execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages"
-                " WHERE topic = ? AND partition = ? AND offset = ?",
-                (topic, p, off),
-            ).fetchone()
-            if msg is None:  # deleted by retention since it was selected
+                moved[(c[0], level)] = c[1] + 1
+            p, off, count, mid, key, value, headers, pri, ts, expires = c
+            if mid is None:  # deleted by retention since it was leased
                 conn.execute(
                     "DELETE FROM leases WHERE group_id = ? AND topic = ? AND partition = ?"
                     " AND offset = ?",
                     (group, topic, p, off),
                 )
                 continue
-            mid, _, key, value, headers, pri, ts, expires = msg
             if expires and expires <= now:
                 out.expired += 1
                 self._upsert(conn, group, topic, p, off, mid, pri, DONE, None, now, now, count)
@@ -370,8 +375,8 @@ class EmbeddedGroups:
                     out.dead_lettered += 1
                 touched.add(p)
                 continue
-            self._upsert(
-                conn, group, topic, p, off, mid, pri, LEASED, consumer, deadline, now, count + 1
+            leased.append(
+                (group, topic, p, off, mid, pri, LEASED, consumer, deadline, now, count + 1)
             )
             out.messages.append(
                 LeasedMessage(
@@ -388,6 +393,14 @@ class EmbeddedGroups:
                     lease_deadline=deadline,
                     expires_at=expires,
                 )
+            )
+        if leased:
+            conn.executemany(_UPSERT_LEASE, leased)
+        if moved:
+            conn.executemany(
+                "INSERT OR REPLACE INTO group_cursors (group_id, topic, partition, priority,"
+                " next_offset) VALUES (?, ?, ?, ?, ?)",
+                [(group, topic, p, pri, nxt) for (p, pri), nxt in moved.items()],
             )
         # within one answer, higher priority first (each level already oldest first)
         out.messages.sort(key=lambda m: -m.priority)
@@ -408,12 +421,7 @@ class EmbeddedGroups:
         count: int,
     ) -> None:
         conn.execute(
-            "INSERT INTO leases (group_id, topic, partition, offset, message_id, priority, state,"
-            " consumer_id, due_ms, leased_ms, delivery_count) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
-            " ON CONFLICT (group_id, topic, partition, offset) DO UPDATE SET"
-            " state = excluded.state, consumer_id = excluded.consumer_id,"
-            " due_ms = excluded.due_ms, leased_ms = excluded.leased_ms,"
-            " delivery_count = excluded.delivery_count",
+            _UPSERT_LEASE,
             (group, topic, partition, offset, message_id, priority, state, consumer, due, now,
              count),
         )  # fmt: skip
@@ -444,11 +452,20 @@ class EmbeddedGroups:
                 " AND partition = ?",
                 (c, group, topic, partition),
             )
-        conn.execute(
-            "DELETE FROM leases WHERE group_id = ? AND topic = ? AND partition = ? AND offset < ?"
-            " AND done_ms < ?",
-            (group, topic, partition, c, now - self.policy.done_grace_ms),
-        )
+
+    def _prune(self, conn: sqlite3.Connection, now: int) -> int:
+        # Complete rows below a group's position are kept for the grace period only (to
+        # answer a second ack); pruning scans them, so it runs now and then, not per ack.
+        n = 0
+        for group, topic, partition, committed in conn.execute(
+            "SELECT group_id, topic, partition, committed FROM group_partitions"
+        ).fetchall():
+            n += conn.execute(
+                "DELETE FROM leases WHERE group_id = ? AND topic = ? AND partition = ?"
+                " AND offset < ? AND done_ms < ?",
+                (group, topic, partition, committed, now - self.policy.done_grace_ms),
+            ).rowcount
+        return n
 
     # ---- dead letters ---------------------------------------------------------------------
 
@@ -599,7 +616,9 @@ class EmbeddedGroups:
     ) -> None:
         row = conn.execute(
             "SELECT topic, partition, offset, state, consumer_id, due_ms, leased_ms,"
-            " delivery_count, last_error FROM leases WHERE group_id = ? AND message_id = ?",
+            " delivery_count, last_error FROM leases INDEXED BY leases_message"
+            # without statistics the planner would scan the group's whole primary key
+            " WHERE group_id = ? AND message_id = ?",
             (group, item.message_id),
         ).fetchone()
         if row is None or (topic is not None and row[0] != topic):
