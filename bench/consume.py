@@ -122,9 +122,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     url = (u.hostname or "127.0.0.1", u.port or 80)
     topic = f"consume-bench-{uuid.uuid4().hex[:8]}"
     c = Client(*url)
-    status, body = await c.call(
-        "/api/v1/topics", {"name": topic, "partitions": args.partitions}
-    )
+    status, body = await c.call("/api/v1/topics", {"name": topic, "partitions": args.partitions})
     if status not in (200, 201):
         raise SystemExit(f"topic create failed: {status} {body}")
     await fill(url, topic, args.messages, args.size)
