@@ -198,6 +198,9 @@ class SqliteMeta:
         if self._closed:
             raise Unavailable("metadata store: closed")
         self._loop = asyncio.get_running_loop()
+        # the first touch waits one interval like every later one (the loop's clock is the
+        # machine's uptime, so 0.0 here would make the first flush immediate after an hour)
+        self._last_flush = self._loop.time()
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="mqfast-meta"
         )
