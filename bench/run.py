@@ -667,6 +667,29 @@ def render_md(results: dict[str, Any], plots: list[str]) -> str:
         lines += ["", "Load command" + ("s" if len(cmds) > 1 else "") + ":", ""]
         lines += [f"    {c}" for c in sorted(cmds)]
         lines.append("")
+    consume = results.get("consume") or []
+    if consume:
+        tp = med([r["consumed_and_acked_per_s"] for r in consume])
+        p50 = med([r["latency"]["p50_ms"] for r in consume])
+        p99 = med([r["latency"]["p99_ms"] for r in consume])
+        c0 = consume[0]
+        lines += [
+            "### consume-ack: consume and acknowledge over HTTP (bench/consume.py)",
+            "",
+            f"{c0['consumers']} consumers of one group, batches of {c0['batch']} (consume, then "
+            f"one batch acknowledge), {c0['messages']:,} messages pre-filled over "
+            f"{c0['partitions']} partitions; then single produces at {c0['latency']['rate']:g}/s"
+            " with the consumers long-polling.",
+            "",
+            "| server | consumed + acked msg/s | produce→delivery p50 ms | p99 ms |",
+            "|---|---|---|---|",
+            f"| mqfast | {fmt(tp)} | {fmt(p50, '.2f')} | {fmt(p99, '.2f')} |",
+            "",
+            "Load command:",
+            "",
+            f"    {c0['cmd']}",
+            "",
+        ]
     if results["ratios"]:
         lines += ["## Ratios (medians, same run)", "", "| figure | ratio |", "|---|---|"]
         lines += [f"| {k} | {val:.2f}× |" for k, val in results["ratios"].items()]
@@ -714,6 +737,42 @@ def render_md(results: dict[str, Any], plots: list[str]) -> str:
     return "\n".join(lines)
 
 
+def measure_consume(
+    args: argparse.Namespace, tmp: Path, out_dir: Path, live: list[Server]
+) -> list[dict[str, Any]]:
+    """bench/consume.py against a fresh pinned mqfast, once per repetition."""
+    out: list[dict[str, Any]] = []
+    for rep in range(args.reps):
+        port = free_port()
+        data_dir = str(tmp / f"consume-{rep}")
+        os.makedirs(data_dir)
+        cmd, env, dbg = server_command("mqfast", args, port, data_dir)
+        srv = Server("mqfast", cmd, env, port, data_dir, out_dir / "logs" / "consume.log", dbg)
+        live.append(srv)
+        with running(srv, args.pin, args.ready_timeout):
+            json_out = tmp / f"consume-{rep}.json"
+            load = (["taskset", "-c", "1"] if args.pin else []) + [
+                sys.executable,
+                str(BENCH / "consume.py"),
+                "--url",
+                srv.url,
+                "--messages",
+                str(args.consume_messages),
+                "--json",
+                str(json_out),
+            ]
+            subprocess.run(load, check=True, stdout=subprocess.DEVNULL, timeout=600)
+            r = json.loads(json_out.read_text())
+            r["cmd"] = shlex.join(load).replace(str(port), "PORT").replace(str(tmp), "TMP")
+            out.append(r)
+            print(
+                f"    consume+ack {r['consumed_and_acked_per_s']:>9,} msg/s  produce->delivery"
+                f" p99 {r['latency']['p99_ms']:.2f} ms",
+                flush=True,
+            )
+    return out
+
+
 def ratios(summ: dict[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {}
     mq = summ.get("mqfast", {})
@@ -756,6 +815,8 @@ def parse_args() -> argparse.Namespace:
         help="baselines' storage; auto = embedded when src/mqfast/sinks/embedded.py exists",
     )
     p.add_argument("--no-wrk", action="store_true", help="skip the wrk cross-check")
+    p.add_argument("--no-consume", action="store_true", help="skip the consume+ack scenario")
+    p.add_argument("--consume-messages", type=int, default=100_000)
     p.add_argument("--out", default=str(BENCH / "out"))
     p.add_argument("--results-md", default=str(BENCH / "RESULTS.md"))
     p.add_argument("--ready-timeout", type=float, default=30.0)
@@ -813,6 +874,7 @@ def main() -> int:
     lua = out_dir / "wrk-post.lua"
     lua.write_text(WRK_LUA % args.size)
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {s: {} for s in wanted}
+    consume_runs: list[dict[str, Any]] = []
     server_cmds: dict[str, str] = {}
     failed: dict[str, str] = {}
     live: list[Server] = []
@@ -892,6 +954,8 @@ def main() -> int:
                     except (RuntimeError, subprocess.TimeoutExpired, OSError) as e:
                         failed[name] = str(e)
                         print(f"    {name} failed: {e}", file=sys.stderr, flush=True)
+            if "mqfast" in wanted and "mqfast" not in failed and not args.no_consume:
+                consume_runs = measure_consume(args, tmp, out_dir, live)
     finally:
         for srv in live:
             stop(srv)
@@ -913,6 +977,7 @@ def main() -> int:
         "runs": runs,
         "summary": summary,
         "ratios": ratios(summary),
+        "consume": consume_runs,
     }
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     plots = write_plots(results, out_dir)
