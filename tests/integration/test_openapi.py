@@ -909,8 +909,8 @@ def test_metric_history_responses(make_server: MakeServer) -> None:
     seen.add(check(r, M, "GET", 200))
     body = r.json()
     assert (body["start_time"], body["end_time"]) == (
-        "2024-01-01T00:00:00Z",
-        "2024-01-02T00:00:00Z",
+        "2024-01-01T00:00:00.000Z",
+        "2024-01-02T00:00:00.000Z",
     )
     assert body["topic"] == "user-events" and body["points"] == []
     # Points appear once an interval with traffic has been recorded.

@@ -83,9 +83,9 @@ def test_parse_rfc3339_rejects(text: str) -> None:
 
 
 def test_format_rfc3339() -> None:
-    assert format_rfc3339(JAN1) == "2024-01-01T00:00:00Z"
+    assert format_rfc3339(JAN1) == "2024-01-01T00:00:00.000Z"
     assert format_rfc3339(JAN1 + 7) == "2024-01-01T00:00:00.007Z"
-    assert format_rfc3339(0) == "1970-01-01T00:00:00Z"
+    assert format_rfc3339(0) == "1970-01-01T00:00:00.000Z"
     for ms in (JAN1, JAN1 + 1, JAN1 + 999, NOW + 123_456):
         assert parse_rfc3339(format_rfc3339(ms)) == ms
 

@@ -351,13 +351,13 @@ def test_points_of_several_workers_are_aggregated(tmp_path: Path) -> None:
             )
             got = await a.query_points(T0, T0 + HOUR_MS, None)
             assert [(p.time, p.topic) for p in got] == [
-                ("2024-01-01T00:00:00Z", "alpha"),
-                ("2024-01-01T00:00:00Z", "orders"),
-                ("2024-01-01T00:00:10Z", "orders"),
+                ("2024-01-01T00:00:00.000Z", "alpha"),
+                ("2024-01-01T00:00:00.000Z", "orders"),
+                ("2024-01-01T00:00:10.000Z", "orders"),
             ]
             orders = got[1]
             assert orders == MetricPoint(
-                time="2024-01-01T00:00:00Z",
+                time="2024-01-01T00:00:00.000Z",
                 topic="orders",
                 interval_s=10.0,
                 produced=15,
@@ -379,8 +379,8 @@ def test_points_of_several_workers_are_aggregated(tmp_path: Path) -> None:
 
             only = await b.query_points(T0, T0 + HOUR_MS, "orders")
             assert [(p.time, p.produced) for p in only] == [
-                ("2024-01-01T00:00:00Z", 15),
-                ("2024-01-01T00:00:10Z", 7),
+                ("2024-01-01T00:00:00.000Z", 15),
+                ("2024-01-01T00:00:10.000Z", 7),
             ]
             assert await b.query_points(T0, T0 + HOUR_MS, "missing") == []
 

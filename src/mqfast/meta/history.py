@@ -79,11 +79,12 @@ def parse_rfc3339(text: str) -> int:
 
 
 def format_rfc3339(ms: int) -> str:
-    """``ms`` (Unix milliseconds) as RFC 3339 UTC with ``Z``; milliseconds only when non-zero."""
+    """``ms`` (Unix milliseconds) as RFC 3339 UTC, always with milliseconds and ``Z``.
+
+    One fixed width keeps the strings in time order when sorted as text.
+    """
     when = _EPOCH + dt.timedelta(milliseconds=ms)
-    text = when.strftime("%Y-%m-%dT%H:%M:%S")
-    frac = ms % 1000
-    return f"{text}.{frac:03d}Z" if frac else f"{text}Z"
+    return f"{when.strftime('%Y-%m-%dT%H:%M:%S')}.{ms % 1000:03d}Z"
 
 
 def parse_metrics_query(
