@@ -163,33 +163,52 @@ def raw_exchange(
 MakeServer = Callable[..., MqfastProcess]
 
 
+def new_server(base: Path, data_dir: Path | None = None, **env: str) -> MqfastProcess:
+    """A server (not started) with free loopback ports, its data and log under ``base``."""
+    port, mport, pport = free_port(), free_port(), free_port()
+    ddir = data_dir or base / "data"
+    full_env = {
+        **os.environ,
+        "MESSAGE_QUEUE_PORT": str(port),
+        "METRICS_ADDR": f"127.0.0.1:{mport}",
+        "PPROF_ADDR": f"127.0.0.1:{pport}",
+        "MESSAGE_QUEUE_DATA_DIR": str(ddir),
+        "MESSAGE_QUEUE_SHUTDOWN_TIMEOUT": "10s",
+        **env,
+    }
+    return MqfastProcess(port, mport, pport, ddir, full_env, log_path=base / "server.log")
+
+
+def stop_server(srv: MqfastProcess) -> None:
+    """SIGTERM and check the promised exit code 0."""
+    code = srv.stop()
+    assert code == 0, f"server exited {code} on SIGTERM:\n{srv.logs()[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def module_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MqfastProcess]:
+    """One default server shared by a test module."""
+    srv = new_server(tmp_path_factory.mktemp("server")).start()
+    yield srv
+    stop_server(srv)
+
+
 @pytest.fixture
 def make_server(tmp_path: Path) -> Iterator[MakeServer]:
     """Factory: ``make_server(**env)`` starts a server; all are stopped (SIGTERM) at teardown."""
     started: list[MqfastProcess] = []
 
     def make(data_dir: Path | None = None, start: bool = True, **env: str) -> MqfastProcess:
-        port, mport, pport = free_port(), free_port(), free_port()
-        ddir = data_dir or tmp_path / f"data{len(started)}"
-        full_env = {
-            **os.environ,
-            "MESSAGE_QUEUE_PORT": str(port),
-            "METRICS_ADDR": f"127.0.0.1:{mport}",
-            "PPROF_ADDR": f"127.0.0.1:{pport}",
-            "MESSAGE_QUEUE_DATA_DIR": str(ddir),
-            "MESSAGE_QUEUE_SHUTDOWN_TIMEOUT": "10s",
-            **env,
-        }
-        srv = MqfastProcess(port, mport, pport, ddir, full_env)
-        srv.log_path = tmp_path / f"server{len(started)}.log"
+        base = tmp_path / f"server{len(started)}"
+        base.mkdir()
+        srv = new_server(base, data_dir, **env)
         started.append(srv)
         return srv.start() if start else srv
 
     yield make
     for srv in started:
         if srv.proc is not None and srv.proc.poll() is None:
-            code = srv.stop()
-            assert code == 0, f"server exited {code} on SIGTERM:\n{srv.logs()[-3000:]}"
+            stop_server(srv)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import time
 from collections.abc import Iterator
@@ -11,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import MqfastProcess, Reply, free_port, raw_exchange
+from tests.conftest import MqfastProcess, Reply, new_server, raw_exchange, stop_server
 
 PRODUCE = "/api/v1/messages"
 BATCH = "/api/v1/messages/batch"
@@ -23,24 +22,10 @@ TWENTY_YEARS_NS = 20 * 365 * 24 * 3600 * 1_000_000_000
 
 
 def _start(tmp_path_factory: pytest.TempPathFactory, name: str, **extra: str) -> MqfastProcess:
-    d = tmp_path_factory.mktemp(name)
-    port, mport, pport = free_port(), free_port(), free_port()
-    env = {
-        **os.environ,
-        "MESSAGE_QUEUE_PORT": str(port),
-        "METRICS_ADDR": f"127.0.0.1:{mport}",
-        "PPROF_ADDR": f"127.0.0.1:{pport}",
-        "MESSAGE_QUEUE_DATA_DIR": str(d / "data"),
-        "MESSAGE_QUEUE_SHUTDOWN_TIMEOUT": "10s",
-        **extra,
-    }
-    s = MqfastProcess(port, mport, pport, d / "data", env, log_path=d / "server.log")
-    return s.start()
+    return new_server(tmp_path_factory.mktemp(name), **extra).start()
 
 
-def _stop(s: MqfastProcess) -> None:
-    code = s.stop()
-    assert code == 0, f"server exited {code} on SIGTERM:\n{s.logs()[-3000:]}"
+_stop = stop_server
 
 
 @pytest.fixture(scope="module")

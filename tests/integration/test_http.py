@@ -4,37 +4,22 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import socket
 import time
-from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 import pytest
 
-from tests.conftest import MakeServer, MqfastProcess, Reply, free_port
+from tests.conftest import MakeServer, MqfastProcess, Reply
 
 PRODUCE = "/api/v1/messages"
 BATCH = "/api/v1/messages/batch"
 
 
 @pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MqfastProcess]:
-    d = tmp_path_factory.mktemp("http")
-    port, mport, pport = free_port(), free_port(), free_port()
-    env = {
-        **os.environ,
-        "MESSAGE_QUEUE_PORT": str(port),
-        "METRICS_ADDR": f"127.0.0.1:{mport}",
-        "PPROF_ADDR": f"127.0.0.1:{pport}",
-        "MESSAGE_QUEUE_DATA_DIR": str(d / "data"),
-        "MESSAGE_QUEUE_SHUTDOWN_TIMEOUT": "10s",
-    }
-    s = MqfastProcess(port, mport, pport, d / "data", env, log_path=d / "server.log")
-    s.start()
-    yield s
-    code = s.stop()
-    assert code == 0, f"server exited {code} on SIGTERM:\n{s.logs()[-3000:]}"
+def srv(module_server: MqfastProcess) -> MqfastProcess:
+    """One default server shared by the module (embedded engine, auto-created topics)."""
+    return module_server
 
 
 def read_reply(f: BinaryIO) -> Reply:

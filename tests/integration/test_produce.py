@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import MqfastProcess, free_port
+from tests.conftest import MqfastProcess
 
 PRODUCE = "/api/v1/messages"
 BATCH = "/api/v1/messages/batch"
@@ -20,23 +18,9 @@ NS = 1_000_000_000
 
 
 @pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MqfastProcess]:
+def srv(module_server: MqfastProcess) -> MqfastProcess:
     """One default server shared by the module (embedded engine, auto-created topics)."""
-    d = tmp_path_factory.mktemp("produce")
-    port, mport, pport = free_port(), free_port(), free_port()
-    env = {
-        **os.environ,
-        "MESSAGE_QUEUE_PORT": str(port),
-        "METRICS_ADDR": f"127.0.0.1:{mport}",
-        "PPROF_ADDR": f"127.0.0.1:{pport}",
-        "MESSAGE_QUEUE_DATA_DIR": str(d / "data"),
-        "MESSAGE_QUEUE_SHUTDOWN_TIMEOUT": "10s",
-    }
-    s = MqfastProcess(port, mport, pport, d / "data", env, log_path=d / "server.log")
-    s.start()
-    yield s
-    code = s.stop()
-    assert code == 0, f"server exited {code} on SIGTERM:\n{s.logs()[-3000:]}"
+    return module_server
 
 
 def db_rows(data_dir: Path, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:

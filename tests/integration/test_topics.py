@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.conftest import MqfastProcess, Reply, free_port
+from tests.conftest import MqfastProcess, Reply
 
 TOPICS = "/api/v1/topics"
 PRODUCE = "/api/v1/messages"
@@ -18,22 +16,9 @@ TWENTY_YEARS_NS = 20 * 365 * 24 * 3600 * NS
 
 
 @pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MqfastProcess]:
-    d = tmp_path_factory.mktemp("topics")
-    port, mport, pport = free_port(), free_port(), free_port()
-    env = {
-        **os.environ,
-        "MESSAGE_QUEUE_PORT": str(port),
-        "METRICS_ADDR": f"127.0.0.1:{mport}",
-        "PPROF_ADDR": f"127.0.0.1:{pport}",
-        "MESSAGE_QUEUE_DATA_DIR": str(d / "data"),
-        "MESSAGE_QUEUE_SHUTDOWN_TIMEOUT": "10s",
-    }
-    s = MqfastProcess(port, mport, pport, d / "data", env, log_path=d / "server.log")
-    s.start()
-    yield s
-    code = s.stop()
-    assert code == 0, f"server exited {code} on SIGTERM:\n{s.logs()[-3000:]}"
+def srv(module_server: MqfastProcess) -> MqfastProcess:
+    """One default server shared by the module (embedded engine, auto-created topics)."""
+    return module_server
 
 
 def assert_error(r: Reply, status: int, code: str | None = None, field: str | None = None) -> dict:

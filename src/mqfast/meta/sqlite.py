@@ -27,10 +27,10 @@ from typing import Any, Final, ParamSpec, TypeVar
 
 import msgspec
 
-from mqfast.errors import ConfigError, Unavailable
+from mqfast.errors import Unavailable
 from mqfast.messages import ConsumerInfo, MetricPoint, RegisterConsumerRequest
 from mqfast.meta.history import format_rfc3339, parse_rfc3339
-from mqfast.sinks.embedded import immediate, write_lock
+from mqfast.sinks.embedded import apply_migrations, immediate, write_lock
 
 __all__ = ["DB_FILENAME", "SCHEMA_COMPONENT", "SqliteMeta"]
 
@@ -538,27 +538,7 @@ class SqliteMeta:
             return fn(conn, arg)
 
     def _migrate(self, conn: sqlite3.Connection, _: object) -> None:
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_version"
-            " (component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
-        )
-        row = conn.execute(
-            "SELECT version FROM schema_version WHERE component = ?", (SCHEMA_COMPONENT,)
-        ).fetchone()
-        current = int(row[0]) if row else 0
-        if current > len(MIGRATIONS):
-            raise ConfigError(
-                f"{self.path}: metadata schema version {current} is newer than this mqfast"
-                f" supports ({len(MIGRATIONS)}); upgrade mqfast or use another data directory"
-            )
-        for version in range(current + 1, len(MIGRATIONS) + 1):
-            for stmt in MIGRATIONS[version - 1]:
-                conn.execute(stmt)
-            conn.execute(
-                "INSERT OR REPLACE INTO schema_version (component, version) VALUES (?, ?)",
-                (SCHEMA_COMPONENT, version),
-            )
-            log.info("metadata schema migrated to version %d", version)
+        apply_migrations(conn, SCHEMA_COMPONENT, MIGRATIONS, self.path)
 
     def _select_sync(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         return self._conn().execute(sql, params).fetchall()

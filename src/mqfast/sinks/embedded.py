@@ -222,6 +222,34 @@ def immediate(conn: sqlite3.Connection, lock: threading.Lock) -> Iterator[sqlite
             raise
 
 
+def apply_migrations(
+    conn: sqlite3.Connection, component: str, migrations: tuple[tuple[str, ...], ...], path: str
+) -> None:
+    """Bring ``component``'s tables to the last of ``migrations``, inside the caller's
+    transaction. Each store in the file keeps its own version row in ``schema_version``."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_version"
+        " (component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
+    )
+    row = conn.execute(
+        "SELECT version FROM schema_version WHERE component = ?", (component,)
+    ).fetchone()
+    current = int(row[0]) if row else 0
+    if current > len(migrations):
+        raise ConfigError(
+            f"{path}: {component} schema version {current} is newer than this mqfast supports"
+            f" ({len(migrations)}); upgrade mqfast or use another data directory"
+        )
+    for version in range(current + 1, len(migrations) + 1):
+        for stmt in migrations[version - 1]:
+            conn.execute(stmt)
+        conn.execute(
+            "INSERT OR REPLACE INTO schema_version (component, version) VALUES (?, ?)",
+            (component, version),
+        )
+        log.info("%s schema migrated to version %d", component, version)
+
+
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -595,33 +623,8 @@ class EmbeddedSink:
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         # Under the write lock so that workers starting together apply each migration once.
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_version"
-                " (component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
-            )
-            row = conn.execute(
-                "SELECT version FROM schema_version WHERE component = ?", (SCHEMA_COMPONENT,)
-            ).fetchone()
-            current = int(row[0]) if row else 0
-            if current > len(MIGRATIONS):
-                raise ConfigError(
-                    f"{self.path}: schema version {current} is newer than this mqfast supports"
-                    f" ({len(MIGRATIONS)}); upgrade mqfast or use another data directory"
-                )
-            for version in range(current + 1, len(MIGRATIONS) + 1):
-                for stmt in MIGRATIONS[version - 1]:
-                    conn.execute(stmt)
-                conn.execute(
-                    "INSERT OR REPLACE INTO schema_version (component, version) VALUES (?, ?)",
-                    (SCHEMA_COMPONENT, version),
-                )
-                log.info("embedded schema migrated to version %d", version)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+        with immediate(conn, self._write_lock):
+            apply_migrations(conn, SCHEMA_COMPONENT, MIGRATIONS, self.path)
 
     def _conn(self) -> sqlite3.Connection:
         if self._admin_conn is None:
