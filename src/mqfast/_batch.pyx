@@ -90,9 +90,6 @@ cdef class Server:
         """Forget ``name``: the next produce to it goes through the slow path again."""
         self.topics.pop(name, None)
 
-    def known_topics(self) -> list:
-        return sorted(self.topics)
-
     cdef TopicState topic_state(self, str name):
         return self.topics.get(name)
 
@@ -170,9 +167,6 @@ cdef class Server:
         self.hist[route][i] += 1
         self.hist_sum[route] += dt * 1e-9
         self.status_counts[route][status_slot(status)] += 1
-
-    def record_method(self, int route, int method_bit) -> None:
-        self.route_method_mask[route] |= method_bit
 
     def stats(self) -> dict:
         """A snapshot of the counters, read by the metrics collector at scrape time."""

@@ -115,7 +115,6 @@ cdef class Server:
     cdef uint64_t hist[MAX_ROUTES][N_BUCKETS + 1]
     cdef double hist_sum[MAX_ROUTES]
     cdef uint64_t status_counts[MAX_ROUTES][N_STATUS]
-    cdef uint64_t route_method_mask[MAX_ROUTES]
 
     cdef void record(self, int route, int status, int64_t t0_ns)
     cdef TopicState topic_state(self, str name)

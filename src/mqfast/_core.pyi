@@ -100,7 +100,6 @@ class Server:
         """Make ``name`` known to the hot path."""
     def drop_topic(self, name: str) -> None:
         """Forget ``name``: the next produce to it goes through the slow path again."""
-    def known_topics(self) -> list[str]: ...
     def set_stored_hook(self, hook: Callable[[list[Any]], None] | None) -> None:
         """Call ``hook(batch)`` after each engine batch (wakes long-polling consumers)."""
     def stats(self) -> dict[str, Any]:

@@ -30,7 +30,6 @@ from mqfast.messages import (
     RedriveRequest,
     RegisterConsumerRequest,
     TopicConfig,
-    create_topic_decoder,
 )
 from mqfast.meta import MetaStore
 from mqfast.meta.history import format_rfc3339, parse_metrics_query
@@ -63,6 +62,7 @@ ROUTES: list[tuple[str, tuple[str, ...]]] = [
 ]
 
 _json = msgspec.json.Encoder()
+_create_topic = msgspec.json.Decoder(CreateTopicRequest)
 _consume = msgspec.json.Decoder(ConsumeRequest)
 _ack = msgspec.json.Decoder(AcknowledgeRequest)
 _ack_batch = msgspec.json.Decoder(BatchAcknowledgeRequest)
@@ -197,7 +197,7 @@ class App:
         )
 
     async def create_topic(self, params: list[str], query: bytes, body: bytes) -> Response:
-        req: CreateTopicRequest = _decode(create_topic_decoder, body)
+        req: CreateTopicRequest = _decode(_create_topic, body)
         _check_topic_name(req.name)
         try:
             retention = (

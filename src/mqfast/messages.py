@@ -124,18 +124,6 @@ class StoredMessage(msgspec.Struct, gc=False):
     expires_at: int  # unix milliseconds; 0 never
 
 
-class ErrorBody(msgspec.Struct):
-    code: str
-    message: str
-    field: str | None = None
-
-
-produce_decoder = msgspec.json.Decoder(ProduceRequest)
-batch_decoder = msgspec.json.Decoder(BatchProduceRequest)
-create_topic_decoder = msgspec.json.Decoder(CreateTopicRequest)
-headers_encoder = msgspec.json.Encoder()
-
-
 # ---- consume / acknowledge ------------------------------------------------------------------
 
 
