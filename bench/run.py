@@ -741,15 +741,19 @@ def render_md(results: dict[str, Any], plots: list[str]) -> str:
         ]
         lines.append("")
     if plots:
-        lines += [
-            "## Plots",
-            "",
-            "In `bench/out/` (not committed; regenerate with `bench/run.py`): "
-            + ", ".join(f"`{p}`" for p in plots)
-            + ".",
-            "",
-        ]
+        lines += ["## Plots", ""]
+        lines += [f"![{p}](plots/{p})" for p in plots]
+        lines.append("")
     return "\n".join(lines)
+
+
+def publish_plots(plots: list[str], out_dir: Path) -> list[str]:
+    """Copy the PNGs next to RESULTS.md (bench/plots/), which is committed with it."""
+    dest = BENCH / "plots"
+    dest.mkdir(exist_ok=True)
+    for p in plots:
+        shutil.copyfile(out_dir / p, dest / p)
+    return plots
 
 
 def measure_consume(
@@ -856,7 +860,7 @@ def main() -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.report_only:
         results = json.loads((out_dir / "results.json").read_text())
-        plots = write_plots(results, out_dir)
+        plots = publish_plots(write_plots(results, out_dir), out_dir)
         Path(args.results_md).write_text(render_md(results, plots))
         print(f"wrote {args.results_md}, plots: {', '.join(plots) or 'none'}")
         return 0
@@ -999,7 +1003,7 @@ def main() -> int:
         "consume": consume_runs,
     }
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
-    plots = write_plots(results, out_dir)
+    plots = publish_plots(write_plots(results, out_dir), out_dir)
     Path(args.results_md).write_text(render_md(results, plots))
     print(
         f"wrote {out_dir / 'results.json'}, {args.results_md}, plots: {', '.join(plots) or 'none'}"
