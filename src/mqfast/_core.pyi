@@ -32,6 +32,9 @@ def message_id_at(ms: int) -> str:
 def partition_for_key(key: bytes, partitions: int) -> int:
     """The partition a key maps to (Kafka's murmur2 partitioner)."""
 
+def decode_json(decoder: Any, body: bytes | bytearray | None) -> Any:
+    """Decode a request body with ``decoder``; every failure is a 400 naming the field."""
+
 def topic_name_error(name: str) -> str | None:
     """None when ``name`` is a valid topic name (Kafka's rules), else the reason."""
 

@@ -29,6 +29,18 @@ cdef bytes _RETRY_AFTER = b"retry-after: 1\r\n"
 cdef object _iscoroutine = __import__("inspect").isawaitable
 
 
+cpdef object decode_json(object decoder, object body):
+    """Decode a request body with ``decoder``; every failure is a 400 naming the field."""
+    if not body:
+        raise _errors.MalformedJson("request body is empty; expected a JSON object")
+    try:
+        return decoder.decode(body)
+    except _DecodeError as e:
+        raise _errors.from_decode_error(e) from None
+    except UnicodeDecodeError:
+        raise _errors.MalformedJson("request body is not valid UTF-8") from None
+
+
 cdef bytes http_response(Server server, int status, bytes body, bint close, bytes extra,
                          bint http10_keepalive):
     reason = _REASONS.get(status, b"Unknown")
@@ -495,14 +507,7 @@ cdef class HttpProtocol:
             raise _errors.Unavailable("too many messages in flight; retry shortly")
         body = p.body
         p.body = None
-        if body is None:
-            raise _errors.MalformedJson("request body is empty; expected a JSON object")
-        try:
-            req = server.produce_decoder.decode(body)
-        except _DecodeError as e:
-            raise _errors.from_decode_error(e)
-        except UnicodeDecodeError:
-            raise _errors.MalformedJson("request body is not valid UTF-8")
+        req = decode_json(server.produce_decoder, body)
         self._enqueue_one(p, req, p.prefer_async, True)
 
     def _enqueue_one(self, Pending p, object req, bint prefer_async, bint may_resolve):
@@ -576,14 +581,7 @@ cdef class HttpProtocol:
         cdef Server server = self.server
         body = p.body
         p.body = None
-        if body is None:
-            raise _errors.MalformedJson("request body is empty; expected a JSON object")
-        try:
-            req = server.batch_decoder.decode(body)
-        except _DecodeError as e:
-            raise _errors.from_decode_error(e)
-        except UnicodeDecodeError:
-            raise _errors.MalformedJson("request body is not valid UTF-8")
+        req = decode_json(server.batch_decoder, body)
         n = len(req.messages)
         if n == 0:
             raise _errors.BadRequest("messages must not be empty", field="messages")

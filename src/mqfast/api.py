@@ -18,7 +18,7 @@ from urllib.parse import parse_qs, unquote
 import msgspec
 
 from mqfast import __version__, errors
-from mqfast._core import Server, topic_name_error
+from mqfast._core import Server, decode_json, topic_name_error
 from mqfast.config import Settings, parse_duration
 from mqfast.groups import Groups, SettleItem, SettleResult, check_id, now_ms
 from mqfast.messages import (
@@ -75,17 +75,6 @@ MAX_METRIC_POINTS = 50_000
 
 def _ok(obj: object, status: int = 200) -> Response:
     return status, _json.encode(obj), None
-
-
-def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
-    if not body:
-        raise errors.MalformedJson("request body is empty; expected a JSON object")
-    try:
-        return decoder.decode(body)
-    except msgspec.DecodeError as e:
-        raise errors.from_decode_error(e) from None
-    except UnicodeDecodeError:
-        raise errors.MalformedJson("request body is not valid UTF-8") from None
 
 
 def _check_topic_name(name: str, field: str = "name") -> None:
@@ -197,7 +186,7 @@ class App:
         )
 
     async def create_topic(self, params: list[str], query: bytes, body: bytes) -> Response:
-        req: CreateTopicRequest = _decode(_create_topic, body)
+        req: CreateTopicRequest = decode_json(_create_topic, body)
         _check_topic_name(req.name)
         try:
             retention = (
@@ -249,7 +238,7 @@ class App:
     async def redrive(self, params: list[str], query: bytes, body: bytes) -> Response:
         """Move the messages of ``<name>.dlq`` back to ``<name>`` (all, or ``max_messages``)."""
         _check_topic_name(params[0])
-        limit = _decode(_redrive, body).max_messages if body.strip() else 100_000
+        limit = decode_json(_redrive, body).max_messages if body.strip() else 100_000
         moved = await self._groups().store.redrive(params[0], limit, now_ms())
         if moved:
             self._groups().notify([params[0]])
@@ -269,7 +258,7 @@ class App:
         return self.meta
 
     async def consume(self, params: list[str], query: bytes, body: bytes) -> Response:
-        req: ConsumeRequest = _decode(_consume, body)
+        req: ConsumeRequest = decode_json(_consume, body)
         groups = self._groups()
         if self.meta is not None:
             check_id(req.consumer_id, "consumer_id")
@@ -299,7 +288,7 @@ class App:
         return out
 
     async def acknowledge(self, params: list[str], query: bytes, body: bytes) -> Response:
-        req: AcknowledgeRequest = _decode(_ack, body)
+        req: AcknowledgeRequest = decode_json(_ack, body)
         groups = self._groups()
         item = SettleItem(
             message_id=req.message_id,
@@ -313,7 +302,7 @@ class App:
         return _ok(self._result(r))
 
     async def acknowledge_batch(self, params: list[str], query: bytes, body: bytes) -> Response:
-        req: BatchAcknowledgeRequest = _decode(_ack_batch, body)
+        req: BatchAcknowledgeRequest = decode_json(_ack_batch, body)
         groups = self._groups()
         if not req.acks:
             raise errors.BadRequest("acks must not be empty", field="acks")
@@ -348,7 +337,7 @@ class App:
         return _ok({"results": out, "succeeded": len(results) - failed, "failed": failed})
 
     async def extend(self, params: list[str], query: bytes, body: bytes) -> Response:
-        req: ExtendRequest = _decode(_extend, body)
+        req: ExtendRequest = decode_json(_extend, body)
         groups = self._groups()
         item = SettleItem(
             message_id=req.message_id,
@@ -363,7 +352,7 @@ class App:
     # ---- consumers --------------------------------------------------------------------------
 
     async def register_consumer(self, params: list[str], query: bytes, body: bytes) -> Response:
-        req: RegisterConsumerRequest = _decode(_register, body)
+        req: RegisterConsumerRequest = decode_json(_register, body)
         check_id(req.consumer_id, "consumer_id")
         check_id(req.group_id, "group_id")
         if not req.topics:
