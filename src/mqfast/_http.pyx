@@ -470,7 +470,9 @@ cdef class HttpProtocol:
             _log.error("internal error handling a request", exc_info=exc)
             exc = _errors.MqfastError("internal error")
         if exc.status == 503 or exc.status == 429:
-            extra = _RETRY_AFTER
+            # e.g. kafka's "outcome unknown" after a delivery timeout
+            extra = getattr(exc, "extra_headers", None)
+            extra = _RETRY_AFTER if extra is None else extra + _RETRY_AFTER
         self._respond_now(p, exc.status, exc.to_body(), extra)
 
     def _answer(self, Pending p, object result):

@@ -112,6 +112,85 @@ def _duration(value: str, var: str) -> int:
         raise ConfigError(str(e)) from None
 
 
+# Security settings of the Kafka client, by the variable that sets them.
+KAFKA_SECURITY_VARS = {
+    "KAFKA_SECURITY_PROTOCOL": "security.protocol",
+    "KAFKA_SASL_MECHANISM": "sasl.mechanism",
+    "KAFKA_SASL_USERNAME": "sasl.username",
+    "KAFKA_SASL_PASSWORD": "sasl.password",
+    "KAFKA_SSL_CA_LOCATION": "ssl.ca.location",
+    "KAFKA_SSL_CERTIFICATE_LOCATION": "ssl.certificate.location",
+    "KAFKA_SSL_KEY_LOCATION": "ssl.key.location",
+    "KAFKA_SSL_KEY_PASSWORD": "ssl.key.password",
+}
+KAFKA_OPT_PREFIX = "KAFKA_OPT_"
+
+
+def kafka_options(env: Mapping[str, str]) -> dict[str, str]:
+    """librdkafka settings from the environment.
+
+    ``KAFKA_OPT_LINGER_MS=5`` sets ``linger.ms``: any librdkafka property, dots written as
+    underscores (librdkafka property names have no underscores of their own).
+    """
+    out: dict[str, str] = {}
+    for var, prop in KAFKA_SECURITY_VARS.items():
+        value = env.get(var, "").strip()
+        if value:
+            out[prop] = value
+    for var, value in env.items():
+        if var.startswith(KAFKA_OPT_PREFIX) and len(var) > len(KAFKA_OPT_PREFIX):
+            out[var[len(KAFKA_OPT_PREFIX) :].lower().replace("_", ".")] = value.strip()
+    return out
+
+
+# Every variable mqfast reads (besides ``KAFKA_OPT_*``); deployment files are checked against it.
+ENV_VARS: tuple[str, ...] = (
+    "DB_HOST",
+    "DB_NAME",
+    "DB_PASSWORD",
+    "DB_PORT",
+    "DB_SSLMODE",
+    "DB_USER",
+    "KAFKA_BROKERS",
+    "MESSAGE_QUEUE_AUTO_CREATE_TOPICS",
+    "MESSAGE_QUEUE_CONSUMER_TIMEOUT",
+    "MESSAGE_QUEUE_DATA_DIR",
+    "MESSAGE_QUEUE_DEFAULT_PARTITIONS",
+    "MESSAGE_QUEUE_DELIVERY_LIMIT",
+    "MESSAGE_QUEUE_ENGINE",
+    "MESSAGE_QUEUE_FSYNC",
+    "MESSAGE_QUEUE_HEADER_TIMEOUT",
+    "MESSAGE_QUEUE_HOST",
+    "MESSAGE_QUEUE_IDLE_TIMEOUT",
+    "MESSAGE_QUEUE_KAFKA_UNSAFE_ACKS",
+    "MESSAGE_QUEUE_LOG_LEVEL",
+    "MESSAGE_QUEUE_MAX_BATCH",
+    "MESSAGE_QUEUE_MAX_BATCH_BYTES",
+    "MESSAGE_QUEUE_MAX_HEADER_BYTES",
+    "MESSAGE_QUEUE_MAX_POLL",
+    "MESSAGE_QUEUE_MAX_SIZE",
+    "MESSAGE_QUEUE_META",
+    "MESSAGE_QUEUE_METRICS_INTERVAL",
+    "MESSAGE_QUEUE_PORT",
+    "MESSAGE_QUEUE_RETENTION",
+    "MESSAGE_QUEUE_RETENTION_INTERVAL",
+    "MESSAGE_QUEUE_RETRY_BACKOFF",
+    "MESSAGE_QUEUE_RETRY_BACKOFF_MAX",
+    "MESSAGE_QUEUE_SHUTDOWN_TIMEOUT",
+    "MESSAGE_QUEUE_TTL",
+    "MESSAGE_QUEUE_VISIBILITY_TIMEOUT",
+    "MESSAGE_QUEUE_WORKERS",
+    "METRICS_ADDR",
+    "PPROF_ADDR",
+    "REDIS_DB",
+    "REDIS_HOST",
+    "REDIS_PASSWORD",
+    "REDIS_PORT",
+    "REDIS_TLS",
+    *KAFKA_SECURITY_VARS,
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Every setting mqfast reads; see README.md for the table of variables."""
@@ -151,7 +230,16 @@ class Settings:
     db_name: str = "necpgame"
     redis_host: str = "localhost"
     redis_port: int = 6379
+    db_sslmode: str = "prefer"
+    redis_password: str = field(default="", repr=False)
+    redis_db: int = 0
+    redis_tls: bool = False
     kafka_brokers: str = "localhost:9092"
+    # librdkafka settings from KAFKA_* variables (security) and KAFKA_OPT_* (anything else).
+    kafka_options: Mapping[str, str] = field(default_factory=dict, repr=False)
+    kafka_unsafe_acks: bool = False
+    # Where metadata lives: "sqlite" (beside the embedded engine) or "postgres".
+    meta: str = "sqlite"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -251,8 +339,22 @@ class Settings:
             "db_name": e.get("DB_NAME", d.db_name),
             "redis_host": e.get("REDIS_HOST", d.redis_host),
             "redis_port": _int(e.get("REDIS_PORT", str(d.redis_port)), "REDIS_PORT", 1, 65535),
-            "kafka_brokers": e.get("KAFKA_BROKERS", d.kafka_brokers),
+            "db_sslmode": e.get("DB_SSLMODE", d.db_sslmode).strip(),
+            "redis_password": e.get("REDIS_PASSWORD", d.redis_password),
+            "redis_db": _int(e.get("REDIS_DB", "0"), "REDIS_DB", 0, 1023),
+            "redis_tls": _bool(e.get("REDIS_TLS", "0"), "REDIS_TLS"),
+            "kafka_brokers": e.get("KAFKA_BROKERS", d.kafka_brokers).strip(),
+            "kafka_options": kafka_options(e),
+            "kafka_unsafe_acks": _bool(
+                e.get("MESSAGE_QUEUE_KAFKA_UNSAFE_ACKS", "0"), "MESSAGE_QUEUE_KAFKA_UNSAFE_ACKS"
+            ),
         }
+        engine = str(values["engine"])
+        values["meta"] = (
+            e.get("MESSAGE_QUEUE_META", "postgres" if engine == "kafka" else "sqlite")
+            .strip()
+            .lower()
+        )
         names = {f.name for f in fields(cls)}
         for k, v in overrides.items():
             if k not in names:
@@ -267,6 +369,20 @@ class Settings:
         if self.engine not in ("embedded", "kafka"):
             raise ConfigError(
                 f"MESSAGE_QUEUE_ENGINE={self.engine!r}: expected 'embedded' or 'kafka'"
+            )
+        if self.meta not in ("sqlite", "postgres"):
+            raise ConfigError(f"MESSAGE_QUEUE_META={self.meta!r}: expected 'sqlite' or 'postgres'")
+        if self.engine == "kafka" and self.meta == "sqlite":
+            raise ConfigError(
+                "MESSAGE_QUEUE_META=sqlite cannot be shared by Kafka replicas; use postgres"
+            )
+        if self.engine == "kafka" and not self.kafka_brokers:
+            raise ConfigError("KAFKA_BROKERS is empty: expected host:port[,host:port...]")
+        acks = self.kafka_options.get("acks", "all").lower()
+        if acks not in ("all", "-1") and not self.kafka_unsafe_acks:
+            raise ConfigError(
+                f"KAFKA_OPT_ACKS={acks!r} breaks the promise that a 2xx means durable; "
+                "set MESSAGE_QUEUE_KAFKA_UNSAFE_ACKS=1 to accept losing acknowledged messages"
             )
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(

@@ -14,6 +14,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import quote
 
 import uvloop
 
@@ -36,13 +39,22 @@ PRUNE_INTERVAL_S = 30.0
 
 
 class Engine:
-    """The storage engine named by ``MESSAGE_QUEUE_ENGINE``: messages, groups and metadata."""
+    """The storage engine named by ``MESSAGE_QUEUE_ENGINE``: messages, groups and metadata.
+
+    ``embedded``: SQLite for all three. ``kafka``: messages in Kafka, leases and positions in
+    Redis, metadata (topic settings, consumers, metric history) in PostgreSQL.
+    """
 
     def __init__(self, settings: Settings) -> None:
-        if settings.engine != "embedded":
-            raise ConfigError(
-                f"MESSAGE_QUEUE_ENGINE={settings.engine!r}: this build has only the embedded engine"
-            )
+        self.settings = settings
+        self.recheck_s = float("inf")
+        self.dependencies: dict[str, Callable[[], dict[str, object]]] = {}
+        if settings.engine == "kafka":
+            self._init_kafka(settings)
+        else:
+            self._init_embedded(settings)
+
+    def _init_embedded(self, settings: Settings) -> None:
         from mqfast.meta.sqlite import SqliteMeta
         from mqfast.sinks.embedded import EmbeddedSink, write_lock
         from mqfast.sinks.embedded_groups import EmbeddedGroups
@@ -53,21 +65,58 @@ class Engine:
             retention_interval_s=settings.retention_interval_s,
         )
         self.sink: Sink = sink
-        self._groups = EmbeddedGroups(
+        groups = EmbeddedGroups(
             sink.open_connection, write_lock(sink.path), Policy.from_settings(settings)
         )
-        self.groups_store: GroupStore = self._groups
+        self.groups_store: GroupStore = groups
         self.meta: MetaStore = SqliteMeta(settings.data_dir)
+        self._parts: list[Any] = [sink, groups, self.meta]
+
+    def _init_kafka(self, settings: Settings) -> None:
+        try:
+            from mqfast.meta.postgres import PostgresMeta
+            from mqfast.sinks.kafka import KafkaSink
+            from mqfast.sinks.kafka_groups import KafkaGroups
+        except ImportError as e:
+            raise ConfigError(
+                f"MESSAGE_QUEUE_ENGINE=kafka needs the cluster extras: "
+                f"pip install 'mqfast[cluster]' ({e})"
+            ) from None
+        meta = PostgresMeta(postgres_dsn(settings))
+        sink = KafkaSink(settings, meta)
+        groups = KafkaGroups(settings, sink, Policy.from_settings(settings))
+        self.sink = sink
+        self.groups_store = groups
+        self.meta = meta
+        self.recheck_s = groups.recheck_s
+        self.dependencies = {"postgres": meta.health, "redis": groups.health}
+        # PostgreSQL first: the engine reads its topic registry at start.
+        self._parts = [meta, sink, groups]
 
     async def start(self) -> None:
-        await self.sink.start()  # migrates the database first
-        await self._groups.start()
-        await self.meta.start()
+        for part in self._parts:  # embedded: the sink migrates the database first
+            await part.start()
 
     async def close(self, timeout: float) -> None:
-        await self.sink.close(timeout)
-        await self._groups.close()
-        await self.meta.close()
+        # Reverse order: groups and the sink finish before the metadata store goes.
+        for part in reversed(self._parts):
+            if part is self.sink:
+                await self.sink.close(timeout)
+            else:
+                await part.close()
+
+
+def postgres_dsn(settings: Settings) -> str:
+    """The PostgreSQL connection string from ``DB_*`` (the password is quoted, never logged)."""
+    user = quote(settings.db_user, safe="")
+    password = quote(settings.db_password, safe="")
+    host = settings.db_host
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 address
+    return (
+        f"postgresql://{user}:{password}@{host}:{settings.db_port}/"
+        f"{quote(settings.db_name, safe='')}?sslmode={quote(settings.db_sslmode, safe='')}"
+    )
 
 
 def _side_port(addr: tuple[str, int] | None, index: int) -> tuple[str, int] | None:
@@ -90,8 +139,10 @@ async def serve(settings: Settings, *, index: int = 0, reuse_port: bool = False)
     engine = Engine(settings)
     sink = engine.sink
     groups = Groups(settings, engine.groups_store)
+    groups.recheck_s = min(groups.recheck_s, engine.recheck_s)
     groups.lookup_consumer = engine.meta.get_consumer
     app = App(settings, sink, groups, engine.meta)
+    app.dependencies = engine.dependencies
     core = Server(loop, sink, app, ROUTES, settings)
     core.set_stored_hook(groups.on_stored)
     app.attach(core)

@@ -1,0 +1,710 @@
+"""The Kafka engine: messages in Apache Kafka through librdkafka (confluent-kafka).
+
+Produce: the hot path hands each per-tick batch to ``submit``, which queues every message in
+librdkafka's producer (acks=all, idempotence, lz4) without blocking; a poll thread receives the
+delivery reports and hands each finished batch back to the loop, coalesced into one wake-up per
+poll. A full local queue is a 503 with Retry-After (memory stays bounded), a delivery that timed
+out is a 503 whose outcome is unknown (``X-Mqfast-Outcome: unknown``): the broker may have
+written it.
+
+Topics: created, described and deleted through ``AdminClient``. Kafka has no place for mqfast's
+own topic settings (``dead_letter_expired``, ``created_at``), so those live in the metadata
+store's topic registry; a topic created by other tools is served with settings derived from
+Kafka's own configuration.
+
+Consumer groups are in ``sinks.kafka_groups`` (Redis holds the leases, Kafka the messages).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import msgspec
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AdminClient,
+    ConfigResource,
+    NewTopic,
+)
+
+from mqfast import errors
+from mqfast.config import Settings
+from mqfast.messages import (
+    GroupLag,
+    PartitionStats,
+    StoredMessage,
+    TopicConfig,
+    TopicInfo,
+)
+from mqfast.sinks import Delivery, DoneCallback
+
+log = logging.getLogger("mqfast.kafka")
+
+# Record headers mqfast writes beside the user's own (which keep their names).
+H_ID = "mqfast-id"
+H_PRIORITY = "mqfast-priority"
+H_EXPIRES = "mqfast-expires"
+OWN_HEADERS = frozenset((H_ID, H_PRIORITY, H_EXPIRES))
+NS_PER_MS = 1_000_000
+ADMIN_TIMEOUT_S = 15.0
+METADATA_TTL_S = 2.0
+# After every broker is reported down, new produce requests are refused at once (their outcome
+# is then certain: not written) until a metadata request succeeds again.
+DOWN_RECHECK_S = 1.0
+
+_headers_decoder = msgspec.json.Decoder(dict[str, str])
+
+
+class OutcomeUnknown(errors.Unavailable):
+    """The broker did not confirm in time: the message may or may not have been written."""
+
+    extra_headers = b"x-mqfast-outcome: unknown\r\n"
+
+
+class TopicRegistry(Protocol):
+    """mqfast's own topic settings, kept by the metadata store (``meta.postgres``)."""
+
+    async def save_topic(self, cfg: TopicConfig) -> None: ...
+
+    async def remove_topic(self, name: str) -> None: ...
+
+    def cached_topics(self) -> dict[str, TopicConfig]: ...
+
+    async def load_topics(self) -> dict[str, TopicConfig]: ...
+
+
+def client_config(settings: Settings) -> dict[str, Any]:
+    """Settings shared by every Kafka client: brokers, security, then ``KAFKA_OPT_*``."""
+    conf: dict[str, Any] = {
+        "bootstrap.servers": settings.kafka_brokers,
+        "client.id": f"mqfast-{os.uname().nodename}-{os.getpid()}",
+        "socket.keepalive.enable": True,
+    }
+    return conf
+
+
+def producer_config(settings: Settings) -> dict[str, Any]:
+    conf = client_config(settings)
+    conf.update(
+        {
+            # The durability promise: a 2xx only after every in-sync replica has the message.
+            "acks": "all",
+            "enable.idempotence": True,
+            "compression.type": "lz4",
+            # Chosen with bench/kafka.py: a short linger fills batches under load and costs
+            # well under a millisecond when idle.
+            "linger.ms": 1,
+            "batch.size": 1_000_000,
+            # The local queue bounds memory; beyond it produce answers 503.
+            "queue.buffering.max.messages": 200_000,
+            "queue.buffering.max.kbytes": 262_144,
+            # How long a message may wait for its delivery report: a broker outage turns into
+            # 503s within this bound instead of requests hanging.
+            "message.timeout.ms": 10_000,
+            "message.max.bytes": max(1_048_576, settings.max_batch_bytes + 65_536),
+        }
+    )
+    conf.update(_filtered(settings.kafka_options, consumer_only=True))
+    return conf
+
+
+def consumer_config(settings: Settings, group: str | None) -> dict[str, Any]:
+    conf = client_config(settings)
+    conf.update(
+        {
+            "group.id": group or "mqfast-admin",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "enable.partition.eof": False,
+            # A consume waits for new messages on the broker, not in a sleep loop here.
+            "fetch.wait.max.ms": 50,
+            "queued.max.messages.kbytes": 16_384,
+        }
+    )
+    conf.update(_filtered(settings.kafka_options, consumer_only=False))
+    return conf
+
+
+_PRODUCER_ONLY = (
+    "acks",
+    "enable.idempotence",
+    "compression.type",
+    "linger.ms",
+    "batch.size",
+    "batch.num.messages",
+    "queue.buffering.max.messages",
+    "queue.buffering.max.kbytes",
+    "queue.buffering.max.ms",
+    "message.timeout.ms",
+    "delivery.timeout.ms",
+    "retries",
+    "message.send.max.retries",
+    "retry.backoff.ms",
+    "request.required.acks",
+    "compression.codec",
+    "max.in.flight.requests.per.connection",
+    "max.in.flight",
+)
+_CONSUMER_ONLY = (
+    "fetch.wait.max.ms",
+    "fetch.min.bytes",
+    "fetch.max.bytes",
+    "max.partition.fetch.bytes",
+    "queued.max.messages.kbytes",
+    "queued.min.messages",
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
+    "isolation.level",
+    "auto.offset.reset",
+)
+
+
+def _filtered(options: Mapping[str, str], consumer_only: bool) -> dict[str, str]:
+    """``KAFKA_OPT_*`` for one kind of client: librdkafka warns about the other kind's keys."""
+    skip = _CONSUMER_ONLY if consumer_only else _PRODUCER_ONLY
+    return {k: v for k, v in options.items() if k not in skip}
+
+
+def _map_error(err: KafkaError) -> errors.MqfastError:
+    code = err.code()
+    if code == KafkaError._MSG_TIMED_OUT:
+        return OutcomeUnknown(
+            "kafka: no delivery report within message.timeout.ms; the message may or may not "
+            "have been written"
+        )
+    if code in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC):
+        return errors.UnknownTopic("unknown topic (deleted while the message was in flight)")
+    if code == KafkaError.MSG_SIZE_TOO_LARGE or code == getattr(
+        KafkaError, "_MSG_SIZE_TOO_LARGE", -1
+    ):
+        return errors.PayloadTooLarge("kafka refused the message: larger than the topic allows")
+    return errors.Unavailable(f"kafka: {err.str()}")
+
+
+class _Batch:
+    """Counts the delivery reports of one submitted batch (called on the poll thread)."""
+
+    __slots__ = ("deliveries", "remaining", "sink")
+
+    def __init__(self, sink: KafkaSink, deliveries: list[Delivery]) -> None:
+        self.sink = sink
+        self.deliveries = deliveries
+        # One more than the messages: submit() holds it until every message is queued, so the
+        # batch cannot finish while it is still being submitted.
+        self.remaining = len(deliveries) + 1
+
+    def report(self, index: int, err: KafkaError | None, msg: Any) -> None:
+        d = self.deliveries[index]
+        if err is None:
+            d.offset = msg.offset()
+        else:
+            d.error = _map_error(err)
+            self.sink._last_error = err.str()
+        self.settled(1)
+
+    def settled(self, n: int) -> None:
+        with self.sink._done_lock:
+            self.remaining -= n
+            last = self.remaining == 0
+        if last:
+            self.sink._finished(self.deliveries)
+
+
+def record_headers(d: Delivery) -> list[tuple[str, bytes]]:
+    out: list[tuple[str, bytes]] = [(H_ID, d.message_id.encode())]
+    if d.priority:
+        out.append((H_PRIORITY, b"%d" % d.priority))
+    if d.expires_ms:
+        out.append((H_EXPIRES, b"%d" % d.expires_ms))
+    if d.headers:
+        for k, v in _headers_decoder.decode(d.headers).items():
+            if k not in OWN_HEADERS:
+                out.append((k, v.encode()))
+    return out
+
+
+def parse_record(msg: Any) -> StoredMessage:
+    """A Kafka record as mqfast reads it back (its own headers split from the user's)."""
+    mid = ""
+    priority = 0
+    expires = 0
+    user: dict[str, str] = {}
+    for k, v in msg.headers() or ():
+        if k == H_ID:
+            mid = v.decode("ascii", "replace") if v else ""
+        elif k == H_PRIORITY:
+            priority = int(v or 0)
+        elif k == H_EXPIRES:
+            expires = int(v or 0)
+        else:
+            user[k] = v.decode("utf-8", "replace") if v is not None else ""
+    key = msg.key()
+    value = msg.value()
+    if not mid:  # written by another Kafka client: a stable id from its position
+        mid = f"kafka-{msg.topic()}-{msg.partition()}-{msg.offset()}"
+    return StoredMessage(
+        message_id=mid,
+        topic=msg.topic(),
+        partition=msg.partition(),
+        offset=msg.offset(),
+        key=key.decode("utf-8", "replace") if key is not None else None,
+        content=value.decode("utf-8", "replace") if value is not None else "",
+        headers=user,
+        priority=priority,
+        timestamp=msg.timestamp()[1],
+        expires_at=expires,
+    )
+
+
+class KafkaSink:
+    """``sinks.Sink`` on Apache Kafka."""
+
+    name = "kafka"
+
+    def __init__(self, settings: Settings, registry: TopicRegistry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_done: DoneCallback | None = None
+        self._producer: Any = None
+        self._admin: Any = None
+        self._util: Any = None  # a consumer for watermarks and reads, used on the pool thread
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="mqfast-kafka-admin"
+        )
+        self._poller: threading.Thread | None = None
+        self._running = False
+        self._done: list[list[Delivery]] = []
+        self._done_lock = threading.Lock()
+        self._in_flight = 0
+        self._topics: dict[str, TopicConfig] = {}
+        self._topics_at = 0.0
+        self._down_since = 0.0  # monotonic time every broker was reported down; 0 when up
+        self._last_error = ""
+        # Engine-side hooks: group lags for describe, cleanup after a delete.
+        self.group_lags: Callable[[str, list[int]], Any] | None = None
+        self.topic_deleted: Callable[[str], Any] | None = None
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    def bind(self, loop: asyncio.AbstractEventLoop, on_done: DoneCallback) -> None:
+        self._loop = loop
+        self._on_done = on_done
+
+    async def start(self) -> None:
+        conf = producer_config(self.settings)
+        conf["error_cb"] = self._error_cb
+        self._producer = Producer(conf)
+        admin_conf = client_config(self.settings)
+        admin_conf.update(_filtered(self.settings.kafka_options, consumer_only=True))
+        admin_conf.update(_filtered(self.settings.kafka_options, consumer_only=False))
+        self._admin = AdminClient(admin_conf)
+        self._util = Consumer(consumer_config(self.settings, None))
+        self._running = True
+        self._poller = threading.Thread(target=self._poll, name="mqfast-kafka-poll", daemon=True)
+        self._poller.start()
+        try:
+            await self._refresh_topics(force=True)
+        except errors.Unavailable as e:
+            raise errors.Unavailable(
+                f"kafka: cannot reach the brokers at {self.settings.kafka_brokers}: {e.message}"
+            ) from None
+        log.info(
+            "kafka engine started",
+            extra={"brokers": self.settings.kafka_brokers, "topics": len(self._topics)},
+        )
+
+    async def close(self, timeout: float) -> None:
+        if self._producer is not None:
+            deadline = time.monotonic() + timeout
+            left = await self._run(self._producer.flush, max(0.1, timeout))
+            while self._in_flight and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            if left:
+                log.warning("kafka: messages left unconfirmed at shutdown", extra={"left": left})
+        self._running = False
+        if self._poller is not None:
+            self._poller.join(timeout=2)
+        if self._util is not None:
+            await self._run(self._util.close)
+            self._util = None
+        self._pool.shutdown(wait=False)
+
+    def _poll(self) -> None:
+        producer = self._producer
+        last_check = 0.0
+        while self._running:
+            producer.poll(0.05)
+            if self._down_since and time.monotonic() - last_check > DOWN_RECHECK_S:
+                last_check = time.monotonic()
+                try:
+                    producer.list_topics(timeout=1.0)
+                    log.info("kafka: brokers reachable again")
+                    self._down_since = 0.0
+                except KafkaException:
+                    pass
+
+    def _error_cb(self, err: KafkaError) -> None:
+        self._last_error = err.str()
+        if err.code() == KafkaError._ALL_BROKERS_DOWN:
+            if not self._down_since:
+                log.error("kafka: every broker is down", extra={"error": err.str()})
+            self._down_since = time.monotonic()
+        elif err.fatal():
+            log.critical("kafka: fatal producer error", extra={"error": err.str()})
+        else:
+            log.warning("kafka client error", extra={"error": err.str()})
+
+    # ---- produce (loop thread) ------------------------------------------------------------
+
+    def submit(self, batch: list[Delivery]) -> None:
+        if self._down_since:
+            err = errors.Unavailable(
+                "kafka: no broker reachable; nothing was written, retry later"
+                f" (last error: {self._last_error})"
+            )
+            for d in batch:
+                d.error = err
+            self._finish_now(batch)
+            return
+        tracker = _Batch(self, batch)
+        produce = self._producer.produce
+        queued = 0
+        self._in_flight += 1
+        for i, d in enumerate(batch):
+            try:
+                produce(
+                    d.topic,
+                    d.value,
+                    d.key,
+                    partition=d.partition,
+                    timestamp=d.timestamp_ms,
+                    headers=record_headers(d),
+                    on_delivery=functools.partial(tracker.report, i),
+                )
+                queued += 1
+            except BufferError:
+                d.error = errors.Unavailable("kafka: the local send queue is full; retry later")
+            except KafkaException as e:
+                d.error = _map_error(e.args[0])
+            except Exception as e:  # a bad argument must fail this message, not the batch
+                d.error = errors.BadRequest(f"kafka refused the message: {e}")
+        # Reports arrive only for queued messages: the refused ones are settled now.
+        tracker.settled(len(batch) - queued + 1)
+
+    def _finish_now(self, batch: list[Delivery]) -> None:
+        assert self._loop is not None and self._on_done is not None
+        self._loop.call_soon(self._on_done, batch)
+
+    def _finished(self, batch: list[Delivery]) -> None:
+        # Poll thread: one loop wake-up for every batch finished during this poll.
+        with self._done_lock:
+            self._done.append(batch)
+            first = len(self._done) == 1
+        if first and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._deliver_done)
+
+    def _deliver_done(self) -> None:
+        with self._done_lock:
+            done, self._done = self._done, []
+            self._in_flight -= len(done)
+        assert self._on_done is not None
+        for batch in done:
+            self._on_done(batch)
+
+    async def produce_one(
+        self,
+        topic: str,
+        partition: int,
+        key: bytes | None,
+        value: bytes,
+        headers: list[tuple[str, bytes]],
+    ) -> int:
+        """Write one message outside the hot path (dead letters, redrive); returns its offset."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[int] = loop.create_future()
+
+        def report(err: KafkaError | None, msg: Any) -> None:
+            if err is None:
+                loop.call_soon_threadsafe(_set_result, fut, msg.offset())
+            else:
+                loop.call_soon_threadsafe(_set_exception, fut, _map_error(err))
+
+        for _ in range(50):
+            try:
+                self._producer.produce(
+                    topic, value, key, partition=partition, headers=headers, on_delivery=report
+                )
+                break
+            except BufferError:
+                await asyncio.sleep(0.02)
+        else:
+            raise errors.Unavailable("kafka: the local send queue is full")
+        return await fut
+
+    # ---- helpers --------------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, fn, *args)
+        except KafkaException as e:
+            raise self._admin_error(e) from None
+
+    @staticmethod
+    def _admin_error(e: KafkaException) -> errors.MqfastError:
+        err = e.args[0] if e.args else None
+        if isinstance(err, KafkaError):
+            code = err.code()
+            if code in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC):
+                return errors.UnknownTopic(f"unknown topic: {err.str()}")
+            if code == KafkaError.INVALID_REPLICATION_FACTOR:
+                return errors.BadRequest(f"kafka: {err.str()}", field="replication")
+            if code == KafkaError.INVALID_PARTITIONS:
+                return errors.BadRequest(f"kafka: {err.str()}", field="partitions")
+            if code == KafkaError.POLICY_VIOLATION or code == KafkaError.INVALID_CONFIG:
+                return errors.BadRequest(f"kafka: {err.str()}")
+            return errors.Unavailable(f"kafka: {err.str()}")
+        return errors.Unavailable(f"kafka: {e}")
+
+    async def _wait(self, fut: concurrent.futures.Future[Any]) -> Any:
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(fut), ADMIN_TIMEOUT_S)
+        except KafkaException as e:
+            raise self._admin_error(e) from None
+        except TimeoutError:
+            raise errors.Unavailable(
+                f"kafka: the brokers did not answer within {ADMIN_TIMEOUT_S:.0f}s"
+            ) from None
+
+    async def _metadata(self) -> Any:
+        return await self._run(self._admin.list_topics, None, 5.0)
+
+    async def _refresh_topics(self, force: bool = False) -> dict[str, TopicConfig]:
+        if not force and time.monotonic() - self._topics_at < METADATA_TTL_S:
+            return self._topics
+        md = await self._metadata()
+        try:
+            registry = await self.registry.load_topics()
+        except errors.Unavailable:
+            registry = self.registry.cached_topics()  # metadata store down: last known
+        topics: dict[str, TopicConfig] = {}
+        for name, t in md.topics.items():
+            if name.startswith("__") or t.error is not None:
+                continue
+            parts = len(t.partitions)
+            reps = max((len(p.replicas) for p in t.partitions.values()), default=1)
+            known = registry.get(name) or self._topics.get(name)
+            if known is not None:
+                topics[name] = msgspec.structs.replace(known, partitions=parts)
+            else:
+                topics[name] = TopicConfig(
+                    name=name,
+                    partitions=parts,
+                    replication=reps,
+                    retention=self.settings.default_retention_ns,
+                    max_size=0,
+                )
+        self._topics = topics
+        self._topics_at = time.monotonic()
+        return topics
+
+    # ---- topics ---------------------------------------------------------------------------
+
+    async def create_topic(self, config: TopicConfig) -> tuple[TopicConfig, bool]:
+        existing = await self.get_topic(config.name)
+        if existing is not None:
+            if existing.same_settings(config):
+                return existing, False
+            raise errors.TopicExists(
+                f"topic {config.name!r} exists with other settings", field="name"
+            )
+        kconf = {
+            "retention.ms": str(config.retention // NS_PER_MS) if config.retention else "-1",
+            "retention.bytes": (
+                str(max(1, config.max_size // config.partitions)) if config.max_size else "-1"
+            ),
+            "max.message.bytes": str(max(1_048_588, self.settings.max_batch_bytes + 65_536)),
+        }
+        new = NewTopic(
+            config.name,
+            num_partitions=config.partitions,
+            replication_factor=config.replication,
+            config=kconf,
+        )
+        futs = self._admin.create_topics([new], request_timeout=ADMIN_TIMEOUT_S)
+        created = True
+        try:
+            await self._wait(futs[config.name])
+        except errors.Unavailable as e:
+            if "TOPIC_ALREADY_EXISTS" not in e.message and "already exists" not in e.message:
+                raise
+            created = False  # another replica created it at the same moment
+        if created:
+            try:
+                await self.registry.save_topic(config)
+            except errors.Unavailable:
+                log.warning(
+                    "topic created in kafka but its settings could not be saved in the metadata "
+                    "store; derived settings will be shown until it is recreated",
+                    extra={"topic": config.name},
+                )
+            self._topics[config.name] = config
+            return config, True
+        stored = await self.get_topic(config.name, fresh=True)
+        if stored is None:
+            raise errors.Unavailable(f"kafka: topic {config.name!r} is being created; retry")
+        if not stored.same_settings(config):
+            raise errors.TopicExists(
+                f"topic {config.name!r} exists with other settings", field="name"
+            )
+        return stored, False
+
+    async def get_topic(self, name: str, fresh: bool = False) -> TopicConfig | None:
+        cfg = self._topics.get(name)
+        if cfg is not None and not fresh:
+            return cfg
+        topics = await self._refresh_topics(force=True)
+        return topics.get(name)
+
+    async def list_topics(self) -> list[TopicConfig]:
+        topics = await self._refresh_topics()
+        return [topics[n] for n in sorted(topics)]
+
+    async def delete_topic(self, name: str) -> None:
+        if await self.get_topic(name, fresh=True) is None:
+            raise errors.UnknownTopic(f"unknown topic {name!r}")
+        futs = self._admin.delete_topics([name], request_timeout=ADMIN_TIMEOUT_S)
+        await self._wait(futs[name])
+        self._topics.pop(name, None)
+        if self.topic_deleted is not None:
+            await self.topic_deleted(name)
+        try:
+            await self.registry.remove_topic(name)
+        except errors.Unavailable:
+            log.warning("topic settings left in the metadata store", extra={"topic": name})
+
+    async def watermarks(self, name: str, partitions: int) -> list[tuple[int, int]]:
+        """(low, high) offsets of every partition."""
+
+        def read() -> list[tuple[int, int]]:
+            out = []
+            for p in range(partitions):
+                lo, hi = self._util.get_watermark_offsets(
+                    TopicPartition(name, p), timeout=5.0, cached=False
+                )
+                out.append((int(lo), int(hi)))
+            return out
+
+        result: list[tuple[int, int]] = await self._run(read)
+        return result
+
+    async def describe_topic(self, name: str) -> TopicInfo:
+        cfg = await self.get_topic(name, fresh=True)
+        if cfg is None:
+            raise errors.UnknownTopic(f"unknown topic {name!r}")
+        marks = await self.watermarks(name, cfg.partitions)
+        stats = [
+            PartitionStats(partition=p, messages=hi - lo, bytes=0, low_offset=lo, high_offset=hi)
+            for p, (lo, hi) in enumerate(marks)
+        ]
+        lags: list[GroupLag] = []
+        if self.group_lags is not None:
+            lags = await self.group_lags(name, [hi for _, hi in marks])
+        return TopicInfo(
+            name=cfg.name,
+            partitions=cfg.partitions,
+            replication=cfg.replication,
+            retention=cfg.retention,
+            max_size=cfg.max_size,
+            created_at=cfg.created_at,
+            dead_letter_expired=cfg.dead_letter_expired,
+            messages=sum(s.messages for s in stats),
+            bytes=0,
+            partition_stats=stats,
+            consumer_groups=lags,
+        )
+
+    async def delete_before(self, name: str, partition: int, offset: int) -> None:
+        """Delete the records of one partition below ``offset`` (redrive empties the DLQ)."""
+        futs = self._admin.delete_records(
+            [TopicPartition(name, partition, offset)], request_timeout=ADMIN_TIMEOUT_S
+        )
+        for fut in futs.values():
+            await self._wait(fut)
+
+    async def read(
+        self, topic: str, partition: int, offset: int, limit: int
+    ) -> list[StoredMessage]:
+        if limit <= 0:
+            return []
+
+        def fetch() -> list[StoredMessage]:
+            c = Consumer(consumer_config(self.settings, None))
+            try:
+                lo, hi = c.get_watermark_offsets(TopicPartition(topic, partition), timeout=5.0)
+                start = max(offset, lo)
+                if start >= hi:
+                    return []
+                c.assign([TopicPartition(topic, partition, start)])
+                out: list[StoredMessage] = []
+                deadline = time.monotonic() + 10.0
+                while len(out) < limit and time.monotonic() < deadline:
+                    for msg in c.consume(min(500, limit - len(out)), 0.5):
+                        if msg.error() is None:
+                            out.append(parse_record(msg))
+                    if out and out[-1].offset >= hi - 1:
+                        break
+                return out
+            finally:
+                c.close()
+
+        result: list[StoredMessage] = await self._run(fetch)
+        return result
+
+    async def topic_configs(self, name: str) -> dict[str, str]:
+        """Kafka's configuration of a topic (tests and operators check retention here)."""
+        res = ConfigResource(ConfigResource.Type.TOPIC, name)
+        futs = self._admin.describe_configs([res], request_timeout=ADMIN_TIMEOUT_S)
+        entries = await self._wait(futs[res])
+        return {k: v.value for k, v in entries.items()}
+
+    def health(self) -> dict[str, object]:
+        if self._down_since:
+            return {
+                "status": "down",
+                "engine": self.name,
+                "brokers": self.settings.kafka_brokers,
+                "detail": self._last_error,
+            }
+        return {
+            "status": "up",
+            "engine": self.name,
+            "brokers": self.settings.kafka_brokers,
+            "topics": len(self._topics),
+        }
+
+
+def _set_result(fut: asyncio.Future[int], value: int) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future[int], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)

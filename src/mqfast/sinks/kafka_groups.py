@@ -1,0 +1,706 @@
+"""Consumer groups on the Kafka engine: messages read from Kafka, leases kept in Redis.
+
+Any replica serves any consume or acknowledgement of any group, so the state of a group can
+live in no single replica: every lease, retry, dead-letter hand-off and committed position is in
+Redis (``kafka_groups.lua``: one atomic script per step), and each replica reads the messages
+from Kafka itself. An acknowledgement that reaches replica B for a message leased through
+replica A is applied to the shared state directly: there is nothing to relay. ``kill -9`` of a
+replica loses nothing: its leases expire in Redis and the messages are delivered again through
+the others.
+
+Each replica keeps, per group and topic it serves, a read-ahead *window* of each partition from
+the group's committed position on (at most ``WINDOW`` messages per partition): priority and TTL
+are decided inside that window, and a partition cannot run further than ``WINDOW`` messages
+ahead of its oldest incomplete message. The committed position is also committed to Kafka for
+the consumer group ``mqfast.<group>`` (so Kafka's tools show the lag, and a group whose Redis
+state is lost resumes from there: at-least-once, never lost).
+
+Where a lease expires: ``prepare`` in the Lua file, at the start of every lease call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from importlib import resources
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+from confluent_kafka import Consumer, TopicPartition
+from redis.exceptions import RedisError, ResponseError
+
+from mqfast import errors
+from mqfast._core import message_id_at, partition_for_key
+from mqfast.config import Settings
+from mqfast.groups import (
+    PRIORITY_LEVELS,
+    LeaseOutcome,
+    Policy,
+    PriorityPicker,
+    SettleItem,
+    SettleResult,
+    dlq_name,
+)
+from mqfast.messages import GroupLag, LeasedMessage, StoredMessage, TopicConfig
+from mqfast.sinks.kafka import KafkaSink, consumer_config, parse_record
+
+log = logging.getLogger("mqfast.kafka.groups")
+
+WINDOW = 2000  # messages read ahead per partition, per group and topic
+IDLE_WINDOW_S = 300.0  # a window nobody consumed through for this long is closed
+LOW_REFRESH_S = 5.0
+COMMIT_EVERY_S = 1.0
+DLQ_HEADER_PREFIX = "x-mqfast-dlq-"
+REDIS_TIMEOUT_S = 2.0
+
+_json = msgspec.json.Decoder()
+
+
+def _load_scripts() -> dict[str, str]:
+    text = resources.files("mqfast.sinks").joinpath("kafka_groups.lua").read_text()
+    common, *parts = text.split("--@")
+    out = {}
+    for part in parts:
+        name, _, body = part.partition("\n")
+        out[name.strip()] = common + "\n" + body
+    return out
+
+
+def _list(value: Any) -> list[Any]:
+    # Lua's cjson encodes an empty table as {}.
+    return value if isinstance(value, list) else []
+
+
+class _Window:
+    """Read-ahead of one group's partitions of one topic, on the reader thread only."""
+
+    def __init__(self, settings: Settings, group: str, topic: str, partitions: int) -> None:
+        self.settings = settings
+        self.group = group
+        self.topic = topic
+        self.partitions = partitions
+        self.consumer: Any = None
+        self.records: list[dict[int, StoredMessage]] = [{} for _ in range(partitions)]
+        self.next = [0] * partitions  # next offset expected from the fetcher
+        self.paused: set[int] = set()
+        self.lows: list[int] = []
+        self.lows_at = 0.0
+        self.committed: list[int] = []  # last positions seen in Redis
+        self.kafka_committed: list[int] = []  # last positions committed to Kafka
+        self.used = time.monotonic()
+
+    def _open(self, positions: list[int]) -> None:
+        self.consumer = Consumer(consumer_config(self.settings, f"mqfast.{self.group}"))
+        self.consumer.assign(
+            [TopicPartition(self.topic, p, positions[p]) for p in range(self.partitions)]
+        )
+        self.next = list(positions)
+
+    def initial_positions(self) -> list[int]:
+        """Where a group without state starts: Kafka's committed offset, else the log start."""
+        c = Consumer(consumer_config(self.settings, f"mqfast.{self.group}"))
+        try:
+            tps = [TopicPartition(self.topic, p) for p in range(self.partitions)]
+            committed = c.committed(tps, timeout=10.0)
+            out = []
+            for p, tp in enumerate(committed):
+                if tp.offset >= 0:
+                    out.append(int(tp.offset))
+                else:
+                    lo, _ = c.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10.0)
+                    out.append(int(lo))
+            return out
+        finally:
+            c.close()
+
+    def refresh_lows(self) -> list[int]:
+        if time.monotonic() - self.lows_at > LOW_REFRESH_S or not self.lows:
+            util = self.consumer or Consumer(consumer_config(self.settings, None))
+            lows = []
+            for p in range(self.partitions):
+                lo, _ = util.get_watermark_offsets(
+                    TopicPartition(self.topic, p), timeout=5.0, cached=False
+                )
+                lows.append(int(lo))
+            if util is not self.consumer:
+                util.close()
+            self.lows = lows
+            self.lows_at = time.monotonic()
+        return self.lows
+
+    def sync(self, positions: list[int], wait_s: float) -> None:
+        """Drop what the group completed, reposition if needed, read what is new."""
+        self.used = time.monotonic()
+        self.committed = positions
+        if self.consumer is None:
+            self._open(positions)
+        for p in range(self.partitions):
+            recs = self.records[p]
+            if positions[p] > self.next[p] or (
+                positions[p] < self.next[p] and positions[p] not in recs and recs
+            ):
+                # The position moved outside what was read (retention, lost state): re-read.
+                self.consumer.seek(TopicPartition(self.topic, p, positions[p]))
+                recs.clear()
+                self.next[p] = positions[p]
+            elif recs:
+                for off in [o for o in recs if o < positions[p]]:
+                    del recs[off]
+            elif positions[p] < self.next[p]:
+                self.consumer.seek(TopicPartition(self.topic, p, positions[p]))
+                self.next[p] = positions[p]
+        self._fetch(wait_s)
+
+    def _fetch(self, wait_s: float) -> None:
+        deadline = time.monotonic() + wait_s
+        while True:
+            left = max(0.0, deadline - time.monotonic())
+            msgs = self.consumer.consume(1000, left)
+            for msg in msgs:
+                if msg.error() is not None:
+                    continue
+                p = msg.partition()
+                off = msg.offset()
+                if off < self.next[p] or p >= self.partitions:
+                    continue  # from before a seek
+                self.records[p][off] = parse_record(msg)
+                self.next[p] = off + 1
+            self._flow()
+            if not msgs or len(msgs) < 1000:
+                return
+
+    def _flow(self) -> None:
+        for p in range(self.partitions):
+            tp = [TopicPartition(self.topic, p)]
+            n = len(self.records[p])
+            if n >= WINDOW and p not in self.paused:
+                self.consumer.pause(tp)
+                self.paused.add(p)
+            elif n < WINDOW // 2 and p in self.paused:
+                self.consumer.resume(tp)
+                self.paused.discard(p)
+
+    def commit(self) -> None:
+        """Commit the group's positions to Kafka (asynchronously) when they moved."""
+        if self.consumer is None or self.committed == self.kafka_committed:
+            return
+        self.consumer.commit(
+            offsets=[
+                TopicPartition(self.topic, p, c) for p, c in enumerate(self.committed) if c >= 0
+            ],
+            asynchronous=True,
+        )
+        self.kafka_committed = list(self.committed)
+
+    def close(self) -> None:
+        if self.consumer is not None:
+            self.commit()
+            self.consumer.close()
+            self.consumer = None
+
+
+class KafkaGroups:
+    """``groups.GroupStore`` on Kafka (messages) and Redis (leases and positions)."""
+
+    # Replicas produce without waking each other's long-polls: re-check this often.
+    recheck_s = 0.2
+
+    def __init__(self, settings: Settings, sink: KafkaSink, policy: Policy) -> None:
+        self.settings = settings
+        self.sink = sink
+        self.policy = policy
+        self.redis = aioredis.Redis(
+            host=settings.redis_host,
+            port=settings.redis_port,
+            db=settings.redis_db,
+            password=settings.redis_password or None,
+            ssl=settings.redis_tls,
+            socket_timeout=REDIS_TIMEOUT_S,
+            socket_connect_timeout=REDIS_TIMEOUT_S,
+            health_check_interval=15,
+        )
+        self._scripts = {n: self.redis.register_script(s) for n, s in _load_scripts().items()}
+        self._windows: dict[tuple[str, str], _Window] = {}
+        self._reader = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="mqfast-kafka-reader"
+        )
+        self._redis_down_since = 0.0
+        self._last_error = ""
+        self._tasks: list[asyncio.Task[None]] = []
+        sink.group_lags = self.lags
+        sink.topic_deleted = self.forget_topic
+
+    @property
+    def where(self) -> str:
+        return f"{self.settings.redis_host}:{self.settings.redis_port}"
+
+    async def start(self) -> None:
+        try:
+            await self.redis.ping()
+        except (RedisError, OSError) as e:
+            # Produce does not need Redis: start, answer consume with 503 until it is back.
+            self._down(e)
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._background()))
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        loop = asyncio.get_running_loop()
+        for w in list(self._windows.values()):
+            await loop.run_in_executor(self._reader, w.close)
+        self._windows.clear()
+        self._reader.shutdown(wait=True)
+        await self.redis.aclose()
+
+    def health(self) -> dict[str, object]:
+        if self._redis_down_since:
+            return {"status": "down", "addr": self.where, "detail": self._last_error}
+        return {"status": "up", "addr": self.where}
+
+    def _down(self, e: BaseException) -> errors.Unavailable:
+        if not self._redis_down_since:
+            log.error(
+                "redis unreachable: consume and acknowledge answer 503 until it is back; "
+                "produce is not affected",
+                extra={"redis": self.where, "error": str(e)},
+            )
+            self._redis_down_since = time.monotonic()
+        self._last_error = str(e) or type(e).__name__
+        return errors.Unavailable(
+            f"redis at {self.where} is unreachable ({self._last_error}); consumer groups are "
+            "unavailable until it is back, produce still works"
+        )
+
+    def _up(self) -> None:
+        if self._redis_down_since:
+            log.info("redis reachable again", extra={"redis": self.where})
+            self._redis_down_since = 0.0
+
+    async def _call(self, name: str, *args: Any) -> Any:
+        try:
+            raw = await self._scripts[name](keys=[], args=list(args))
+        except ResponseError as e:
+            if str(e).startswith(("BUSY", "LOADING", "MASTERDOWN", "READONLY")):
+                raise self._down(e) from None
+            # A script error is a bug of ours, not an outage: say so, loudly.
+            log.error("redis script failed", extra={"script": name, "error": str(e)})
+            raise errors.MqfastError(f"internal error in the group store ({name})") from e
+        except (TimeoutError, RedisError, OSError) as e:
+            raise self._down(e) from None
+        self._up()
+        return _json.decode(raw) if isinstance(raw, bytes) else raw
+
+    async def _background(self) -> None:
+        """Commit positions to Kafka; ping Redis while it is down so health recovers."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(COMMIT_EVERY_S)
+            for w in list(self._windows.values()):
+                try:
+                    await loop.run_in_executor(self._reader, w.commit)
+                except Exception as e:
+                    log.warning("kafka commit failed", extra={"group": w.group, "error": str(e)})
+            if self._redis_down_since:
+                try:
+                    await self.redis.ping()
+                    self._up()
+                except (RedisError, OSError) as e:
+                    self._last_error = str(e)
+
+    async def _reading(self, fn: Any, *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._reader, fn, *args)
+        except errors.MqfastError:
+            raise
+        except Exception as e:
+            raise errors.Unavailable(f"kafka: {e}") from None
+
+    async def _window(self, group: str, cfg: TopicConfig) -> _Window:
+        key = (group, cfg.name)
+        w = self._windows.get(key)
+        if w is not None and w.partitions != cfg.partitions:
+            await self._reading(w.close)
+            w = None
+        if w is None:
+            w = _Window(self.settings, group, cfg.name, cfg.partitions)
+            self._windows[key] = w
+        return w
+
+    def _policy_args(self) -> list[Any]:
+        p = self.policy
+        return [p.delivery_limit, p.backoff_base_ms, p.backoff_max_ms, p.jitter]
+
+    # ---- lease ----------------------------------------------------------------------------
+
+    async def lease(
+        self,
+        group: str,
+        topic: str,
+        consumer: str,
+        max_messages: int,
+        visibility_ms: int,
+        now: int,
+        picker: PriorityPicker,
+        max_leased: int | None,
+    ) -> LeaseOutcome:
+        cfg = await self.sink.get_topic(topic)
+        if cfg is None:
+            raise errors.UnknownTopic(f"unknown topic {topic!r}", field="topic")
+        w = await self._window(group, cfg)
+        lows = await self._reading(w.refresh_lows)
+        args = [group, topic, now, cfg.partitions, "[]", msgspec.json.encode(lows).decode()]
+        tail = [consumer, max_messages, "1" if max_leased is not None else "0"]
+        res = await self._call("prepare", *args, *tail, *self._policy_args())
+        if res.get("missing"):
+            init = await self._reading(w.initial_positions)
+            args[4] = msgspec.json.encode(init).decode()
+            res = await self._call("prepare", *args, *tail, *self._policy_args())
+        out = LeaseOutcome([])
+        out.reclaimed = int(res["reclaimed"])
+        positions = [int(x) for x in res["pos"]]
+        dead = _list(res["dead"])
+        if dead:
+            out.dead_lettered += await self._dead_letter(group, cfg, w, dead, now)
+        if max_leased is not None:
+            max_messages = min(max_messages, max_leased - int(res["held"]))
+        if max_messages > 0:
+            fresh = not any(w.records)
+            await self._reading(w.sync, positions, 0.05 if fresh else 0.0)
+            await self._pick(group, cfg, w, res, consumer, max_messages, visibility_ms, now,
+                             picker, out)  # fmt: skip
+        out.next_due_ms = int(res["next_due"] or 0)
+        return out
+
+    async def _pick(
+        self,
+        group: str,
+        cfg: TopicConfig,
+        w: _Window,
+        res: dict[str, Any],
+        consumer: str,
+        want: int,
+        visibility_ms: int,
+        now: int,
+        picker: PriorityPicker,
+        out: LeaseOutcome,
+    ) -> None:
+        positions = [int(x) for x in res["pos"]]
+        flat = _list(res["cur"])
+        cursors = {str(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+        retries: list[list[tuple[str, StoredMessage]]] = [[] for _ in range(PRIORITY_LEVELS)]
+        for p, off, _n, _pri in _list(res["retries"]):
+            rec = w.records[p].get(off) if p < w.partitions else None
+            if rec is not None:
+                retries[rec.priority].append(("r", rec))
+        fresh: list[list[tuple[str, StoredMessage]]] = [[] for _ in range(PRIORITY_LEVELS)]
+        for p in range(w.partitions):
+            starts = [max(cursors.get(f"{p}:{pri}", 0), positions[p]) for pri in range(10)]
+            counts = [0] * PRIORITY_LEVELS
+            for off, rec in w.records[p].items():
+                pri = rec.priority
+                if off >= starts[pri] and counts[pri] < want:
+                    fresh[pri].append(("f", rec))
+                    counts[pri] += 1
+        if w.partitions > 1:
+            for candidates in fresh:
+                candidates.sort(key=lambda c: (c[1].offset, c[1].partition))
+        ready = [len(retries[i]) + len(fresh[i]) for i in range(PRIORITY_LEVELS)]
+        ri = [0] * PRIORITY_LEVELS
+        fi = [0] * PRIORITY_LEVELS
+        picks: list[list[Any]] = []
+        chosen: list[StoredMessage] = []
+        leases = 0
+        while leases < want:
+            level = picker.pick(ready)
+            if level < 0:
+                break
+            ready[level] -= 1
+            if ri[level] < len(retries[level]):
+                kind, rec = retries[level][ri[level]]
+                ri[level] += 1
+            else:
+                kind, rec = fresh[level][fi[level]]
+                fi[level] += 1
+            expired = 1 if rec.expires_at and rec.expires_at <= now else 0
+            if not expired:
+                leases += 1
+            picks.append(
+                [kind, rec.partition, rec.offset, rec.priority, rec.message_id, expired,
+                 1 if cfg.dead_letter_expired else 0]
+            )  # fmt: skip
+            chosen.append(rec)
+        if not picks:
+            return
+        deadline = now + visibility_ms
+        claimed = await self._call(
+            "claim", group, cfg.name, now, deadline, consumer, msgspec.json.encode(picks).decode()
+        )
+        dead: list[list[Any]] = []
+        for rec, n in zip(chosen, _list(claimed["out"]), strict=True):
+            if n > 0:
+                out.messages.append(
+                    LeasedMessage(
+                        message_id=rec.message_id,
+                        topic=rec.topic,
+                        partition=rec.partition,
+                        offset=rec.offset,
+                        key=rec.key,
+                        content=rec.content,
+                        headers=rec.headers,
+                        priority=rec.priority,
+                        timestamp=rec.timestamp,
+                        delivery_count=int(n),
+                        lease_deadline=deadline,
+                        expires_at=rec.expires_at,
+                    )
+                )
+            elif n == -2:
+                out.expired += 1
+            elif n == -1:
+                out.expired += 1
+                f = f"{rec.partition}:{rec.offset}"
+                dead.append([f, 0, rec.message_id, "ttl", "expired"])
+        if dead:
+            out.dead_lettered += await self._dead_letter(group, cfg, w, dead, now)
+        out.messages.sort(key=lambda m: -m.priority)
+
+    # ---- dead letters ---------------------------------------------------------------------
+
+    async def _dead_letter(
+        self, group: str, cfg: TopicConfig, w: _Window | None, dead: list[list[Any]], now: int
+    ) -> int:
+        """Write dead letters to ``<topic>.dlq``, then mark them complete; returns how many."""
+        dlq = dlq_name(cfg.name)
+        if await self.sink.get_topic(dlq) is None:
+            await self.sink.create_topic(
+                TopicConfig(
+                    name=dlq,
+                    partitions=1,
+                    replication=cfg.replication,
+                    retention=cfg.retention,
+                    max_size=cfg.max_size,
+                    created_at=now,
+                )
+            )
+        written: list[str] = []
+        for f, count, mid, error, reason in (d[:5] for d in dead):
+            p, _, off_s = str(f).partition(":")
+            part, off = int(p), int(off_s)
+            rec = w.records[part].get(off) if w is not None and part < w.partitions else None
+            if rec is None:
+                got = await self.sink.read(cfg.name, part, off, 1)
+                rec = got[0] if got and got[0].offset == off else None
+            if rec is not None:
+                headers = [(k, v.encode()) for k, v in rec.headers.items()]
+                headers += [
+                    ("mqfast-priority", str(rec.priority).encode()),
+                    (DLQ_HEADER_PREFIX + "topic", cfg.name.encode()),
+                    (DLQ_HEADER_PREFIX + "partition", str(part).encode()),
+                    (DLQ_HEADER_PREFIX + "offset", str(off).encode()),
+                    (DLQ_HEADER_PREFIX + "message-id", str(mid).encode()),
+                    (DLQ_HEADER_PREFIX + "group", group.encode()),
+                    (DLQ_HEADER_PREFIX + "delivery-count", str(count).encode()),
+                    (DLQ_HEADER_PREFIX + "error", str(error)[:1024].encode()),
+                    (DLQ_HEADER_PREFIX + "reason", str(reason).encode()),
+                    (DLQ_HEADER_PREFIX + "time", str(now).encode()),
+                ]
+                headers.insert(0, ("mqfast-id", message_id_at(now).encode()))
+                key = rec.key.encode() if rec.key is not None else None
+                await self.sink.produce_one(dlq, 0, key, rec.content.encode(), headers)
+            written.append(str(f))
+        positions = await self._call(
+            "finish", group, cfg.name, now, msgspec.json.encode(written).decode()
+        )
+        if w is not None:
+            for p, c in _list(positions):
+                if c is not None and p < len(w.committed):
+                    w.committed[p] = int(c)
+        return len(written)
+
+    async def redrive(self, topic: str, max_messages: int, now: int) -> int:
+        cfg = await self.sink.get_topic(topic)
+        if cfg is None:
+            raise errors.UnknownTopic(f"unknown topic {topic!r}")
+        dlq = dlq_name(topic)
+        if await self.sink.get_topic(dlq) is None:
+            return 0
+        lock = f"mq:redrive:{topic}"
+        try:
+            if not await self.redis.set(lock, "1", nx=True, ex=60):
+                raise errors.Conflict(f"a redrive of {topic!r} is already running")
+        except (RedisError, OSError) as e:
+            raise self._down(e) from None
+        try:
+            [(lo, hi)] = await self.sink.watermarks(dlq, 1)
+            n = 0
+            while n < max_messages and lo < hi:
+                batch = await self.sink.read(dlq, 0, lo, min(500, max_messages - n))
+                if not batch:
+                    break
+                for m in batch:
+                    headers = [
+                        (k, v.encode())
+                        for k, v in m.headers.items()
+                        if not k.startswith(DLQ_HEADER_PREFIX)
+                    ]
+                    headers.append(("x-mqfast-redriven-from", dlq.encode()))
+                    headers.insert(0, ("mqfast-id", message_id_at(now).encode()))
+                    if m.priority:
+                        headers.append(("mqfast-priority", str(m.priority).encode()))
+                    key = m.key.encode() if m.key is not None else None
+                    target = (
+                        partition_for_key(key, cfg.partitions)
+                        if key is not None
+                        else m.offset % cfg.partitions
+                    )
+                    await self.sink.produce_one(topic, target, key, m.content.encode(), headers)
+                    n += 1
+                lo = batch[-1].offset + 1
+                # Everything below lo is back in the topic: remove it from the DLQ.
+                await self.sink.delete_before(dlq, 0, lo)
+            return n
+        finally:
+            try:
+                await self.redis.delete(lock)
+            except (RedisError, OSError):
+                pass
+
+    # ---- settle ---------------------------------------------------------------------------
+
+    async def settle(
+        self,
+        group: str,
+        topic: str | None,
+        consumer: str | None,
+        items: list[SettleItem],
+        now: int,
+    ) -> list[SettleResult]:
+        payload = [
+            [
+                it.message_id,
+                it.action,
+                it.error or "",
+                -1 if it.delay_ms is None else it.delay_ms,
+                it.visibility_ms or 0,
+            ]
+            for it in items
+        ]
+        res = await self._call(
+            "settle",
+            group,
+            topic or "",
+            now,
+            consumer or "",
+            msgspec.json.encode(payload).decode(),
+            *self._policy_args(),
+            self.policy.visibility_ms,
+        )
+        for t, p, c in _list(res["pos"]):
+            w = self._windows.get((group, t))
+            if w is not None and c is not None and p < len(w.committed):
+                w.committed[p] = int(c)
+        dead = _list(res["dead"])
+        by_topic: dict[str, list[list[Any]]] = {}
+        for d in dead:
+            by_topic.setdefault(d[5], []).append(d)
+        for t, entries in by_topic.items():
+            cfg = await self.sink.get_topic(t)
+            if cfg is not None:
+                await self._dead_letter(group, cfg, self._windows.get((group, t)), entries, now)
+        results = []
+        for item, r in zip(items, _list(res["results"]), strict=True):
+            results.append(self._result(group, topic, item, r))
+        return results
+
+    @staticmethod
+    def _result(group: str, topic: str | None, item: SettleItem, r: dict[str, Any]) -> SettleResult:
+        res = SettleResult(
+            message_id=item.message_id,
+            status=r.get("status", ""),
+            topic=r.get("topic", ""),
+            delivery_count=int(r.get("count", 0)),
+        )
+        mid = item.message_id
+        err = r.get("err")
+        if err == "not_found":
+            where = f" in topic {topic!r}" if topic is not None else ""
+            res.error = errors.NotFound(
+                f"message {mid!r}{where} has no delivery to group {group!r}"
+                " (never delivered to it, or completed long ago)",
+                field="message_id",
+            )
+        elif err == "gone":
+            res.error = errors.Conflict(
+                f"message {mid!r} is no longer deliverable in group {group!r} ({r.get('detail')})",
+                field="message_id",
+            )
+        elif err == "acked":
+            res.error = errors.Conflict(
+                f"message {mid!r} is already acknowledged in group {group!r}", field="message_id"
+            )
+        elif err == "expired":
+            then = (
+                f"it reached the delivery limit and went to {dlq_name(res.topic)!r}"
+                if r.get("detail") == "dead"
+                else "it will be delivered again"
+            )
+            res.error = errors.Conflict(
+                f"the lease of message {mid!r} expired; {then}", field="message_id"
+            )
+        elif err == "other_consumer":
+            res.error = errors.Conflict(
+                f"message {mid!r} is leased to another consumer of group {group!r}",
+                field="consumer_id",
+            )
+        if "processing" in r:
+            res.processing_ms = float(r["processing"])
+        if "redeliver_at" in r:
+            res.redeliver_at = int(r["redeliver_at"])
+        if "deadline" in r:
+            res.lease_deadline = int(r["deadline"])
+        return res
+
+    # ---- housekeeping ---------------------------------------------------------------------
+
+    async def release_consumer(self, consumer: str, now: int) -> int:
+        n = await self._call("release", "", "", consumer, now)
+        return int(n)
+
+    async def prune(self, now: int) -> int:
+        try:
+            pairs = await self.redis.smembers("mq:pairs")
+        except (RedisError, OSError) as e:
+            raise self._down(e) from None
+        n = 0
+        for pair in pairs:
+            text = pair.decode() if isinstance(pair, bytes) else pair
+            g, _, t = text.partition("\n")
+            n += int(await self._call("prune", g, t, now, self.policy.done_grace_ms))
+        idle = [k for k, w in self._windows.items() if time.monotonic() - w.used > IDLE_WINDOW_S]
+        for k in idle:
+            await self._reading(self._windows.pop(k).close)
+        return n
+
+    async def lags(self, topic: str, highs: list[int]) -> list[GroupLag]:
+        try:
+            rows = await self._call("lags", "", topic, msgspec.json.encode(highs).decode())
+        except errors.Unavailable:
+            return []  # describe still answers while Redis is down, without group lags
+        return sorted(
+            (GroupLag(group_id=g, lag=int(lag)) for g, lag in _list(rows)),
+            key=lambda x: x.group_id,
+        )
+
+    async def forget_topic(self, topic: str) -> None:
+        """The topic was deleted: drop every group's state of it and close its windows."""
+        for key in [k for k in self._windows if k[1] == topic]:
+            await self._reading(self._windows.pop(key).close)
+        try:
+            await self._call("drop", "", topic)
+        except errors.Unavailable:
+            log.warning("group state of a deleted topic left in redis", extra={"topic": topic})
