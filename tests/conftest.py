@@ -23,6 +23,8 @@ from typing import Any
 
 import pytest
 
+pytest_plugins = ["tests.backends"]
+
 
 def free_port(span: int = 4) -> int:
     """A free loopback port whose next ``span - 1`` neighbours are free too.
@@ -215,3 +217,25 @@ def make_server(tmp_path: Path) -> Iterator[MakeServer]:
 def server(make_server: MakeServer) -> MqfastProcess:
     """One default server (embedded engine, auto-created topics)."""
     return make_server()
+
+
+@pytest.fixture(scope="session")
+def cluster_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The environment that points mqfast at this session's Kafka, PostgreSQL and Redis.
+
+    ``MQFAST_CLUSTER_ENV=<file of export lines>`` (what ``scripts/services.py up`` prints)
+    reuses services that are already running instead of starting new ones.
+    """
+    path = os.environ.get("MQFAST_CLUSTER_ENV")
+    if path:
+        env = {}
+        for line in Path(path).read_text().splitlines():
+            name, sep, value = line.removeprefix("export ").partition("=")
+            if sep:
+                env[name.strip()] = value.strip()
+        return env
+    kafka = request.getfixturevalue("kafka")
+    postgres = request.getfixturevalue("postgres")
+    redis = request.getfixturevalue("redis")
+    env_for: Callable[..., dict[str, str]] = request.getfixturevalue("services").env_for
+    return env_for(kafka, postgres, redis)

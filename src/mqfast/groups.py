@@ -310,7 +310,12 @@ class Groups:
         mono = time.monotonic()
         if hit is not None and mono - hit[0] < 1.0:
             return hit[1]
-        info = await self.lookup_consumer(consumer_id) if self.lookup_consumer else None
+        try:
+            info = await self.lookup_consumer(consumer_id) if self.lookup_consumer else None
+        except errors.Unavailable:
+            # Metadata store down: consume goes on with the last known settings (none for a
+            # consumer never seen), checked again at the next lookup.
+            return hit[1] if hit is not None else None
         self._consumers[consumer_id] = (mono, info)
         if len(self._consumers) > 100_000:  # bounded: forget the oldest half
             for k in list(self._consumers)[:50_000]:
@@ -367,7 +372,11 @@ class Groups:
         while True:
             want = max_messages
             bucket_wait = 0.0
-            if info is not None and info.rate_limit:
+            shared = getattr(self.store, "take_tokens", None)
+            if info is not None and info.rate_limit and shared is not None:
+                # the store keeps one bucket for every replica (Redis)
+                want, bucket_wait = await shared(consumer, info.rate_limit, want)
+            elif info is not None and info.rate_limit:
                 bucket = self._buckets.get(consumer)
                 if bucket is None or bucket.rate != info.rate_limit:
                     bucket = self._buckets[consumer] = _Bucket(
@@ -389,7 +398,12 @@ class Groups:
                     info.max_concurrency if info is not None else None,
                 )
                 if info is not None and info.rate_limit and len(out.messages) < want:
-                    self._buckets[consumer].tokens += want - len(out.messages)
+                    if shared is not None:
+                        await self.store.return_tokens(  # type: ignore[attr-defined]
+                            consumer, want - len(out.messages)
+                        )
+                    else:
+                        self._buckets[consumer].tokens += want - len(out.messages)
             if counters is None:
                 counters = self._counters(topic)
             counters.expired += out.expired

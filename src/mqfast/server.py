@@ -98,12 +98,22 @@ class Engine:
             await part.start()
 
     async def close(self, timeout: float) -> None:
-        # Reverse order: groups and the sink finish before the metadata store goes.
+        # Reverse order: groups and the sink finish before the metadata store goes. Each part
+        # gets a bounded time: a dependency that hangs must not keep the process alive.
         for part in reversed(self._parts):
-            if part is self.sink:
-                await self.sink.close(timeout)
-            else:
-                await part.close()
+            started = time.monotonic()
+            try:
+                if part is self.sink:
+                    await asyncio.wait_for(self.sink.close(timeout), timeout + 5.0)
+                else:
+                    await asyncio.wait_for(part.close(), 10.0)
+            except TimeoutError:
+                log.error("engine part did not close in time", extra={"part": type(part).__name__})
+            took = time.monotonic() - started
+            if took > 1.0:
+                log.warning(
+                    "slow engine close", extra={"part": type(part).__name__, "seconds": took}
+                )
 
 
 def postgres_dsn(settings: Settings) -> str:

@@ -24,6 +24,8 @@ from tests.conftest import MakeServer, MqfastProcess, Reply
 # Engine name -> the environment that selects it (and whatever it needs to reach its backend).
 ENGINE_ENV: dict[str, dict[str, str]] = {
     "embedded": {"MESSAGE_QUEUE_ENGINE": "embedded"},
+    # plus the addresses of the Kafka, PostgreSQL and Redis of the test session (cluster_env)
+    "kafka": {"MESSAGE_QUEUE_ENGINE": "kafka"},
 }
 ENGINES = list(ENGINE_ENV)
 
@@ -227,12 +229,15 @@ class Gateway:
 class GatewayFactory:
     """Starts gateways of one engine: ``start(**env)``, ``restart(gw)`` on the same data."""
 
-    def __init__(self, engine: str, make_server: MakeServer) -> None:
+    def __init__(
+        self, engine: str, make_server: MakeServer, backends: dict[str, str] | None = None
+    ) -> None:
         self.engine = engine
         self._make = make_server
+        self._backends = backends or {}
 
     def env(self, **env: str) -> dict[str, str]:
-        return {**ENGINE_ENV[self.engine], **FAST_ENV, **env}
+        return {**ENGINE_ENV[self.engine], **self._backends, **FAST_ENV, **env}
 
     def start(self, **env: str) -> Gateway:
         return Gateway(self._make(**self.env(**env)), self.engine)
@@ -244,7 +249,10 @@ class GatewayFactory:
 
 @pytest.fixture(params=ENGINES)
 def gateway(request: pytest.FixtureRequest, make_server: MakeServer) -> GatewayFactory:
-    return GatewayFactory(request.param, make_server)
+    backends: dict[str, str] = {}
+    if request.param == "kafka":
+        backends = request.getfixturevalue("cluster_env")
+    return GatewayFactory(request.param, make_server, backends)
 
 
 @pytest.fixture

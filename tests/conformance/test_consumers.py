@@ -25,11 +25,13 @@ def register(gw: Gateway, status: int = 201, **fields: Any) -> dict[str, Any]:
 def test_register_get_list_heartbeat_delete(engine_server: Gateway) -> None:
     gw = engine_server
     t = gw.topic()
+    # unique ids and groups: a cluster's metadata store outlives one gateway
+    r1, r2, ga, gb = unique("reg"), unique("reg"), unique("ga"), unique("gb")
     before = now_ms()
-    c = register(gw, consumer_id="reg-1", group_id="ga", topics=[t], max_concurrency=3)
+    c = register(gw, consumer_id=r1, group_id=ga, topics=[t], max_concurrency=3)
     after = now_ms()
-    assert c["consumer_id"] == "reg-1"
-    assert c["group_id"] == "ga"
+    assert c["consumer_id"] == r1
+    assert c["group_id"] == ga
     assert c["topics"] == [t]
     assert c["max_concurrency"] == 3
     assert c["rate_limit"] is None
@@ -37,27 +39,27 @@ def test_register_get_list_heartbeat_delete(engine_server: Gateway) -> None:
     assert before <= c["registered_at"] <= after
     assert before <= c["last_seen"] <= after
     # registering again is idempotent (200) and may change the limits
-    c2 = register(gw, status=200, consumer_id="reg-1", group_id="ga", topics=[t], rate_limit=5.0)
+    c2 = register(gw, status=200, consumer_id=r1, group_id=ga, topics=[t], rate_limit=5.0)
     assert c2["rate_limit"] == 5.0
-    register(gw, consumer_id="reg-2", group_id="gb", topics=[t])
+    register(gw, consumer_id=r2, group_id=gb, topics=[t])
 
-    got = gw.ok("GET", f"{CONSUMERS}/reg-1")
-    assert got["consumer_id"] == "reg-1" and got["group_id"] == "ga"
+    got = gw.ok("GET", f"{CONSUMERS}/{r1}")
+    assert got["consumer_id"] == r1 and got["group_id"] == ga
     listed = {x["consumer_id"] for x in gw.ok("GET", CONSUMERS)["consumers"]}
-    assert {"reg-1", "reg-2"} <= listed
-    only = gw.ok("GET", f"{CONSUMERS}?group_id=gb")["consumers"]
-    assert [x["consumer_id"] for x in only] == ["reg-2"]
+    assert {r1, r2} <= listed
+    only = gw.ok("GET", f"{CONSUMERS}?group_id={gb}")["consumers"]
+    assert [x["consumer_id"] for x in only] == [r2]
 
-    hb = gw.ok("POST", f"{CONSUMERS}/reg-1/heartbeat")
-    assert hb["consumer_id"] == "reg-1" and hb["active"] is True
+    hb = gw.ok("POST", f"{CONSUMERS}/{r1}/heartbeat")
+    assert hb["consumer_id"] == r1 and hb["active"] is True
     assert hb["last_seen"] >= after
-    assert gw.ok("GET", f"{CONSUMERS}/reg-1")["last_seen"] >= hb["last_seen"]
+    assert gw.ok("GET", f"{CONSUMERS}/{r1}")["last_seen"] >= hb["last_seen"]
 
-    out = gw.ok("DELETE", f"{CONSUMERS}/reg-1")
+    out = gw.ok("DELETE", f"{CONSUMERS}/{r1}")
     assert out["deleted"] is True
-    assert gw.call("GET", f"{CONSUMERS}/reg-1").status == 404
-    assert gw.call("DELETE", f"{CONSUMERS}/reg-1").status == 404
-    assert gw.call("POST", f"{CONSUMERS}/reg-1/heartbeat").status == 404
+    assert gw.call("GET", f"{CONSUMERS}/{r1}").status == 404
+    assert gw.call("DELETE", f"{CONSUMERS}/{r1}").status == 404
+    assert gw.call("POST", f"{CONSUMERS}/{r1}/heartbeat").status == 404
     assert gw.call("GET", f"{CONSUMERS}/never-registered").status == 404
 
 

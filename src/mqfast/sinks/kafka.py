@@ -556,6 +556,7 @@ class KafkaSink:
                 raise
             created = False  # another replica created it at the same moment
         if created:
+            await self._await_leaders(config.name, config.partitions)
             try:
                 await self.registry.save_topic(config)
             except errors.Unavailable:
@@ -574,6 +575,29 @@ class KafkaSink:
                 f"topic {config.name!r} exists with other settings", field="name"
             )
         return stored, False
+
+    async def _await_leaders(self, name: str, partitions: int) -> None:
+        """Wait until every partition has a leader: a created topic is usable on return."""
+
+        def ready() -> bool:
+            md = self._admin.list_topics(topic=name, timeout=2.0)
+            t = md.topics.get(name)
+            return (
+                t is not None
+                and t.error is None
+                and len(t.partitions) == partitions
+                and all(p.leader >= 0 for p in t.partitions.values())
+            )
+
+        deadline = time.monotonic() + ADMIN_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                if await self._run(ready):
+                    return
+            except errors.MqfastError:
+                pass
+            await asyncio.sleep(0.05)
+        log.warning("created topic has partitions without a leader", extra={"topic": name})
 
     async def get_topic(self, name: str, fresh: bool = False) -> TopicConfig | None:
         cfg = self._topics.get(name)
@@ -603,13 +627,7 @@ class KafkaSink:
         """(low, high) offsets of every partition."""
 
         def read() -> list[tuple[int, int]]:
-            out = []
-            for p in range(partitions):
-                lo, hi = self._util.get_watermark_offsets(
-                    TopicPartition(name, p), timeout=5.0, cached=False
-                )
-                out.append((int(lo), int(hi)))
-            return out
+            return [watermarks(self._util, name, p) for p in range(partitions)]
 
         result: list[tuple[int, int]] = await self._run(read)
         return result
@@ -698,6 +716,27 @@ class KafkaSink:
             "brokers": self.settings.kafka_brokers,
             "topics": len(self._topics),
         }
+
+
+def watermarks(client: Any, topic: str, partition: int) -> tuple[int, int]:
+    """(low, high) of one partition; retried through a leader election (new topic, failover)."""
+    for attempt in range(20):
+        try:
+            lo, hi = client.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=5.0, cached=False
+            )
+            return int(lo), int(hi)
+        except KafkaException as e:
+            err = e.args[0] if e.args else None
+            transient = isinstance(err, KafkaError) and (
+                err.retriable()
+                or err.code()
+                in (KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE)
+            )
+            if not transient or attempt == 19:
+                raise
+            time.sleep(0.1)
+    raise AssertionError("unreachable")
 
 
 def _set_result(fut: asyncio.Future[int], value: int) -> None:

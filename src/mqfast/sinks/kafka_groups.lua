@@ -388,3 +388,35 @@ for _, g in ipairs(redis.call('SMEMBERS', 'mq:groups:' .. T)) do
 end
 redis.call('DEL', 'mq:groups:' .. T)
 return 1
+
+--@take
+-- ARGV: '' '' consumer rate want: a consumer's rate_limit, one token bucket for every replica,
+-- on Redis's clock. Returns [granted, seconds until the next token when none was granted].
+local consumer = ARGV[3]
+local rate = tonumber(ARGV[4])
+local want = tonumber(ARGV[5])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local k = 'mq:rate:' .. consumer
+local v = redis.call('HMGET', k, 'tokens', 'stamp', 'rate')
+local cap = math.max(rate, 1)
+local tokens = cap
+if v[1] and tonumber(v[3]) == rate then
+  tokens = math.min(cap, tonumber(v[1]) + math.max(0, now - tonumber(v[2])) * rate)
+end
+local got = math.min(want, math.floor(tokens))
+tokens = tokens - got
+redis.call('HSET', k, 'tokens', string.format('%.6f', tokens), 'stamp',
+           string.format('%.6f', now), 'rate', ARGV[4])
+redis.call('EXPIRE', k, 3600)
+local wait = 0
+if got == 0 then wait = (1 - tokens) / rate end
+return cjson.encode({got, wait})
+
+--@give
+-- ARGV: '' '' consumer n: tokens taken for a consume that leased fewer messages.
+local k = 'mq:rate:' .. ARGV[3]
+if redis.call('EXISTS', k) == 1 then
+  redis.call('HINCRBYFLOAT', k, 'tokens', ARGV[4])
+end
+return 1

@@ -45,7 +45,7 @@ from mqfast.groups import (
     dlq_name,
 )
 from mqfast.messages import GroupLag, LeasedMessage, StoredMessage, TopicConfig
-from mqfast.sinks.kafka import KafkaSink, consumer_config, parse_record
+from mqfast.sinks.kafka import KafkaSink, consumer_config, parse_record, watermarks
 
 log = logging.getLogger("mqfast.kafka.groups")
 
@@ -110,8 +110,7 @@ class _Window:
                 if tp.offset >= 0:
                     out.append(int(tp.offset))
                 else:
-                    lo, _ = c.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10.0)
-                    out.append(int(lo))
+                    out.append(watermarks(c, self.topic, p)[0])
             return out
         finally:
             c.close()
@@ -119,12 +118,7 @@ class _Window:
     def refresh_lows(self) -> list[int]:
         if time.monotonic() - self.lows_at > LOW_REFRESH_S or not self.lows:
             util = self.consumer or Consumer(consumer_config(self.settings, None))
-            lows = []
-            for p in range(self.partitions):
-                lo, _ = util.get_watermark_offsets(
-                    TopicPartition(self.topic, p), timeout=5.0, cached=False
-                )
-                lows.append(int(lo))
+            lows = [watermarks(util, self.topic, p)[0] for p in range(self.partitions)]
             if util is not self.consumer:
                 util.close()
             self.lows = lows
@@ -155,22 +149,28 @@ class _Window:
         self._fetch(wait_s)
 
     def _fetch(self, wait_s: float) -> None:
-        deadline = time.monotonic() + wait_s
+        if wait_s > 0:
+            # poll() returns with the first message; consume() would wait for a full batch.
+            first = self.consumer.poll(wait_s)
+            if first is not None:
+                self._keep([first])
         while True:
-            left = max(0.0, deadline - time.monotonic())
-            msgs = self.consumer.consume(1000, left)
-            for msg in msgs:
-                if msg.error() is not None:
-                    continue
-                p = msg.partition()
-                off = msg.offset()
-                if off < self.next[p] or p >= self.partitions:
-                    continue  # from before a seek
-                self.records[p][off] = parse_record(msg)
-                self.next[p] = off + 1
+            msgs = self.consumer.consume(1000, 0)
+            self._keep(msgs)
             self._flow()
-            if not msgs or len(msgs) < 1000:
+            if len(msgs) < 1000:
                 return
+
+    def _keep(self, msgs: list[Any]) -> None:
+        for msg in msgs:
+            if msg.error() is not None:
+                continue
+            p = msg.partition()
+            off = msg.offset()
+            if p >= self.partitions or off < self.next[p]:
+                continue  # from before a seek
+            self.records[p][off] = parse_record(msg)
+            self.next[p] = off + 1
 
     def _flow(self) -> None:
         for p in range(self.partitions):
@@ -369,8 +369,8 @@ class KafkaGroups:
         if max_leased is not None:
             max_messages = min(max_messages, max_leased - int(res["held"]))
         if max_messages > 0:
-            fresh = not any(w.records)
-            await self._reading(w.sync, positions, 0.05 if fresh else 0.0)
+            fresh = w.consumer is None
+            await self._reading(w.sync, positions, 0.5 if fresh else 0.0)
             await self._pick(group, cfg, w, res, consumer, max_messages, visibility_ms, now,
                              picker, out)  # fmt: skip
         out.next_due_ms = int(res["next_due"] or 0)
@@ -664,6 +664,17 @@ class KafkaGroups:
         if "deadline" in r:
             res.lease_deadline = int(r["deadline"])
         return res
+
+    # ---- consumer rate limits -------------------------------------------------------------
+
+    async def take_tokens(self, consumer: str, rate: float, want: int) -> tuple[int, float]:
+        """Deliveries ``consumer`` may take now under its ``rate_limit``, across all replicas;
+        with none, the seconds until the next one."""
+        got, wait = await self._call("take", "", "", consumer, rate, want)
+        return int(got), float(wait)
+
+    async def return_tokens(self, consumer: str, n: int) -> None:
+        await self._call("give", "", "", consumer, n)
 
     # ---- housekeeping ---------------------------------------------------------------------
 
