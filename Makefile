@@ -23,8 +23,8 @@ run: $(STAMP)
 	MESSAGE_QUEUE_PORT=$(PORT) $(BIN)/mqfast serve
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check src tests bench scripts
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

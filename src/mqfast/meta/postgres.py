@@ -512,7 +512,9 @@ class PostgresMeta:
             if not pool.is_closing():  # a failed initialisation closes the pool itself
                 pool.terminate()
             if isinstance(e, Exception):
-                raise self._start_error(e) from e
+                err = self._start_error(e)
+                self._last_error = err.message
+                raise err from e
             raise
         self._pool = pool
         self._listener = listener
@@ -1016,7 +1018,7 @@ class PostgresMeta:
             "metadata store: %s is reachable again after %.1f s; %d pending consumer touches",
             self._where,
             down_s,
-            len(self._pending),
+            len(self._unwritten()),
             extra={"target": self.target},
         )
 
@@ -1118,7 +1120,10 @@ class PostgresMeta:
             self._watch_wake.set()
 
     def _on_notification(self, conn: Any, pid: int, channel: str, payload: str) -> None:
-        self._dirty_topics.add(payload)
+        if payload:
+            self._dirty_topics.add(payload)
+        else:  # a bare "NOTIFY mqfast_topics" (by hand, say) reloads everything
+            self._full_reload_due = True
         self._topics_wake.set()
 
     async def _watch(self) -> None:

@@ -1,0 +1,90 @@
+"""Settings of the cluster deployment: Kafka client options, metadata store, durability guard."""
+
+from __future__ import annotations
+
+import pytest
+
+from mqfast.config import ENV_VARS, KAFKA_SECURITY_VARS, Settings
+from mqfast.errors import ConfigError
+from mqfast.server import postgres_dsn
+from mqfast.sinks.kafka import consumer_config, producer_config
+
+
+def test_kafka_security_and_any_librdkafka_option_come_from_the_environment() -> None:
+    s = Settings.from_env(
+        {
+            "MESSAGE_QUEUE_ENGINE": "kafka",
+            "KAFKA_BROKERS": "b1:9092,b2:9092,b3:9092",
+            "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+            "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+            "KAFKA_SASL_USERNAME": "mq",
+            "KAFKA_SASL_PASSWORD": "secret",
+            "KAFKA_SSL_CA_LOCATION": "/etc/ca.pem",
+            "KAFKA_SSL_CERTIFICATE_LOCATION": "/etc/client.pem",
+            "KAFKA_SSL_KEY_LOCATION": "/etc/client.key",
+            "KAFKA_OPT_LINGER_MS": "5",
+            "KAFKA_OPT_SESSION_TIMEOUT_MS": "9000",
+        }
+    )
+    p = producer_config(s)
+    assert p["bootstrap.servers"] == "b1:9092,b2:9092,b3:9092"
+    assert p["security.protocol"] == "SASL_SSL"
+    assert p["sasl.mechanism"] == "SCRAM-SHA-512"
+    assert (p["sasl.username"], p["sasl.password"]) == ("mq", "secret")
+    assert p["ssl.ca.location"] == "/etc/ca.pem"
+    assert p["ssl.certificate.location"] == "/etc/client.pem"
+    assert p["ssl.key.location"] == "/etc/client.key"
+    assert p["linger.ms"] == "5"  # KAFKA_OPT_* wins over the default
+    assert "session.timeout.ms" not in p  # a consumer setting is not given to the producer
+    c = consumer_config(s, "mqfast.g")
+    assert c["session.timeout.ms"] == "9000" and "linger.ms" not in c
+    assert c["security.protocol"] == "SASL_SSL"
+    assert "sasl.password" not in repr(s)  # secrets stay out of logs
+
+
+def test_the_producer_keeps_the_durability_promise_by_default() -> None:
+    p = producer_config(Settings.from_env({"MESSAGE_QUEUE_ENGINE": "kafka"}))
+    assert p["acks"] == "all"
+    assert p["enable.idempotence"] is True
+    assert p["compression.type"] == "lz4"
+
+
+@pytest.mark.parametrize("acks", ["0", "1"])
+def test_start_up_refuses_acks_other_than_all_without_the_explicit_opt_out(acks: str) -> None:
+    env = {"MESSAGE_QUEUE_ENGINE": "kafka", "KAFKA_OPT_ACKS": acks}
+    with pytest.raises(ConfigError, match="MESSAGE_QUEUE_KAFKA_UNSAFE_ACKS"):
+        Settings.from_env(env)
+    s = Settings.from_env({**env, "MESSAGE_QUEUE_KAFKA_UNSAFE_ACKS": "1"})
+    assert producer_config(s)["acks"] == acks
+
+
+def test_kafka_replicas_share_metadata_in_postgres_never_in_a_local_file() -> None:
+    assert Settings.from_env({"MESSAGE_QUEUE_ENGINE": "kafka"}).meta == "postgres"
+    assert Settings.from_env({}).meta == "sqlite"
+    with pytest.raises(ConfigError, match="MESSAGE_QUEUE_META"):
+        Settings.from_env({"MESSAGE_QUEUE_ENGINE": "kafka", "MESSAGE_QUEUE_META": "sqlite"})
+    with pytest.raises(ConfigError, match="KAFKA_BROKERS"):
+        Settings.from_env({"MESSAGE_QUEUE_ENGINE": "kafka", "KAFKA_BROKERS": " "})
+
+
+def test_postgres_dsn_quotes_the_credentials() -> None:
+    s = Settings.from_env(
+        {
+            "DB_HOST": "db.internal",
+            "DB_PORT": "6432",
+            "DB_USER": "mq user",
+            "DB_PASSWORD": "p@ss:w/rd",
+            "DB_NAME": "necpgame",
+            "DB_SSLMODE": "require",
+        }
+    )
+    assert postgres_dsn(s) == (
+        "postgresql://mq%20user:p%40ss%3Aw%2Frd@db.internal:6432/necpgame?sslmode=require"
+    )
+
+
+def test_env_vars_lists_the_contract_variables() -> None:
+    for name in ("DB_HOST", "DB_PASSWORD", "REDIS_HOST", "REDIS_PORT", "KAFKA_BROKERS"):
+        assert name in ENV_VARS
+    for name in KAFKA_SECURITY_VARS:
+        assert name in ENV_VARS
