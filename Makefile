@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8087
 
-.PHONY: run test lint typecheck unit build bench clean
+.PHONY: run test lint typecheck unit build bench bench-kafka clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ test: lint typecheck
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python bench/run.py
+
+# The Kafka engine against a local Kafka, PostgreSQL and Redis (started and stopped by it).
+bench-kafka: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python bench/kafka.py
 
 clean:
 	rm -rf build src/mqfast/_core.c src/mqfast/*.so $(VENV)

@@ -616,6 +616,17 @@ def gen(s: dict[str, Any]) -> str:
     return f"CPU {s['gen_cpu'][0]:.0%}"
 
 
+KAFKA_BEGIN, KAFKA_END = "<!-- kafka:begin -->", "<!-- kafka:end -->"
+
+
+def write_results(md: Path, text: str) -> None:
+    """Write RESULTS.md, keeping the Kafka section that bench/kafka.py maintains."""
+    old = md.read_text() if md.exists() else ""
+    i, j = old.find(KAFKA_BEGIN), old.find(KAFKA_END)
+    keep = old[i : j + len(KAFKA_END)] + "\n" if i != -1 and j > i else ""
+    md.write_text(text + ("\n" + keep if keep else ""))
+
+
 def render_md(results: dict[str, Any], plots: list[str]) -> str:
     m, v, a = results["machine"], results["versions"], results["args"]
     summ = results["summary"]
@@ -861,7 +872,7 @@ def main() -> int:
     if args.report_only:
         results = json.loads((out_dir / "results.json").read_text())
         plots = publish_plots(write_plots(results, out_dir), out_dir)
-        Path(args.results_md).write_text(render_md(results, plots))
+        write_results(Path(args.results_md), render_md(results, plots))
         print(f"wrote {args.results_md}, plots: {', '.join(plots) or 'none'}")
         return 0
     (out_dir / "logs").mkdir(exist_ok=True)
@@ -1004,7 +1015,7 @@ def main() -> int:
     }
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     plots = publish_plots(write_plots(results, out_dir), out_dir)
-    Path(args.results_md).write_text(render_md(results, plots))
+    write_results(Path(args.results_md), render_md(results, plots))
     print(
         f"wrote {out_dir / 'results.json'}, {args.results_md}, plots: {', '.join(plots) or 'none'}"
     )

@@ -83,6 +83,12 @@ LOG_TAIL_LINES = 40
 class ServiceError(RuntimeError):
     """A service could not be installed, started or stopped."""
 
+    # Set when a server died because one of its ports was taken meanwhile.
+    port_clash = False
+
+
+PORT_CLASH_ATTEMPTS = 3
+
 
 # --------------------------------------------------------------------------- processes
 
@@ -259,14 +265,20 @@ class _Spawner:
     """
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._reset()
+
+    def _reset(self) -> None:
         self._jobs: queue.SimpleQueue[
             tuple[Future[subprocess.Popen[bytes]], list[str], dict[str, Any]]
         ] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self._pid = os.getpid()
 
     def popen(self, cmd: list[str], kwargs: dict[str, Any]) -> subprocess.Popen[bytes]:
         with self._lock:
+            if self._pid != os.getpid():  # a fork inherited our state but not our thread
+                self._reset()
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._serve, name="mqfast-services-spawner", daemon=True
@@ -317,6 +329,7 @@ class Service:
         self._stop_offset = 0
         self._t0 = 0.0
         self.last_start_seconds = 0.0
+        self.owner_pid = os.getpid()
 
     # -- to override
     def command(self) -> list[str]:
@@ -377,6 +390,7 @@ class Service:
                 self._proc = _SPAWNER.popen(cmd, kwargs)
         stat = _proc_stat(self._proc.pid)
         self._starttime = stat[1] if stat else None
+        self.owner_pid = os.getpid()
         if not self.detached:
             with _LIVE_LOCK:
                 if self not in _LIVE:
@@ -400,10 +414,12 @@ class Service:
                 raise ServiceError(f"{self.name} was never started")
             code = self._proc.poll()
             if code is not None:
-                raise ServiceError(
+                err = ServiceError(
                     f"{self.name} exited with code {code} before it was ready\n"
                     + tail(self.log_files())
                 )
+                err.port_clash = "Address already in use" in self._log_since_start()
+                raise err
             if self.is_ready():
                 break
             if time.monotonic() > deadline:
@@ -534,15 +550,17 @@ def stop_all(services: Sequence[Service], timeout: float = 30) -> None:
 @atexit.register
 def _stop_everything() -> None:
     with _LIVE_LOCK:
-        live = list(_LIVE)
+        # A forked child that exits normally must not stop its parent's services.
+        live = [s for s in _LIVE if s.owner_pid == os.getpid()]
     if live:
         stop_all(live, timeout=20)
-    for path in list(_SCRATCH):
-        shutil.rmtree(path, ignore_errors=True)
+    for path, owner in list(_SCRATCH.items()):
+        if owner == os.getpid():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 # Directories outside the caller's workdir that die with this process (see _pg_root).
-_SCRATCH: list[Path] = []
+_SCRATCH: dict[Path, int] = {}  # path: pid of the process that made it
 
 
 # --------------------------------------------------------------------------- installation
@@ -1136,9 +1154,22 @@ def start_kafka(workdir: Path, brokers: int = 1, *, detached: bool = False) -> K
     if brokers < 1:
         raise ValueError("brokers must be >= 1")
     ensure_installed(kafka=True, postgres=False, redis=False)
+    workdir = workdir.resolve()
+    for attempt in range(PORT_CLASH_ATTEMPTS):
+        try:
+            return _start_kafka(workdir, brokers, detached)
+        except ServiceError as e:
+            if not e.port_clash or attempt == PORT_CLASH_ATTEMPTS - 1:
+                raise
+            log.warning("Kafka: a port was taken by another process meanwhile; new ports")
+            for node_dir in workdir.glob("node-*"):
+                shutil.rmtree(node_dir)
+    raise AssertionError("unreachable")
+
+
+def _start_kafka(workdir: Path, brokers: int, detached: bool) -> Kafka:
     lib = kafka_lib()
     version = kafka_version(lib)
-    workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     log4j = workdir / "log4j2.properties"
     log4j.write_text(_LOG4J2)
@@ -1285,7 +1316,9 @@ class Postgres(Service):
         root = self.workdir / "pgroot"
         socket_path_len = len(str(root / "run" / f".s.PGSQL.{self.port}"))
         if root.is_symlink():
-            return root.resolve()
+            if root.resolve().is_dir():
+                return root.resolve()
+            root.unlink()  # its scratch folder is gone with the process that made it
         if (self.os_user is None or _can_traverse(self.workdir, self.os_user)) and (
             socket_path_len < 100
         ):
@@ -1296,7 +1329,7 @@ class Postgres(Service):
         root.symlink_to(outside, target_is_directory=True)
         self.scratch = outside
         if not self.detached:
-            _SCRATCH.append(outside)
+            _SCRATCH[outside] = os.getpid()
         return outside
 
     def _spawn_kwargs(self) -> dict[str, Any]:
@@ -1352,9 +1385,6 @@ class Postgres(Service):
         with open(self.data_dir / "postgresql.conf", "a") as f:
             f.write(
                 "\n# mqfast scripts/services.py\n"
-                "listen_addresses = '127.0.0.1'\n"
-                f"port = {self.port}\n"
-                f"unix_socket_directories = '{self.socket_dir}'\n"
                 "max_connections = 200\n"
                 "shared_buffers = 64MB\n"
                 "password_encryption = 'scram-sha-256'\n"
@@ -1370,7 +1400,19 @@ class Postgres(Service):
         log.info("postgres: initdb done in %.1f s", time.monotonic() - t0)
 
     def command(self) -> list[str]:
-        return [str(self.bin_dir / "postgres"), "-D", str(self.data_dir)]
+        # Address, port and socket on the command line, not in postgresql.conf: they belong to
+        # this object, whatever cluster the data directory already holds.
+        return [
+            str(self.bin_dir / "postgres"),
+            "-D",
+            str(self.data_dir),
+            "-p",
+            str(self.port),
+            "-k",
+            str(self.socket_dir),
+            "-c",
+            "listen_addresses=127.0.0.1",
+        ]
 
     def is_ready(self) -> bool:
         return PG_READY_MARK in self._log_since_start() and port_open(self.host, self.port)
@@ -1425,8 +1467,7 @@ class Postgres(Service):
         self.stop()
         target = self.root
         shutil.rmtree(target, ignore_errors=True)
-        if target in _SCRATCH:
-            _SCRATCH.remove(target)
+        _SCRATCH.pop(target, None)
         link = self.workdir / "pgroot"
         if link.is_symlink():
             link.unlink()
@@ -1436,13 +1477,20 @@ def start_postgres(workdir: Path, *, detached: bool = False) -> Postgres:
     """initdb and start PostgreSQL under workdir, with role/database/password ``mqfast``."""
     ensure_installed(kafka=False, postgres=True, redis=False)
     workdir = workdir.resolve()
-    pg = Postgres(workdir, free_ports(1)[0], detached=detached)
-    try:
-        pg.start()
-    except BaseException:
-        pg.destroy()
-        raise
-    return pg
+    for attempt in range(PORT_CLASH_ATTEMPTS):
+        pg = Postgres(workdir, free_ports(1)[0], detached=detached)
+        try:
+            pg.start()
+            return pg
+        except ServiceError as e:
+            pg.destroy()  # the port is written into its configuration: begin anew
+            if not e.port_clash or attempt == PORT_CLASH_ATTEMPTS - 1:
+                raise
+            log.warning("postgres: port %d was taken by another process meanwhile", pg.port)
+        except BaseException:
+            pg.destroy()
+            raise
+    raise AssertionError("unreachable")
 
 
 # --------------------------------------------------------------------------- redis
@@ -1464,30 +1512,29 @@ class Redis(Service):
         self.port = port
         self.config_path = workdir / "redis.conf"
         self.data_dir = workdir / "data"
+        self._write_config()
 
     @property
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
 
-    def launch(self) -> None:
-        if not self.config_path.exists():
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            self.config_path.write_text(
-                "# mqfast scripts/services.py\n"
-                "bind 127.0.0.1\n"
-                f"port {self.port}\n"
-                "protected-mode yes\n"
-                "daemonize no\n"
-                "supervised no\n"
-                f"pidfile {self.workdir / 'redis.pid'}\n"
-                'logfile ""\n'
-                f"dir {self.data_dir}\n"
-                "appendonly yes\n"
-                "appendfsync everysec\n"
-                # The AOF is the durability under test; RDB snapshots would only fork.
-                'save ""\n'
-            )
-        super().launch()
+    def _write_config(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(
+            "# mqfast scripts/services.py\n"
+            "bind 127.0.0.1\n"
+            f"port {self.port}\n"
+            "protected-mode yes\n"
+            "daemonize no\n"
+            "supervised no\n"
+            f"pidfile {self.workdir / 'redis.pid'}\n"
+            'logfile ""\n'
+            f"dir {self.data_dir}\n"
+            "appendonly yes\n"
+            "appendfsync everysec\n"
+            # The AOF is the durability under test; RDB snapshots would only fork.
+            'save ""\n'
+        )
 
     def command(self) -> list[str]:
         return [self.exe, str(self.config_path)]
@@ -1511,13 +1558,20 @@ class Redis(Service):
 def start_redis(workdir: Path, *, detached: bool = False) -> Redis:
     ensure_installed(kafka=False, postgres=False, redis=True)
     workdir = workdir.resolve()
-    r = Redis(workdir, free_ports(1)[0], detached=detached)
-    try:
-        r.start()
-    except BaseException:
-        r.stop()
-        raise
-    return r
+    for attempt in range(PORT_CLASH_ATTEMPTS):
+        r = Redis(workdir, free_ports(1)[0], detached=detached)
+        try:
+            r.start()
+            return r
+        except ServiceError as e:
+            r.stop()
+            if not e.port_clash or attempt == PORT_CLASH_ATTEMPTS - 1:
+                raise
+            log.warning("redis: port %d was taken by another process meanwhile", r.port)
+        except BaseException:
+            r.stop()
+            raise
+    raise AssertionError("unreachable")
 
 
 # --------------------------------------------------------------------------- environment

@@ -86,8 +86,12 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 def _revive() -> None:
     for svc in _started:
         if not svc.running:
-            log.info("restarting %r, left stopped by an earlier test", svc)
-            svc.start()
+            log.warning("restarting %r, left stopped by an earlier test", svc)
+            try:
+                svc.start()
+            except services.ServiceError as e:
+                # Raised in another test's setup, so say where it comes from.
+                raise services.ServiceError(f"restarting {svc!r} failed: {e}") from e
 
 
 @pytest.fixture(autouse=True)

@@ -8,6 +8,7 @@ the engine, exit 0 within ``MESSAGE_QUEUE_SHUTDOWN_TIMEOUT``.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import gc
 import logging
 import os
@@ -31,7 +32,7 @@ from mqfast.log import configure_logging
 from mqfast.meta import MetaStore
 from mqfast.meta.history import HistoryRecorder, TopicSample
 from mqfast.metrics import build_registry, start_metrics_server
-from mqfast.sinks import Sink
+from mqfast.sinks import Sink, describe_all
 
 log = logging.getLogger("mqfast.server")
 
@@ -49,6 +50,7 @@ class Engine:
         self.settings = settings
         self.recheck_s = float("inf")
         self.dependencies: dict[str, Callable[[], dict[str, object]]] = {}
+        self._forget_in_core: Callable[[str], None] | None = None
         if settings.engine == "kafka":
             self._init_kafka(settings)
         else:
@@ -92,6 +94,18 @@ class Engine:
         self.dependencies = {"postgres": meta.health, "redis": groups.health}
         # PostgreSQL first: the engine reads its topic registry at start.
         self._parts = [meta, sink, groups]
+
+        def changed(name: str) -> None:
+            # Another replica created, changed or deleted ``name``: look it up again.
+            sink.forget_topic(name)
+            if self._forget_in_core is not None:
+                self._forget_in_core(name)
+
+        meta.on_topics_changed = changed
+
+    def watch_topics(self, forget: Callable[[str], None]) -> None:
+        """``forget(name)`` when another replica changes a topic (the core's topic cache)."""
+        self._forget_in_core = forget
 
     async def start(self) -> None:
         for part in self._parts:  # embedded: the sink migrates the database first
@@ -155,6 +169,7 @@ async def serve(settings: Settings, *, index: int = 0, reuse_port: bool = False)
     app.dependencies = engine.dependencies
     core = Server(loop, sink, app, ROUTES, settings)
     core.set_stored_hook(groups.on_stored)
+    engine.watch_topics(core.drop_topic)
     app.attach(core)
     await engine.start()
     for cfg in await sink.list_topics():
@@ -211,6 +226,8 @@ async def serve(settings: Settings, *, index: int = 0, reuse_port: bool = False)
 
     deadline = time.monotonic() + settings.shutdown_timeout_s
     log.info("shutting down: no new connections, finishing in-flight requests")
+    # If stopping takes far longer than promised, leave every thread's stack in the log.
+    faulthandler.dump_traceback_later(settings.shutdown_timeout_s + 15.0, exit=False)
     app.ready = False
     listener.close()
     groups.shutdown()
@@ -227,6 +244,7 @@ async def serve(settings: Settings, *, index: int = 0, reuse_port: bool = False)
         s.close()
     if unfinished:
         log.warning("stopped at the deadline with work unfinished", extra={"busy": unfinished})
+    faulthandler.cancel_dump_traceback_later()
     log.info("mqfast stopped", extra={"worker": index})
 
 
@@ -266,15 +284,14 @@ async def _sample(
     """Cumulative counters and current gauges per topic, for the metric history."""
     stats = groups.merge_stats(core.stats())
     sizes = {t.name: t for t in await sink.list_topics()}
+    infos = await describe_all(sink, list(sizes))
     out: dict[str, TopicSample] = {}
-    for name in sizes:
+    for name, info in infos.items():
         if name.endswith(".dlq") and name[: -len(".dlq")] in sizes:
             continue  # reported as the dead-letter size of its origin
         t = stats["topics"].get(name, {})
         c = groups.topics.get(name)
-        info = await sink.describe_topic(name)
-        dlq = dlq_name(name)
-        dlq_size = (await sink.describe_topic(dlq)).messages if dlq in sizes else 0
+        dlq = infos.get(dlq_name(name))
         out[name] = TopicSample(
             produced=t.get("produced", 0),
             consumed=c.consumed if c else 0,
@@ -282,7 +299,7 @@ async def _sample(
             failed=c.failed if c else 0,
             retried=c.retried if c else 0,
             queue_size=max((g.lag for g in info.consumer_groups), default=info.messages),
-            dead_letter_size=dlq_size,
+            dead_letter_size=dlq.messages if dlq is not None else 0,
             active_consumers=consumers[0],
             total_consumers=consumers[1],
             processing_ms=c.processing_ms if c else [],

@@ -74,9 +74,10 @@ def test_a_full_local_queue_answers_503_and_stores_what_it_accepted(replicas: Re
 
 
 def test_a_broker_that_stops_answering_gives_503_with_an_unknown_outcome(
-    replicas: Replicas, kafka: Any
+    replicas: Replicas, kafka: Any, postgres: Any, redis: Any, services: Any
 ) -> None:
-    [gw] = replicas(1, KAFKA_OPT_MESSAGE_TIMEOUT_MS="1500")
+    env = services.env_for(kafka, postgres, redis)  # this very broker, whatever cluster_env is
+    [gw] = replicas(1, KAFKA_OPT_MESSAGE_TIMEOUT_MS="1500", **env)
     t = gw.topic()
     gw.produce(t, "before")
     pid = kafka.nodes[0].pid

@@ -109,6 +109,24 @@ def test_a_failed_start_raises_with_the_log_tail(tmp_path: Path) -> None:
     assert not r.running
 
 
+def test_a_port_taken_between_pick_and_bind_is_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another test session on the machine may bind a picked port first: start elsewhere."""
+    real = services.free_ports
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        picks = iter([[port]])
+        monkeypatch.setattr(services, "free_ports", lambda n: next(picks, None) or real(n))
+        r = services.start_redis(tmp_path)
+    try:
+        assert r.port != port and r.ping()
+    finally:
+        r.stop()
+
+
 # --------------------------------------------------------------------------- postgres
 
 

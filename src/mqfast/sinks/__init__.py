@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 from mqfast.errors import MqfastError
 from mqfast.messages import StoredMessage, TopicConfig, TopicInfo
@@ -87,3 +87,17 @@ class Sink(Protocol):
 
     def health(self) -> dict[str, object]:
         """``{"status": "up" | "down", ...detail}``; cheap, called by ``/health``."""
+
+
+async def describe_all(sink: Sink, names: list[str]) -> dict[str, TopicInfo]:
+    """Describe several topics, in one go where the engine can (``describe_topics``)."""
+    many = getattr(sink, "describe_topics", None)
+    if many is not None:
+        return cast(dict[str, TopicInfo], await many(names))
+    out = {}
+    for name in names:
+        try:
+            out[name] = await sink.describe_topic(name)
+        except MqfastError:
+            continue  # deleted meanwhile
+    return out

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -39,6 +39,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     AdminClient,
     ConfigResource,
     NewTopic,
+    OffsetSpec,
 )
 
 from mqfast import errors
@@ -196,6 +197,16 @@ def _map_error(err: KafkaError) -> errors.MqfastError:
     return errors.Unavailable(f"kafka: {err.str()}")
 
 
+class _PartitionQueue:
+    """Messages of one partition waiting for their reports, and their batches (same order)."""
+
+    __slots__ = ("deliveries", "trackers")
+
+    def __init__(self) -> None:
+        self.deliveries: deque[Delivery] = deque()
+        self.trackers: deque[_Batch] = deque()
+
+
 class _Batch:
     """Counts the delivery reports of one submitted batch (called on the poll thread)."""
 
@@ -207,15 +218,6 @@ class _Batch:
         # One more than the messages: submit() holds it until every message is queued, so the
         # batch cannot finish while it is still being submitted.
         self.remaining = len(deliveries) + 1
-
-    def report(self, index: int, err: KafkaError | None, msg: Any) -> None:
-        d = self.deliveries[index]
-        if err is None:
-            d.offset = msg.offset()
-        else:
-            d.error = _map_error(err)
-            self.sink._last_error = err.str()
-        self.settled(1)
 
     def settled(self, n: int) -> None:
         with self.sink._done_lock:
@@ -292,6 +294,8 @@ class KafkaSink:
         self._done: list[list[Delivery]] = []
         self._done_lock = threading.Lock()
         self._in_flight = 0
+        # topic -> partition -> messages waiting for their delivery report, in produce order
+        self._queues: dict[str, dict[int, _PartitionQueue]] = {}
         self._topics: dict[str, TopicConfig] = {}
         self._topics_at = 0.0
         self._down_since = 0.0  # monotonic time every broker was reported down; 0 when up
@@ -384,9 +388,14 @@ class KafkaSink:
             return
         tracker = _Batch(self, batch)
         produce = self._producer.produce
+        report = self._report
         queued = 0
         self._in_flight += 1
-        for i, d in enumerate(batch):
+        for d in batch:
+            # Queued before produce(): the report may come before it returns.
+            q = self._queue(d.topic, d.partition)
+            q.deliveries.append(d)
+            q.trackers.append(tracker)
             try:
                 produce(
                     d.topic,
@@ -395,17 +404,56 @@ class KafkaSink:
                     partition=d.partition,
                     timestamp=d.timestamp_ms,
                     headers=record_headers(d),
-                    on_delivery=functools.partial(tracker.report, i),
+                    on_delivery=report,
                 )
                 queued += 1
+                continue
             except BufferError:
                 d.error = errors.Unavailable("kafka: the local send queue is full; retry later")
             except KafkaException as e:
                 d.error = _map_error(e.args[0])
             except Exception as e:  # a bad argument must fail this message, not the batch
                 d.error = errors.BadRequest(f"kafka refused the message: {e}")
+            q.deliveries.pop()
+            q.trackers.pop()
         # Reports arrive only for queued messages: the refused ones are settled now.
         tracker.settled(len(batch) - queued + 1)
+
+    def _queue(self, topic: str, partition: int) -> _PartitionQueue:
+        by_partition = self._queues.get(topic)
+        if by_partition is None:
+            by_partition = self._queues[topic] = {}
+        q = by_partition.get(partition)
+        if q is None:
+            q = by_partition[partition] = _PartitionQueue()
+        return q
+
+    def _report(self, err: KafkaError | None, msg: Any) -> None:
+        # Poll thread. One callable for every message: a closure per message would live until
+        # its report and feed the garbage collector. The idempotent producer reports each
+        # partition's messages in the order they were produced, so the report belongs to the
+        # oldest message of its partition's queue; key and value are checked all the same.
+        q = self._queues[msg.topic()][msg.partition()]
+        d = q.deliveries.popleft()
+        tracker = q.trackers.popleft()
+        value, key = msg.value(), msg.key()
+        if d.value != value or d.key != key:
+            q.deliveries.appendleft(d)
+            q.trackers.appendleft(tracker)
+            for i, other in enumerate(q.deliveries):
+                if other.value == value and other.key == key:
+                    d, tracker = other, q.trackers[i]
+                    del q.deliveries[i], q.trackers[i]
+                    break
+            else:
+                log.error("kafka delivery report matches no message", extra={"topic": msg.topic()})
+                return
+        if err is None:
+            d.offset = msg.offset()
+        else:
+            d.error = _map_error(err)
+            self._last_error = err.str()
+        tracker.settled(1)
 
     def _finish_now(self, batch: list[Delivery]) -> None:
         assert self._loop is not None and self._on_done is not None
@@ -606,6 +654,11 @@ class KafkaSink:
         topics = await self._refresh_topics(force=True)
         return topics.get(name)
 
+    def forget_topic(self, name: str) -> None:
+        """Drop ``name`` from the cache (changed elsewhere): the next lookup asks Kafka."""
+        self._topics.pop(name, None)
+        self._topics_at = 0.0
+
     async def list_topics(self) -> list[TopicConfig]:
         topics = await self._refresh_topics()
         return [topics[n] for n in sorted(topics)]
@@ -633,30 +686,75 @@ class KafkaSink:
         return result
 
     async def describe_topic(self, name: str) -> TopicInfo:
-        cfg = await self.get_topic(name, fresh=True)
-        if cfg is None:
+        if await self.get_topic(name) is None:
             raise errors.UnknownTopic(f"unknown topic {name!r}")
-        marks = await self.watermarks(name, cfg.partitions)
-        stats = [
-            PartitionStats(partition=p, messages=hi - lo, bytes=0, low_offset=lo, high_offset=hi)
-            for p, (lo, hi) in enumerate(marks)
-        ]
-        lags: list[GroupLag] = []
-        if self.group_lags is not None:
-            lags = await self.group_lags(name, [hi for _, hi in marks])
-        return TopicInfo(
-            name=cfg.name,
-            partitions=cfg.partitions,
-            replication=cfg.replication,
-            retention=cfg.retention,
-            max_size=cfg.max_size,
-            created_at=cfg.created_at,
-            dead_letter_expired=cfg.dead_letter_expired,
-            messages=sum(s.messages for s in stats),
-            bytes=0,
-            partition_stats=stats,
-            consumer_groups=lags,
+        infos = await self.describe_topics([name])
+        if name not in infos:
+            raise errors.UnknownTopic(f"unknown topic {name!r}")
+        return infos[name]
+
+    async def describe_topics(self, names: list[str]) -> dict[str, TopicInfo]:
+        """Describe several topics with two offset requests in all (metric history samples
+        every topic each interval: one request per partition would not scale)."""
+        topics = await self._refresh_topics()
+        cfgs = [topics[n] for n in names if n in topics]
+        if not cfgs:
+            return {}
+        marks = await self._offsets(cfgs)
+        out: dict[str, TopicInfo] = {}
+        for cfg in cfgs:
+            m = marks.get(cfg.name)
+            if m is None:
+                continue  # deleted meanwhile
+            stats = [
+                PartitionStats(
+                    partition=p, messages=hi - lo, bytes=0, low_offset=lo, high_offset=hi
+                )
+                for p, (lo, hi) in enumerate(m)
+            ]
+            lags: list[GroupLag] = []
+            if self.group_lags is not None:
+                lags = await self.group_lags(cfg.name, [hi for _, hi in m])
+            out[cfg.name] = TopicInfo(
+                name=cfg.name,
+                partitions=cfg.partitions,
+                replication=cfg.replication,
+                retention=cfg.retention,
+                max_size=cfg.max_size,
+                created_at=cfg.created_at,
+                dead_letter_expired=cfg.dead_letter_expired,
+                messages=sum(st.messages for st in stats),
+                bytes=0,
+                partition_stats=stats,
+                consumer_groups=lags,
+            )
+        return out
+
+    async def _offsets(self, cfgs: list[TopicConfig]) -> dict[str, list[tuple[int, int]]]:
+        """(low, high) of every partition of ``cfgs``; topics that failed are left out."""
+        tps = [TopicPartition(c.name, p) for c in cfgs for p in range(c.partitions)]
+        earliest = OffsetSpec.earliest()  # type: ignore[no-untyped-call]
+        latest = OffsetSpec.latest()  # type: ignore[no-untyped-call]
+        lows = self._admin.list_offsets(
+            {tp: earliest for tp in tps}, request_timeout=ADMIN_TIMEOUT_S
         )
+        highs = self._admin.list_offsets(
+            {tp: latest for tp in tps}, request_timeout=ADMIN_TIMEOUT_S
+        )
+        found: dict[tuple[str, int], list[int]] = {}
+        for which, futs in ((0, lows), (1, highs)):
+            for tp, fut in futs.items():
+                try:
+                    res = await self._wait(fut)
+                except errors.MqfastError:
+                    continue
+                found.setdefault((tp.topic, tp.partition), [0, 0])[which] = int(res.offset)
+        out: dict[str, list[tuple[int, int]]] = {}
+        for c in cfgs:
+            parts = [found.get((c.name, p)) for p in range(c.partitions)]
+            if all(x is not None for x in parts):
+                out[c.name] = [(x[0], x[1]) for x in parts if x is not None]
+        return out
 
     async def delete_before(self, name: str, partition: int, offset: int) -> None:
         """Delete the records of one partition below ``offset`` (redrive empties the DLQ)."""

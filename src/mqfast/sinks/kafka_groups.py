@@ -29,7 +29,7 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 from redis.exceptions import RedisError, ResponseError
 
 from mqfast import errors
@@ -147,6 +147,24 @@ class _Window:
                 self.consumer.seek(TopicPartition(self.topic, p, positions[p]))
                 self.next[p] = positions[p]
         self._fetch(wait_s)
+        if wait_s == 0 and self._behind():
+            # The broker has messages this window has not received yet (just resumed, or a
+            # fetch in flight): a consume without timeout must still see a backlog.
+            self._fetch(0.2)
+
+    def _behind(self) -> bool:
+        for p in range(self.partitions):
+            if p in self.paused or len(self.records[p]) >= 100:
+                continue
+            try:
+                _, hi = self.consumer.get_watermark_offsets(
+                    TopicPartition(self.topic, p), cached=True
+                )
+            except KafkaException:
+                continue
+            if hi > self.next[p]:
+                return True
+        return False
 
     def _fetch(self, wait_s: float) -> None:
         if wait_s > 0:
