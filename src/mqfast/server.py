@@ -96,7 +96,12 @@ class Engine:
         self._parts = [meta, sink, groups]
 
         def changed(name: str) -> None:
-            # Another replica created, changed or deleted ``name``: look it up again.
+            # Another replica created, changed or deleted ``name``: look it up again (but not
+            # after this replica's own creation, already known: produce must not pay for it).
+            known = sink.cached_topic(name)
+            stored = meta.cached_topics().get(name)
+            if known is not None and stored is not None and known.same_settings(stored):
+                return
             sink.forget_topic(name)
             if self._forget_in_core is not None:
                 self._forget_in_core(name)

@@ -654,6 +654,9 @@ class KafkaSink:
         topics = await self._refresh_topics(force=True)
         return topics.get(name)
 
+    def cached_topic(self, name: str) -> TopicConfig | None:
+        return self._topics.get(name)
+
     def forget_topic(self, name: str) -> None:
         """Drop ``name`` from the cache (changed elsewhere): the next lookup asks Kafka."""
         self._topics.pop(name, None)
