@@ -1,9 +1,12 @@
 """Metadata stores: registered consumers and per-interval metric history.
 
 One interface, two implementations: ``meta.sqlite.SqliteMeta`` (embedded, in the engine's
-database file) and a PostgreSQL store for clusters. Several gateway processes share one store, so
-every implementation keeps what must be consistent in the database, never only in memory; the
-one exception is ``touch``, whose in-memory ``last_seen`` is flushed within about a second.
+database file) and ``meta.postgres.PostgresMeta`` for clusters; what they share besides their SQL
+is in ``meta.common`` (consumer rows, pruning) and ``meta.history`` (metric point rows).
+
+Several gateway processes share one store, so every implementation keeps what must be consistent
+in the database, never only in memory; the one exception is ``touch``, whose in-memory
+``last_seen`` is flushed within about a second.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Metric history: the ``GET /api/v1/metrics`` query and the recorder that feeds the store.
+"""Metric history: the ``GET /api/v1/metrics`` query, the recorder that feeds the store, and
+the row form in which both stores keep and aggregate points (``point_params``, ``point_from_row``).
 
 Every gateway process runs one ``HistoryRecorder``. Its ticks are aligned to wall-clock multiples
 of the interval, so that the points of all processes for one interval carry the same start time
@@ -13,9 +14,8 @@ import datetime as dt
 import logging
 import math
 import re
-import time
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Any, Final
 from urllib.parse import unquote_to_bytes
 
 import msgspec
@@ -24,6 +24,7 @@ from mqfast._core import topic_name_error
 from mqfast.errors import InvalidQuery
 from mqfast.messages import MetricPoint
 from mqfast.meta import MetaStore
+from mqfast.meta.common import cancel_and_wait, wall_ms
 
 __all__ = [
     "HistoryRecorder",
@@ -31,6 +32,8 @@ __all__ = [
     "format_rfc3339",
     "parse_metrics_query",
     "parse_rfc3339",
+    "point_from_row",
+    "point_params",
 ]
 
 log = logging.getLogger("mqfast.history")
@@ -156,6 +159,70 @@ def _human_seconds(seconds: float) -> str:
     return f"{seconds:g} seconds"
 
 
+# -- the stores' row form ------------------------------------------------------------------
+
+
+def point_params(p: MetricPoint, worker: str) -> tuple[Any, ...]:
+    """The values of one point of ``worker`` for the stores' insert, in their column order:
+    ``ts_ms, topic, worker, interval_s, produced, ..., error_rate, retry_rate``.
+
+    Raises ``ValueError`` when ``p.time`` is not RFC 3339.
+    """
+    return (
+        parse_rfc3339(p.time),
+        p.topic,
+        worker,
+        float(p.interval_s),
+        p.produced,
+        p.consumed,
+        p.expired,
+        p.failed,
+        p.retried,
+        p.queue_size,
+        p.dead_letter_size,
+        float(p.processing_avg_ms),
+        float(p.processing_p95_ms),
+        float(p.processing_p99_ms),
+        p.active_consumers,
+        p.total_consumers,
+        float(p.error_rate),
+        float(p.retry_rate),
+    )
+
+
+def point_from_row(r: Any) -> MetricPoint:
+    """One row of the stores' query that aggregates the workers of an interval and topic:
+    ``ts_ms, topic, MAX(interval_s)``, the five counters summed, the two sizes' maximum,
+    ``SUM(processing_avg_ms * consumed)``, ``AVG(NULLIF(processing_avg_ms, 0))``, then the
+    percentiles' and the consumer counts' maximum. Rates are recomputed from the sums."""
+    consumed = int(r[4])
+    failed = int(r[6])
+    retried = int(r[7])
+    if consumed > 0:
+        avg = float(r[10]) / consumed
+    else:  # no weights: the plain mean of the workers that timed something
+        avg = float(r[11] or 0.0)
+    return MetricPoint(
+        time=format_rfc3339(int(r[0])),
+        topic=r[1],
+        interval_s=float(r[2]),
+        produced=int(r[3]),
+        consumed=consumed,
+        expired=int(r[5]),
+        failed=failed,
+        retried=retried,
+        queue_size=int(r[8]),
+        dead_letter_size=int(r[9]),
+        processing_avg_ms=avg,
+        processing_p95_ms=float(r[12]),
+        processing_p99_ms=float(r[13]),
+        active_consumers=int(r[14]),
+        total_consumers=int(r[15]),
+        error_rate=failed / consumed if consumed else 0.0,
+        retry_rate=retried / consumed if consumed else 0.0,
+    )
+
+
 # -- recorder ------------------------------------------------------------------------------
 
 
@@ -226,22 +293,17 @@ class HistoryRecorder:
     async def stop(self) -> None:
         """Stop the background task; the interval in progress is not recorded."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(task)
 
     async def record_now(self) -> None:
         """Take one sample now and record its deltas (the first sample is only the baseline)."""
-        await self._tick(self._bucket_of(_wall_ms()))
+        await self._tick(self._bucket_of(wall_ms()))
 
     async def _run(self) -> None:
         if self._last is None:
             await self._tick(None)  # baseline
         while True:
-            now = _wall_ms()
+            now = wall_ms()
             boundary = self._bucket_of(now) + self._interval_ms
             # The label is fixed before sleeping, so a wake-up a little early or late (the loop
             # sleeps on the monotonic clock) still names the right interval.
@@ -319,7 +381,3 @@ class HistoryRecorder:
                 )
             )
         return points
-
-
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000

@@ -40,7 +40,16 @@ import msgspec
 
 from mqfast.errors import ConfigError, MqfastError, Unavailable
 from mqfast.messages import ConsumerInfo, MetricPoint, RegisterConsumerRequest, TopicConfig
-from mqfast.meta.history import format_rfc3339, parse_rfc3339
+from mqfast.meta.common import (
+    CONSUMER_COLUMNS,
+    cancel_and_wait,
+    consumer_from_request,
+    consumer_from_row,
+    prune_history,
+    prune_quietly,
+    wall_ms,
+)
+from mqfast.meta.history import point_from_row, point_params
 
 __all__ = [
     "AUDIT_FIELDS",
@@ -60,9 +69,6 @@ TOPICS_CHANNEL: Final = "mqfast_topics"
 # One key for every component's migrations in the database ("mqfast" in ASCII): migrations of
 # different components may touch the same tables, so they never run side by side.
 MIGRATION_LOCK_KEY: Final = 0x6D7166617374
-# Pruning deletes in chunks, each its own transaction, so that a backlog of expired history never
-# holds row locks or bloats one transaction for long.
-PRUNE_CHUNK_ROWS: Final = 5_000
 # Consumer ids come from clients: during a long outage the pending touches must not grow without
 # bound. Past this many distinct ids, touches of new ids are dropped (the consumer may then be
 # swept and comes back active with its next touch after the outage).
@@ -135,12 +141,9 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     ),
 )
 
-_CONSUMER_COLUMNS: Final = (
-    "consumer_id, group_id, topics, max_concurrency, rate_limit, registered_at, last_seen, active"
-)
 # xmax is 0 only on a row version this statement inserted, so it tells an insert from an update.
 _REGISTER: Final = f"""
-INSERT INTO mqfast_consumers AS c ({_CONSUMER_COLUMNS})
+INSERT INTO mqfast_consumers AS c ({CONSUMER_COLUMNS})
 VALUES ($1, $2, $3, $4, $5, $6, $6, TRUE)
 ON CONFLICT (consumer_id) DO UPDATE SET
     group_id = excluded.group_id,
@@ -266,10 +269,6 @@ _detail_encoder = msgspec.json.Encoder()
 _detail_decoder = msgspec.json.Decoder(dict[str, Any])
 
 
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 def _error_text(e: BaseException) -> str:
     if isinstance(e, TimeoutError):
         return "no answer in time"
@@ -356,16 +355,7 @@ async def migrate(
 
 
 def _consumer_from_row(row: Any) -> ConsumerInfo:
-    return ConsumerInfo(
-        consumer_id=row[0],
-        group_id=row[1],
-        topics=list(row[2]),
-        max_concurrency=row[3],
-        rate_limit=row[4],
-        registered_at=int(row[5]),
-        last_seen=int(row[6]),
-        active=bool(row[7]),
-    )
+    return consumer_from_row(row, list(row[2]))
 
 
 def _topic_from_row(row: Any) -> TopicConfig:
@@ -377,35 +367,6 @@ def _topic_from_row(row: Any) -> TopicConfig:
         max_size=int(row[4]),
         created_at=int(row[5]),
         dead_letter_expired=bool(row[6]),
-    )
-
-
-def _point_from_row(r: Any) -> MetricPoint:
-    consumed = int(r[4])
-    failed = int(r[6])
-    retried = int(r[7])
-    if consumed > 0:
-        avg = float(r[10]) / consumed
-    else:  # no weights: the plain mean of the workers that timed something
-        avg = float(r[11] or 0.0)
-    return MetricPoint(
-        time=format_rfc3339(int(r[0])),
-        topic=r[1],
-        interval_s=float(r[2]),
-        produced=int(r[3]),
-        consumed=consumed,
-        expired=int(r[5]),
-        failed=failed,
-        retried=retried,
-        queue_size=int(r[8]),
-        dead_letter_size=int(r[9]),
-        processing_avg_ms=avg,
-        processing_p95_ms=float(r[12]),
-        processing_p99_ms=float(r[13]),
-        active_consumers=int(r[14]),
-        total_consumers=int(r[15]),
-        error_rate=failed / consumed if consumed else 0.0,
-        retry_rate=retried / consumed if consumed else 0.0,
     )
 
 
@@ -450,7 +411,7 @@ class PostgresMeta:
 
         # Last known reachability, for health() and for logging transitions only.
         self._up = False
-        self._since_ms = _wall_ms()
+        self._since_ms = wall_ms()
         self._last_error = "not started"
 
         # consumer_id -> latest touch (unix ms) not yet written; only touched on the loop thread.
@@ -520,7 +481,7 @@ class PostgresMeta:
         self._listener = listener
         self._topics = {t.name: t for t in map(_topic_from_row, rows)}
         self._up = True
-        self._since_ms = _wall_ms()
+        self._since_ms = wall_ms()
         self._last_error = ""
         self._watch_task = self._loop.create_task(self._watch(), name="mqfast-meta-watch")
         self._topics_task = self._loop.create_task(
@@ -561,12 +522,7 @@ class PostgresMeta:
             return
         self._closed = True
         for task in (self._flush_task, self._topics_task, self._watch_task):
-            if task is not None:
-                task.cancel()
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    pass
+            await cancel_and_wait(task)
         self._flush_task = self._topics_task = self._watch_task = None
         listener, self._listener = self._listener, None
         if listener is not None:
@@ -634,23 +590,13 @@ class PostgresMeta:
             ),
             write=True,
         )
-        info = ConsumerInfo(
-            consumer_id=req.consumer_id,
-            group_id=req.group_id,
-            topics=list(req.topics),
-            max_concurrency=req.max_concurrency,
-            rate_limit=rate,
-            registered_at=int(row[0]),
-            last_seen=int(row[1]),
-            active=True,
-        )
-        return info, bool(row[2])
+        return consumer_from_request(req, int(row[0]), int(row[1])), bool(row[2])
 
     async def get_consumer(self, consumer_id: str) -> ConsumerInfo | None:
         """The registered consumer or None (``last_seen`` includes unflushed touches)."""
         row = await self._call(
             lambda c: c.fetchrow(
-                f"SELECT {_CONSUMER_COLUMNS} FROM mqfast_consumers WHERE consumer_id = $1",
+                f"SELECT {CONSUMER_COLUMNS} FROM mqfast_consumers WHERE consumer_id = $1",
                 consumer_id,
             )
         )
@@ -661,13 +607,13 @@ class PostgresMeta:
         if group_id is None:
             rows = await self._call(
                 lambda c: c.fetch(
-                    f"SELECT {_CONSUMER_COLUMNS} FROM mqfast_consumers ORDER BY consumer_id"
+                    f"SELECT {CONSUMER_COLUMNS} FROM mqfast_consumers ORDER BY consumer_id"
                 )
             )
         else:
             rows = await self._call(
                 lambda c: c.fetch(
-                    f"SELECT {_CONSUMER_COLUMNS} FROM mqfast_consumers WHERE group_id = $1"
+                    f"SELECT {CONSUMER_COLUMNS} FROM mqfast_consumers WHERE group_id = $1"
                     " ORDER BY consumer_id",
                     group_id,
                 )
@@ -764,38 +710,13 @@ class PostgresMeta:
 
         Raises ``ValueError`` when a point's ``time`` is not RFC 3339.
         """
-        rows = [
-            (
-                parse_rfc3339(p.time),
-                p.topic,
-                worker,
-                float(p.interval_s),
-                p.produced,
-                p.consumed,
-                p.expired,
-                p.failed,
-                p.retried,
-                p.queue_size,
-                p.dead_letter_size,
-                float(p.processing_avg_ms),
-                float(p.processing_p95_ms),
-                float(p.processing_p99_ms),
-                p.active_consumers,
-                p.total_consumers,
-                float(p.error_rate),
-                float(p.retry_rate),
-            )
-            for p in points
-        ]
+        rows = [point_params(p, worker) for p in points]
         if rows:
             # one statement per row, so that two points of one key in one call merge as well
             await self._call(lambda c: c.executemany(_UPSERT_POINT, rows), write=True)
         if time.monotonic() >= self._next_prune:
             self._next_prune = time.monotonic() + self.prune_interval_s
-            try:
-                await self.prune()
-            except Unavailable as e:
-                log.warning("metadata store: pruning metric history failed: %s", e)
+            await prune_quietly(self.prune)
 
     async def query_points(
         self, start_ms: int, end_ms: int, topic: str | None
@@ -809,27 +730,18 @@ class PostgresMeta:
         else:
             sql = _QUERY_POINTS.format(topic_filter="AND topic = $3")
             rows = await self._call(lambda c: c.fetch(sql, start_ms, end_ms, topic))
-        return [_point_from_row(r) for r in rows]
+        return [point_from_row(r) for r in rows]
 
     async def prune(self, now_ms: int | None = None) -> int:
         """Delete history older than ``history_retention_s`` before ``now_ms`` (default: now).
 
         Returns the number of rows deleted.
         """
-        now = _wall_ms() if now_ms is None else now_ms
-        cutoff = now - int(self.history_retention_s * 1000)
-        deleted = 0
-        while True:
-            status = await self._call(
-                lambda c: c.execute(_PRUNE_CHUNK, cutoff, PRUNE_CHUNK_ROWS), write=True
-            )
-            n = _rowcount(status)
-            deleted += n
-            if n < PRUNE_CHUNK_ROWS:
-                break
-        if deleted:
-            log.info("metric history: pruned %d points", deleted, extra={"deleted": deleted})
-        return deleted
+        return await prune_history(self._delete_points_chunk, self.history_retention_s, now_ms)
+
+    async def _delete_points_chunk(self, cutoff_ms: int, limit: int) -> int:
+        status = await self._call(lambda c: c.execute(_PRUNE_CHUNK, cutoff_ms, limit), write=True)
+        return _rowcount(status)
 
     # -- topic registry --------------------------------------------------------------------
 
@@ -846,7 +758,7 @@ class PostgresMeta:
                 cfg.max_size,
                 cfg.created_at,
                 cfg.dead_letter_expired,
-                _wall_ms(),
+                wall_ms(),
             )
             # delivered at commit, and only if the transaction commits
             await conn.execute("SELECT pg_notify($1, $2)", TOPICS_CHANNEL, cfg.name)
@@ -895,7 +807,7 @@ class PostgresMeta:
             raise ValueError(f"unknown audit fields: {', '.join(sorted(unknown))}")
         when = entry.get("time_ms")
         if when is None:
-            when = _wall_ms()
+            when = wall_ms()
         elif not isinstance(when, int):
             raise ValueError("audit time_ms must be an int (unix milliseconds)")
         detail = entry.get("detail")
@@ -996,7 +908,7 @@ class PostgresMeta:
         if not self._up or self._closed:
             return
         self._up = False
-        self._since_ms = _wall_ms()
+        self._since_ms = wall_ms()
         self._watch_wake.set()  # start probing now, not at the next ping
         log.warning(
             "metadata store: %s is unreachable (%s); metadata requests fail with 503 until it is"
@@ -1010,9 +922,9 @@ class PostgresMeta:
     def _set_up(self) -> None:
         if self._up or self._closed:
             return
-        down_s = (_wall_ms() - self._since_ms) / 1000
+        down_s = (wall_ms() - self._since_ms) / 1000
         self._up = True
-        self._since_ms = _wall_ms()
+        self._since_ms = wall_ms()
         self._last_error = ""
         log.info(
             "metadata store: %s is reachable again after %.1f s; %d pending consumer touches",

@@ -29,7 +29,15 @@ import msgspec
 
 from mqfast.errors import Unavailable
 from mqfast.messages import ConsumerInfo, MetricPoint, RegisterConsumerRequest
-from mqfast.meta.history import format_rfc3339, parse_rfc3339
+from mqfast.meta.common import (
+    CONSUMER_COLUMNS,
+    cancel_and_wait,
+    consumer_from_request,
+    consumer_from_row,
+    prune_history,
+    prune_quietly,
+)
+from mqfast.meta.history import point_from_row, point_params
 from mqfast.sinks.embedded import apply_migrations, immediate, write_lock
 
 __all__ = ["DB_FILENAME", "SCHEMA_COMPONENT", "SqliteMeta"]
@@ -42,9 +50,6 @@ _P = ParamSpec("_P")
 
 DB_FILENAME: Final = "mqfast.db"  # the embedded engine's file (sinks.embedded.DB_FILENAME)
 SCHEMA_COMPONENT: Final = "meta"
-# Pruning deletes in chunks, each its own transaction, so that a backlog of expired history (a
-# process that was down for days) never holds the write lock for long.
-PRUNE_CHUNK_ROWS: Final = 5_000
 
 # Each entry is one schema version (index + 1). Append only; never edit an applied migration.
 MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
@@ -86,9 +91,6 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     ),
 )
 
-_CONSUMER_COLUMNS: Final = (
-    "consumer_id, group_id, topics, max_concurrency, rate_limit, registered_at, last_seen, active"
-)
 _TOUCH: Final = (
     "UPDATE meta_consumers SET last_seen = MAX(last_seen, ?), active = 1 WHERE consumer_id = ?"
 )
@@ -143,21 +145,8 @@ _topics_decoder = msgspec.json.Decoder(list[str])
 _topics_encoder = msgspec.json.Encoder()
 
 
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 def _consumer_from_row(row: tuple[Any, ...]) -> ConsumerInfo:
-    return ConsumerInfo(
-        consumer_id=row[0],
-        group_id=row[1],
-        topics=_topics_decoder.decode(row[2]),
-        max_concurrency=row[3],
-        rate_limit=row[4],
-        registered_at=row[5],
-        last_seen=row[6],
-        active=bool(row[7]),
-    )
+    return consumer_from_row(row, _topics_decoder.decode(row[2]))
 
 
 class SqliteMeta:
@@ -221,12 +210,7 @@ class SqliteMeta:
             return
         self._closed = True
         task, self._flush_task = self._flush_task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(task)
         if self._executor is None:
             return
         try:
@@ -259,7 +243,7 @@ class SqliteMeta:
         """The registered consumer or None (``last_seen`` includes unflushed touches)."""
         rows = await self._run(
             self._select_sync,
-            f"SELECT {_CONSUMER_COLUMNS} FROM meta_consumers WHERE consumer_id = ?",
+            f"SELECT {CONSUMER_COLUMNS} FROM meta_consumers WHERE consumer_id = ?",
             (consumer_id,),
         )
         return self._overlay(_consumer_from_row(rows[0])) if rows else None
@@ -267,11 +251,11 @@ class SqliteMeta:
     async def list_consumers(self, group_id: str | None = None) -> list[ConsumerInfo]:
         """Every registered consumer (of ``group_id`` when given), sorted by id."""
         if group_id is None:
-            sql = f"SELECT {_CONSUMER_COLUMNS} FROM meta_consumers ORDER BY consumer_id"
+            sql = f"SELECT {CONSUMER_COLUMNS} FROM meta_consumers ORDER BY consumer_id"
             params: tuple[Any, ...] = ()
         else:
             sql = (
-                f"SELECT {_CONSUMER_COLUMNS} FROM meta_consumers WHERE group_id = ?"
+                f"SELECT {CONSUMER_COLUMNS} FROM meta_consumers WHERE group_id = ?"
                 " ORDER BY consumer_id"
             )
             params = (group_id,)
@@ -335,37 +319,12 @@ class SqliteMeta:
 
         Raises ``ValueError`` when a point's ``time`` is not RFC 3339.
         """
-        rows = [
-            (
-                parse_rfc3339(p.time),
-                p.topic,
-                worker,
-                p.interval_s,
-                p.produced,
-                p.consumed,
-                p.expired,
-                p.failed,
-                p.retried,
-                p.queue_size,
-                p.dead_letter_size,
-                p.processing_avg_ms,
-                p.processing_p95_ms,
-                p.processing_p99_ms,
-                p.active_consumers,
-                p.total_consumers,
-                p.error_rate,
-                p.retry_rate,
-            )
-            for p in points
-        ]
+        rows = [point_params(p, worker) for p in points]
         if rows:
             await self._run(self._write_sync, self._insert_points, rows)
         if time.monotonic() >= self._next_prune:
             self._next_prune = time.monotonic() + self.prune_interval_s
-            try:
-                await self.prune()
-            except Unavailable as e:
-                log.warning("metadata store: pruning metric history failed: %s", e)
+            await prune_quietly(self.prune)
 
     async def query_points(
         self, start_ms: int, end_ms: int, topic: str | None
@@ -381,53 +340,17 @@ class SqliteMeta:
         rows = await self._run(
             self._select_sync, _QUERY_POINTS.format(topic_filter=topic_filter), params
         )
-        return [self._point_from_row(r) for r in rows]
+        return [point_from_row(r) for r in rows]
 
     async def prune(self, now_ms: int | None = None) -> int:
         """Delete history older than ``history_retention_s`` before ``now_ms`` (default: now).
 
         Returns the number of rows deleted.
         """
-        now = _wall_ms() if now_ms is None else now_ms
-        cutoff = now - int(self.history_retention_s * 1000)
-        deleted = 0
-        while True:
-            n = await self._run(self._write_sync, self._prune_chunk, cutoff)
-            deleted += n
-            if n < PRUNE_CHUNK_ROWS:
-                break
-        if deleted:
-            log.info("metric history: pruned %d points", deleted, extra={"deleted": deleted})
-        return deleted
+        return await prune_history(self._delete_points_chunk, self.history_retention_s, now_ms)
 
-    @staticmethod
-    def _point_from_row(r: tuple[Any, ...]) -> MetricPoint:
-        consumed = int(r[4])
-        failed = int(r[6])
-        retried = int(r[7])
-        if consumed > 0:
-            avg = float(r[10]) / consumed
-        else:  # no weights: the plain mean of the workers that timed something
-            avg = float(r[11] or 0.0)
-        return MetricPoint(
-            time=format_rfc3339(int(r[0])),
-            topic=r[1],
-            interval_s=float(r[2]),
-            produced=int(r[3]),
-            consumed=consumed,
-            expired=int(r[5]),
-            failed=failed,
-            retried=retried,
-            queue_size=int(r[8]),
-            dead_letter_size=int(r[9]),
-            processing_avg_ms=avg,
-            processing_p95_ms=float(r[12]),
-            processing_p99_ms=float(r[13]),
-            active_consumers=int(r[14]),
-            total_consumers=int(r[15]),
-            error_rate=failed / consumed if consumed else 0.0,
-            retry_rate=retried / consumed if consumed else 0.0,
-        )
+    async def _delete_points_chunk(self, cutoff_ms: int, limit: int) -> int:
+        return await self._run(self._write_sync, self._prune_chunk, (cutoff_ms, limit))
 
     # -- touches (loop thread) -------------------------------------------------------------
 
@@ -555,7 +478,7 @@ class SqliteMeta:
             if row is None:
                 registered_at, last_seen = now_ms, now_ms
                 conn.execute(
-                    f"INSERT INTO meta_consumers ({_CONSUMER_COLUMNS})"
+                    f"INSERT INTO meta_consumers ({CONSUMER_COLUMNS})"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, 1)",
                     (
                         req.consumer_id,
@@ -581,17 +504,7 @@ class SqliteMeta:
                         req.consumer_id,
                     ),
                 )
-        info = ConsumerInfo(
-            consumer_id=req.consumer_id,
-            group_id=req.group_id,
-            topics=list(req.topics),
-            max_concurrency=req.max_concurrency,
-            rate_limit=req.rate_limit,
-            registered_at=registered_at,
-            last_seen=last_seen,
-            active=True,
-        )
-        return info, row is None
+        return consumer_from_request(req, registered_at, last_seen), row is None
 
     def _delete_sync(self, consumer_id: str) -> bool:
         with self._transaction() as conn:
@@ -618,5 +531,5 @@ class SqliteMeta:
         conn.executemany(_UPSERT_POINT, rows)
 
     @staticmethod
-    def _prune_chunk(conn: sqlite3.Connection, cutoff_ms: int) -> int:
-        return int(conn.execute(_PRUNE_CHUNK, (cutoff_ms, PRUNE_CHUNK_ROWS)).rowcount)
+    def _prune_chunk(conn: sqlite3.Connection, cutoff_and_limit: tuple[int, int]) -> int:
+        return int(conn.execute(_PRUNE_CHUNK, cutoff_and_limit).rowcount)
