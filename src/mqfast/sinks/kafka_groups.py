@@ -91,6 +91,7 @@ class _Window:
         self.committed: list[int] = []  # last positions seen in Redis
         self.kafka_committed: list[int] = []  # last positions committed to Kafka
         self.used = time.monotonic()
+        self.lock = asyncio.Lock()
 
     def _open(self, positions: list[int]) -> None:
         self.consumer = Consumer(consumer_config(self.settings, f"mqfast.{self.group}"))
@@ -370,29 +371,52 @@ class KafkaGroups:
         if cfg is None:
             raise errors.UnknownTopic(f"unknown topic {topic!r}", field="topic")
         w = await self._window(group, cfg)
+        # One lease at a time per group and topic in this replica: concurrent ones would pick
+        # the same candidates and all but one would come back empty-handed.
+        async with w.lock:
+            out = LeaseOutcome([])
+            want = max_messages
+            for attempt in range(3):
+                res = await self._prepare(w, cfg, consumer, want, max_leased, now)
+                if attempt == 0:
+                    out.reclaimed = int(res["reclaimed"])
+                    if max_leased is not None:
+                        want = min(want, max_leased - int(res["held"]))
+                dead = _list(res["dead"])
+                if dead:
+                    out.dead_lettered += await self._dead_letter(group, cfg, w, dead, now)
+                out.next_due_ms = int(res["next_due"] or 0)
+                if want - len(out.messages) <= 0:
+                    break
+                positions = [int(x) for x in res["pos"]]
+                await self._reading(w.sync, positions, 0.5 if w.consumer is None else 0.0)
+                lost = await self._pick(
+                    group, cfg, w, res, consumer, want - len(out.messages), visibility_ms, now,
+                    picker, out,
+                )  # fmt: skip
+                if not lost:  # another replica took some of the candidates: look again
+                    break
+            out.messages.sort(key=lambda m: -m.priority)
+            return out
+
+    async def _prepare(
+        self,
+        w: _Window,
+        cfg: TopicConfig,
+        consumer: str,
+        want: int,
+        max_leased: int | None,
+        now: int,
+    ) -> dict[str, Any]:
         lows = await self._reading(w.refresh_lows)
-        args = [group, topic, now, cfg.partitions, "[]", msgspec.json.encode(lows).decode()]
-        tail = [consumer, max_messages, "1" if max_leased is not None else "0"]
-        res = await self._call("prepare", *args, *tail, *self._policy_args())
+        args = [w.group, cfg.name, now, cfg.partitions, "[]", msgspec.json.encode(lows).decode()]
+        tail = [consumer, want, "1" if max_leased is not None else "0"]
+        res: dict[str, Any] = await self._call("prepare", *args, *tail, *self._policy_args())
         if res.get("missing"):
             init = await self._reading(w.initial_positions)
             args[4] = msgspec.json.encode(init).decode()
             res = await self._call("prepare", *args, *tail, *self._policy_args())
-        out = LeaseOutcome([])
-        out.reclaimed = int(res["reclaimed"])
-        positions = [int(x) for x in res["pos"]]
-        dead = _list(res["dead"])
-        if dead:
-            out.dead_lettered += await self._dead_letter(group, cfg, w, dead, now)
-        if max_leased is not None:
-            max_messages = min(max_messages, max_leased - int(res["held"]))
-        if max_messages > 0:
-            fresh = w.consumer is None
-            await self._reading(w.sync, positions, 0.5 if fresh else 0.0)
-            await self._pick(group, cfg, w, res, consumer, max_messages, visibility_ms, now,
-                             picker, out)  # fmt: skip
-        out.next_due_ms = int(res["next_due"] or 0)
-        return out
+        return res
 
     async def _pick(
         self,
@@ -406,7 +430,8 @@ class KafkaGroups:
         now: int,
         picker: PriorityPicker,
         out: LeaseOutcome,
-    ) -> None:
+    ) -> int:
+        """Lease up to ``want`` into ``out``; returns how many picks another replica took."""
         positions = [int(x) for x in res["pos"]]
         flat = _list(res["cur"])
         cursors = {str(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
@@ -453,14 +478,17 @@ class KafkaGroups:
             )  # fmt: skip
             chosen.append(rec)
         if not picks:
-            return
+            return 0
         deadline = now + visibility_ms
         claimed = await self._call(
             "claim", group, cfg.name, now, deadline, consumer, msgspec.json.encode(picks).decode()
         )
         dead: list[list[Any]] = []
+        lost = 0
         for rec, n in zip(chosen, _list(claimed["out"]), strict=True):
-            if n > 0:
+            if n == 0:
+                lost += 1
+            elif n > 0:
                 out.messages.append(
                     LeasedMessage(
                         message_id=rec.message_id,
@@ -485,7 +513,7 @@ class KafkaGroups:
                 dead.append([f, 0, rec.message_id, "ttl", "expired"])
         if dead:
             out.dead_lettered += await self._dead_letter(group, cfg, w, dead, now)
-        out.messages.sort(key=lambda m: -m.priority)
+        return lost
 
     # ---- dead letters ---------------------------------------------------------------------
 
