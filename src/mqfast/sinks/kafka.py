@@ -227,10 +227,14 @@ class _Batch:
             self.sink._finished(self.deliveries)
 
 
+_PRIORITY_HEADERS = [(H_PRIORITY, b"%d" % p) for p in range(10)]
+
+
 def record_headers(d: Delivery) -> list[tuple[str, bytes]]:
+    """mqfast's own headers, then the user's (the hot path: no more than it takes)."""
     out: list[tuple[str, bytes]] = [(H_ID, d.message_id.encode())]
     if d.priority:
-        out.append((H_PRIORITY, b"%d" % d.priority))
+        out.append(_PRIORITY_HEADERS[d.priority])
     if d.expires_ms:
         out.append((H_EXPIRES, b"%d" % d.expires_ms))
     if d.headers:
@@ -389,21 +393,29 @@ class KafkaSink:
         tracker = _Batch(self, batch)
         produce = self._producer.produce
         report = self._report
+        headers_of = record_headers
         queued = 0
         self._in_flight += 1
+        last_topic = ""
+        last_partition = -1
+        q: _PartitionQueue | None = None
         for d in batch:
+            topic = d.topic
+            partition = d.partition
+            if q is None or partition != last_partition or topic != last_topic:
+                q = self._queue(topic, partition)  # a batch is mostly one partition
+                last_topic, last_partition = topic, partition
             # Queued before produce(): the report may come before it returns.
-            q = self._queue(d.topic, d.partition)
             q.deliveries.append(d)
             q.trackers.append(tracker)
             try:
                 produce(
-                    d.topic,
+                    topic,
                     d.value,
                     d.key,
-                    partition=d.partition,
+                    partition=partition,
                     timestamp=d.timestamp_ms,
-                    headers=record_headers(d),
+                    headers=headers_of(d),
                     on_delivery=report,
                 )
                 queued += 1
