@@ -832,11 +832,14 @@ class KafkaSink:
 
 
 def watermarks(client: Any, topic: str, partition: int) -> tuple[int, int]:
-    """(low, high) of one partition; retried through a leader election (new topic, failover)."""
-    for attempt in range(20):
+    """(low, high) of one partition; retried through a leader election (new topic, failover)
+    for at most ``ADMIN_TIMEOUT_S`` in all."""
+    deadline = time.monotonic() + ADMIN_TIMEOUT_S
+    while True:
+        left = deadline - time.monotonic()
         try:
             lo, hi = client.get_watermark_offsets(
-                TopicPartition(topic, partition), timeout=5.0, cached=False
+                TopicPartition(topic, partition), timeout=max(0.1, min(5.0, left)), cached=False
             )
             return int(lo), int(hi)
         except KafkaException as e:
@@ -846,10 +849,9 @@ def watermarks(client: Any, topic: str, partition: int) -> tuple[int, int]:
                 or err.code()
                 in (KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE)
             )
-            if not transient or attempt == 19:
+            if not transient or time.monotonic() + 0.1 >= deadline:
                 raise
-            time.sleep(0.1)
-    raise AssertionError("unreachable")
+        time.sleep(0.1)
 
 
 def _set_result(fut: asyncio.Future[int], value: int) -> None:

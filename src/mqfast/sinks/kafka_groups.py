@@ -269,10 +269,20 @@ class KafkaGroups:
         for t in self._tasks:
             t.cancel()
         loop = asyncio.get_running_loop()
-        for w in list(self._windows.values()):
-            await loop.run_in_executor(self._reader, w.close)
+        windows = list(self._windows.values())
         self._windows.clear()
-        self._reader.shutdown(wait=True)
+
+        def close_all() -> None:
+            for w in windows:
+                w.close()
+
+        # Bounded, and never a blocking join on the loop: the reader thread may be inside a
+        # Kafka call waiting for a broker that is gone.
+        try:
+            await asyncio.wait_for(loop.run_in_executor(self._reader, close_all), 5.0)
+        except TimeoutError:
+            log.warning("kafka readers did not close in time", extra={"windows": len(windows)})
+        self._reader.shutdown(wait=False, cancel_futures=True)
         await self.redis.aclose()
 
     def health(self) -> dict[str, object]:
