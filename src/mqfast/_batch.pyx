@@ -51,6 +51,10 @@ cdef class Server:
         self.flush_cb = self._flush
         self.sweeper = None
         self.stored_hook = None
+        self.auth = None
+        self.quotas = None
+        self.principals = {}
+        self.public_routes = frozenset()
         self.date_header = http_date()
         self.shutting_down = False
         self.inflight = 0
@@ -67,6 +71,22 @@ cdef class Server:
         self.batch_decoder = msgspec.json.Decoder(BatchProduceRequest)
         self.headers_encoder = msgspec.json.Encoder()
         sink.bind(loop, self._on_done)
+
+    def set_auth(self, object auth, object public_templates) -> None:
+        """Require a verified token (``auth.Principal``) on every route but ``public_templates``;
+        the app's ``authenticate(header)`` verifies on the slow path, the core caches."""
+        self.auth = auth
+        self.principals = {}
+        self.public_routes = frozenset(
+            i for i, t in enumerate(self.router.templates) if t in public_templates)
+
+    def set_quotas(self, object quotas) -> None:
+        """Per-subject produce quotas (``quota.Quotas``): checked locally on the hot path."""
+        self.quotas = quotas if quotas is not None and quotas.enabled else None
+
+    def forget_principals(self) -> None:
+        """Drop every cached verification (keys rotated, grants changed)."""
+        self.principals.clear()
 
     def protocol(self) -> HttpProtocol:
         """Protocol factory for ``loop.create_server``."""

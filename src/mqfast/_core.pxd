@@ -47,6 +47,9 @@ cdef class Pending:
     cdef Py_ssize_t waiting
     cdef Delivery single
     cdef list deliveries
+    cdef bytes authorization  # the raw Authorization header, None when absent
+    cdef object principal     # auth.Principal once authenticated (None with auth off)
+    cdef bint quota_checked   # the slow path already took this request's quota
 
     @staticmethod
     cdef Pending new(HttpProtocol conn, int route, int64_t t0_ns)
@@ -97,6 +100,10 @@ cdef class Server:
     cdef object flush_cb
     cdef object sweeper
     cdef object stored_hook
+    cdef object auth          # auth.Authenticator, None when authentication is off
+    cdef object quotas        # quota.Quotas when per-subject produce quotas are on
+    cdef dict principals      # raw Authorization header -> Principal (verified, not expired)
+    cdef object public_routes # route indexes answered without authentication
     cdef bytes date_header
     cdef readonly bint shutting_down
     cdef readonly Py_ssize_t inflight
@@ -144,6 +151,8 @@ cdef class HttpProtocol:
     cdef bint has_host
     cdef bint expect_continue
     cdef bint prefer_async
+    cdef bytes authorization
+    cdef str peer             # "ip:port" of the client, for the audit log
     cdef bint http10
     cdef bint closing
     cdef bint reading_paused
@@ -163,6 +172,7 @@ cdef class HttpProtocol:
     cdef Delivery _delivery(self, TopicState ts, str content, object key, object headers,
                             int priority, object ttl, str where, Pending p)
     cdef _call_app(self, Pending p)
+    cdef bint _authenticate(self, Pending p)
     cdef _complete(self, Pending p)
     cdef _write_ready(self)
     cdef _abort_with(self, object exc)

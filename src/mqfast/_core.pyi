@@ -1,7 +1,7 @@
 """Type stubs of the compiled core (``_core.pyx``): every name Python code may use."""
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 from mqfast.config import Settings
@@ -103,6 +103,12 @@ class Server:
         """Make ``name`` known to the hot path."""
     def drop_topic(self, name: str) -> None:
         """Forget ``name``: the next produce to it goes through the slow path again."""
+    def set_auth(self, auth: Any, public_templates: Iterable[str]) -> None:
+        """Require a verified token on every route but ``public_templates``."""
+    def set_quotas(self, quotas: Any) -> None:
+        """Per-subject produce quotas, checked locally on the hot path."""
+    def forget_principals(self) -> None:
+        """Drop every cached verification (keys rotated, grants changed)."""
     def set_stored_hook(self, hook: Callable[[list[Any]], None] | None) -> None:
         """Call ``hook(batch)`` after each engine batch (wakes long-polling consumers)."""
     def stats(self) -> dict[str, Any]:

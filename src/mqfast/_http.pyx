@@ -26,6 +26,11 @@ cdef object _DecodeError = msgspec.DecodeError
 cdef object _MqfastError = _errors.MqfastError
 cdef bytes _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 cdef bytes _RETRY_AFTER = b"retry-after: 1\r\n"
+
+
+cdef Py_ssize_t _utf8_len(str text):
+    # Quotas count bytes; ASCII text (the common case) needs no encoding to know its size.
+    return len(text) if text.isascii() else len((<str>text).encode("utf-8"))
 cdef object _iscoroutine = __import__("inspect").isawaitable
 
 
@@ -146,6 +151,74 @@ cdef class _AppDone:
 
 
 @cython.final
+cdef class _AuthDone:
+    """Done-callback of the slow-path token verification: start the request, or answer 401."""
+    cdef HttpProtocol conn
+    cdef Pending p
+
+    def __cinit__(self, HttpProtocol conn, Pending p):
+        self.conn = conn
+        self.p = p
+
+    def __call__(self, task):
+        cdef HttpProtocol conn = self.conn
+        cdef Pending p = self.p
+        self.conn = None
+        self.p = None
+        if task.cancelled():
+            conn._fail(p, _errors.ShuttingDown("request cancelled: the server is stopping"))
+        elif task.exception() is not None:
+            conn._fail(p, task.exception())
+        else:
+            conn._authenticated(p, task.result())
+        conn._write_ready()
+
+
+@cython.final
+cdef class _QuotaDone:
+    """After the slow path asked for more allowance: produce, or answer 429 + Retry-After."""
+    cdef HttpProtocol conn
+    cdef Pending p
+    cdef object request
+    cdef bint batch
+    cdef bint prefer_async
+
+    def __cinit__(self, HttpProtocol conn, Pending p, object request, bint batch,
+                  bint prefer_async):
+        self.conn = conn
+        self.p = p
+        self.request = request
+        self.batch = batch
+        self.prefer_async = prefer_async
+
+    def __call__(self, task):
+        cdef HttpProtocol conn = self.conn
+        cdef Pending p = self.p
+        self.conn = None
+        self.p = None
+        try:
+            if task.cancelled():
+                raise _errors.ShuttingDown("request cancelled: the server is stopping")
+            if task.exception() is not None:
+                raise task.exception()
+            wait = task.result()
+            if wait > 0:
+                exc = _errors.RateLimited(
+                    f"subject {p.principal.subject!r} is over its produce quota; "
+                    f"retry in {wait:.2f}s")
+                exc.extra_headers = b"retry-after: %d\r\n" % max(1, <int>(wait + 0.999))
+                raise exc
+            p.quota_checked = True
+            if self.batch:
+                conn._enqueue_batch(p, self.request, self.prefer_async, False)
+            else:
+                conn._enqueue_one(p, self.request, self.prefer_async, False)
+        except BaseException as exc:
+            conn._fail(p, exc)
+        conn._write_ready()
+
+
+@cython.final
 cdef class _Resume:
     """After the slow path made the request's topics known, run the produce again."""
     cdef HttpProtocol conn
@@ -214,6 +287,7 @@ cdef class HttpProtocol:
         self.has_host = False
         self.expect_continue = False
         self.prefer_async = False
+        self.authorization = None
         self.http10 = False
         if self.params:
             self.params = []
@@ -222,6 +296,8 @@ cdef class HttpProtocol:
 
     def connection_made(self, transport):
         self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else ""
         self.state_since_ns = now_ns()
         self.server.connections.add(self)
 
@@ -327,6 +403,9 @@ cdef class HttpProtocol:
                     raise _errors.MalformedHttp(
                         "both Content-Length and Transfer-Encoding are present")
                 self.has_transfer_encoding = True
+        elif n == 13:
+            if name.lower() == b"authorization":
+                self.authorization = value
         elif n == 6:
             lname = name.lower()
             if lname == b"expect":
@@ -400,6 +479,7 @@ cdef class HttpProtocol:
             p.close_after = True
         p.http10 = self.http10
         p.prefer_async = self.prefer_async
+        p.authorization = self.authorization
         p.url = self.url or b"/"
         p.body = self.body
         p.method = self.parser.get_method()
@@ -446,6 +526,8 @@ cdef class HttpProtocol:
         cdef int route = p.route
         p.started = True
         try:
+            if server.auth is not None and p.principal is None and not self._authenticate(p):
+                return  # verified on the slow path, then started again
             if route == server.router.produce_route:
                 self._produce(p)
             elif route == server.router.batch_route:
@@ -454,6 +536,31 @@ cdef class HttpProtocol:
                 self._call_app(p)
         except BaseException as exc:
             self._fail(p, exc)
+
+    cdef bint _authenticate(self, Pending p):
+        """True when ``p`` may go on now; False when the slow path verifies its token first."""
+        cdef Server server = self.server
+        if p.route in server.public_routes:
+            return True
+        hdr = p.authorization
+        if hdr is not None:
+            principal = server.principals.get(hdr)
+            if principal is not None:
+                if principal.expires_at > _time():
+                    p.principal = principal
+                    return True
+                del server.principals[hdr]
+        task = server.loop.create_task(server.app.authenticate(hdr, self.peer))
+        task.add_done_callback(_AuthDone(self, p))
+        return False
+
+    def _authenticated(self, Pending p, object principal):
+        cdef Server server = self.server
+        p.principal = principal
+        if len(server.principals) >= 100_000:
+            server.principals.clear()  # bounded; verified again on the next request
+        server.principals[p.authorization] = principal
+        self._start(p)
 
     cdef _respond_now(self, Pending p, int status, bytes body, bytes extra):
         p.status = status
@@ -469,9 +576,13 @@ cdef class HttpProtocol:
         if not isinstance(exc, _MqfastError):
             _log.error("internal error handling a request", exc_info=exc)
             exc = _errors.MqfastError("internal error")
-        if exc.status == 503 or exc.status == 429:
-            # e.g. kafka's "outcome unknown" after a delivery timeout
-            extra = getattr(exc, "extra_headers", None)
+        if exc.status == 403 and p.principal is not None:
+            # refused on the hot path (produce): the audit log records every refusal
+            self.server.app.forbidden(exc, p.principal, self.server.router.templates[p.route],
+                                      self.peer)
+        extra = getattr(exc, "extra_headers", None)  # WWW-Authenticate, Retry-After, outcome
+        if (exc.status == 503 or exc.status == 429) and (
+                extra is None or b"retry-after" not in extra):
             extra = _RETRY_AFTER if extra is None else extra + _RETRY_AFTER
         self._respond_now(p, exc.status, exc.to_body(), extra)
 
@@ -494,7 +605,7 @@ cdef class HttpProtocol:
         query = b"" if q < 0 else url[q + 1:]
         body = bytes(p.body) if p.body is not None else b""
         result = server.app.handle(server.router.templates[p.route], p.method.decode(),
-                                   p.params or [], query, body)
+                                   p.params or [], query, body, p.principal, self.peer)
         if _iscoroutine(result):
             task = server.loop.create_task(result)
             task.add_done_callback(_AppDone(self, p))
@@ -514,6 +625,8 @@ cdef class HttpProtocol:
 
     def _enqueue_one(self, Pending p, object req, bint prefer_async, bint may_resolve):
         cdef Server server = self.server
+        if p.principal is not None:
+            p.principal.require("produce", req.topic)
         cdef TopicState ts = server.topic_state(req.topic)
         if ts is None:
             if not may_resolve:
@@ -523,6 +636,9 @@ cdef class HttpProtocol:
             task = server.loop.create_task(server.app.resolve_topics([req.topic]))
             task.add_done_callback(_Resume(self, p, req, False, prefer_async))
             return
+        if server.quotas is not None and p.principal is not None and not self._within_quota(
+                p, req, False, prefer_async, 1, _utf8_len(req.content)):
+            return  # decided on the slow path
         cdef Delivery d = self._delivery(ts, req.content, req.key, req.headers, req.priority,
                                          req.ttl, "", p)
         if prefer_async:
@@ -536,6 +652,19 @@ cdef class HttpProtocol:
         p.single = d
         p.waiting = 1
         server.enqueue(d)
+
+    def _within_quota(self, Pending p, object req, bint batch, bint prefer_async,
+                      Py_ssize_t messages, Py_ssize_t nbytes):
+        """True when the subject's local allowance covers the request; else the slow path asks
+        for more (one Redis round trip per refill, not per request) and resumes or answers
+        429."""
+        cdef Server server = self.server
+        key = p.principal.quota_key
+        if p.quota_checked or server.quotas.try_take(key, messages, nbytes):
+            return True
+        task = server.loop.create_task(server.quotas.acquire(key, messages, nbytes))
+        task.add_done_callback(_QuotaDone(self, p, req, batch, prefer_async))
+        return False
 
     cdef Delivery _delivery(self, TopicState ts, str content, object key, object headers,
                             int priority, object ttl, str where, Pending p):
@@ -609,6 +738,8 @@ cdef class HttpProtocol:
                 raise _errors.BadRequest(
                     f"messages[{i}].topic is missing and the batch has no default topic",
                     field=f"messages[{i}].topic")
+            if p.principal is not None:
+                p.principal.require("produce", topic)
             if server.topic_state(topic) is None:
                 if missing is None:
                     missing = []
@@ -627,6 +758,10 @@ cdef class HttpProtocol:
             task = server.loop.create_task(server.app.resolve_topics(missing))
             task.add_done_callback(_Resume(self, p, req, True, prefer_async))
             return
+        if server.quotas is not None and p.principal is not None and not self._within_quota(
+                p, req, True, prefer_async, len(req.messages),
+                sum([_utf8_len(m.content) for m in req.messages])):
+            return  # decided on the slow path
         # Build every delivery before enqueuing any: a bad message rejects the whole batch and
         # nothing of it is written.
         for i, m in enumerate(req.messages):

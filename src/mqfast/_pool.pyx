@@ -57,6 +57,9 @@ cdef class Pending:
         p.prefer_async = False
         p.waiting = 0
         p.status = 0
+        p.authorization = None
+        p.principal = None
+        p.quota_checked = False
         return p
 
 

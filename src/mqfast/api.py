@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote
 
 import msgspec
@@ -20,6 +20,10 @@ import msgspec
 from mqfast import __version__, errors
 from mqfast._core import Server, decode_json, topic_name_error
 from mqfast.config import Settings, parse_duration
+
+if TYPE_CHECKING:
+    from mqfast.auth import Authenticator
+from mqfast.access import AUDITED, AuditLog, Principal, authorize, target_of
 from mqfast.groups import Groups, SettleItem, SettleResult, check_id, now_ms
 from mqfast.messages import (
     AcknowledgeRequest,
@@ -117,6 +121,8 @@ class App:
         self.core: Server | None = None
         self.started = time.monotonic()
         self.ready = False
+        self.auth: Authenticator | None = None  # set when authentication is on
+        self.audit = AuditLog(meta if hasattr(meta, "audit") else None)  # type: ignore[arg-type]
         # Cluster dependencies besides the engine (name -> cheap health check), e.g. postgres.
         self.dependencies: dict[str, Callable[[], dict[str, object]]] = {}
         self._handlers: dict[tuple[str, str], Handler] = {
@@ -147,13 +153,80 @@ class App:
         self.core = core
 
     def handle(
-        self, template: str, method: str, params: list[bytes], query: bytes, body: bytes
+        self,
+        template: str,
+        method: str,
+        params: list[bytes],
+        query: bytes,
+        body: bytes,
+        principal: Principal | None = None,
+        peer: str = "",
     ) -> Response | Awaitable[Response]:
         """Entry point from the core for every route it does not answer itself."""
         handler = self._handlers.get((template, method))
         if handler is None:  # the router checked the method; a missing handler is our bug
             raise errors.MqfastError(f"no handler for {method} {template}")
-        return handler([unquote(p.decode("latin-1")) for p in params], query, body)
+        args = [unquote(p.decode("latin-1")) for p in params]
+        if principal is not None:
+            authorize(template, method, args, body, principal)
+        if (method, template) in AUDITED:
+            return self._audited(handler, template, method, args, query, body, principal, peer)
+        return handler(args, query, body)
+
+    # ---- security -------------------------------------------------------------------------
+
+    async def authenticate(self, header: bytes | None, peer: str = "") -> Principal:
+        """The slow path of the core's token cache: verify the bearer token of a request."""
+        assert self.auth is not None
+        try:
+            token = self.auth.token_from_header(header)
+            return await self.auth.verify(token)
+        except errors.MqfastError as e:
+            self.audit.record(
+                actor="", action="authenticate", target="", outcome="denied", peer=peer,
+                detail={"status": e.status, "reason": e.message},
+            )  # fmt: skip
+            raise
+
+    def forbidden(
+        self, exc: errors.MqfastError, principal: Principal, template: str, peer: str
+    ) -> None:
+        """The core refused a request with 403: one audit entry."""
+        self.audit.record(
+            actor=principal.subject, action=template, target="", outcome="denied", peer=peer,
+            detail={"status": exc.status, "reason": exc.message},
+        )  # fmt: skip
+
+    async def _audited(
+        self,
+        handler: Handler,
+        template: str,
+        method: str,
+        args: list[str],
+        query: bytes,
+        body: bytes,
+        principal: Principal | None,
+        peer: str,
+    ) -> Response:
+        action = f"{method} {template}"
+        target = args[0] if args else target_of(body)
+        actor = principal.subject if principal is not None else ""
+        try:
+            result = handler(args, query, body)
+            if not isinstance(result, tuple):
+                result = await result
+        except errors.MqfastError as e:
+            if e.status != 403:  # refusals are recorded by forbidden()
+                self.audit.record(
+                    actor=actor, action=action, target=target, outcome="failed",
+                    peer=peer, detail={"status": e.status, "reason": e.message},
+                )  # fmt: skip
+            raise
+        self.audit.record(
+            actor=actor, action=action, target=target, outcome="ok", peer=peer,
+            detail={"status": result[0]},
+        )  # fmt: skip
+        return result
 
     # ---- topics ---------------------------------------------------------------------------
 

@@ -162,8 +162,26 @@ ENV_VARS: tuple[str, ...] = (
     "MESSAGE_QUEUE_HEADER_TIMEOUT",
     "MESSAGE_QUEUE_HOST",
     "MESSAGE_QUEUE_IDLE_TIMEOUT",
+    "MESSAGE_QUEUE_INSECURE",
+    "MESSAGE_QUEUE_JWT_ALGORITHMS",
+    "MESSAGE_QUEUE_JWT_AUDIENCE",
+    "MESSAGE_QUEUE_JWT_GRANTS_CLAIM",
+    "MESSAGE_QUEUE_JWT_ISSUER",
+    "MESSAGE_QUEUE_JWT_JWKS_COOLDOWN",
+    "MESSAGE_QUEUE_JWT_JWKS_FILE",
+    "MESSAGE_QUEUE_JWT_JWKS_URL",
+    "MESSAGE_QUEUE_JWT_LEEWAY",
+    "MESSAGE_QUEUE_JWT_PUBLIC_KEY_FILE",
+    "MESSAGE_QUEUE_JWT_ROLES_CLAIM",
+    "MESSAGE_QUEUE_JWT_SECRET",
+    "MESSAGE_QUEUE_JWT_SECRET_FILE",
+    "MESSAGE_QUEUE_JWT_SUBJECT_CLAIM",
     "MESSAGE_QUEUE_KAFKA_UNSAFE_ACKS",
     "MESSAGE_QUEUE_LOG_LEVEL",
+    "MESSAGE_QUEUE_MASTER_KEYS",
+    "MESSAGE_QUEUE_MASTER_KEYS_FILE",
+    "MESSAGE_QUEUE_MASTER_KEY_FILE",
+    "MESSAGE_QUEUE_MASTER_KEY_ID",
     "MESSAGE_QUEUE_MAX_BATCH",
     "MESSAGE_QUEUE_MAX_BATCH_BYTES",
     "MESSAGE_QUEUE_MAX_HEADER_BYTES",
@@ -172,11 +190,20 @@ ENV_VARS: tuple[str, ...] = (
     "MESSAGE_QUEUE_META",
     "MESSAGE_QUEUE_METRICS_INTERVAL",
     "MESSAGE_QUEUE_PORT",
+    "MESSAGE_QUEUE_QUOTA_BURST",
+    "MESSAGE_QUEUE_QUOTA_BYTES",
+    "MESSAGE_QUEUE_QUOTA_CLAIM",
+    "MESSAGE_QUEUE_QUOTA_MESSAGES",
+    "MESSAGE_QUEUE_QUOTA_REPLICAS",
     "MESSAGE_QUEUE_RETENTION",
     "MESSAGE_QUEUE_RETENTION_INTERVAL",
     "MESSAGE_QUEUE_RETRY_BACKOFF",
     "MESSAGE_QUEUE_RETRY_BACKOFF_MAX",
     "MESSAGE_QUEUE_SHUTDOWN_TIMEOUT",
+    "MESSAGE_QUEUE_TLS_CERT",
+    "MESSAGE_QUEUE_TLS_CLIENT_AUTH",
+    "MESSAGE_QUEUE_TLS_CLIENT_CA",
+    "MESSAGE_QUEUE_TLS_KEY",
     "MESSAGE_QUEUE_TTL",
     "MESSAGE_QUEUE_VISIBILITY_TIMEOUT",
     "MESSAGE_QUEUE_WORKERS",
@@ -189,6 +216,74 @@ ENV_VARS: tuple[str, ...] = (
     "REDIS_TLS",
     *KAFKA_SECURITY_VARS,
 )
+
+
+def _read_secret(e: Mapping[str, str], var: str) -> str:
+    """``VAR`` or the content of the file named by ``VAR_FILE`` (Kubernetes secrets)."""
+    value = e.get(var, "")
+    path = e.get(var + "_FILE", "").strip()
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                value = f.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"{var}_FILE={path!r}: cannot read it ({exc.strerror})") from None
+    return value
+
+
+def _security(e: Mapping[str, str]) -> dict[str, object]:
+    def f(name: str, default: str = "") -> str:
+        return e.get(name, default).strip()
+
+    algs = tuple(a.strip() for a in f("MESSAGE_QUEUE_JWT_ALGORITHMS").split(",") if a.strip())
+    return {
+        "insecure": _bool(f("MESSAGE_QUEUE_INSECURE", "0"), "MESSAGE_QUEUE_INSECURE"),
+        "jwt_secret": _read_secret(e, "MESSAGE_QUEUE_JWT_SECRET"),
+        "jwt_public_key_file": f("MESSAGE_QUEUE_JWT_PUBLIC_KEY_FILE"),
+        "jwt_jwks_url": f("MESSAGE_QUEUE_JWT_JWKS_URL"),
+        "jwt_jwks_file": f("MESSAGE_QUEUE_JWT_JWKS_FILE"),
+        "jwt_algorithms": algs,
+        "jwt_issuer": f("MESSAGE_QUEUE_JWT_ISSUER"),
+        "jwt_audience": f("MESSAGE_QUEUE_JWT_AUDIENCE"),
+        "jwt_leeway_s": _duration(f("MESSAGE_QUEUE_JWT_LEEWAY", "30s"), "MESSAGE_QUEUE_JWT_LEEWAY")
+        / NS_PER_SECOND,
+        "jwt_jwks_cooldown_s": _duration(
+            f("MESSAGE_QUEUE_JWT_JWKS_COOLDOWN", "60s"), "MESSAGE_QUEUE_JWT_JWKS_COOLDOWN"
+        )
+        / NS_PER_SECOND,
+        "jwt_subject_claim": f("MESSAGE_QUEUE_JWT_SUBJECT_CLAIM", "sub") or "sub",
+        "jwt_roles_claim": f("MESSAGE_QUEUE_JWT_ROLES_CLAIM", "roles") or "roles",
+        "jwt_grants_claim": f("MESSAGE_QUEUE_JWT_GRANTS_CLAIM", "grants") or "grants",
+        "tls_cert": f("MESSAGE_QUEUE_TLS_CERT"),
+        "tls_key": f("MESSAGE_QUEUE_TLS_KEY"),
+        "tls_client_ca": f("MESSAGE_QUEUE_TLS_CLIENT_CA"),
+        "tls_client_auth": f("MESSAGE_QUEUE_TLS_CLIENT_AUTH", "optional").lower(),
+        "quota_messages": _float(
+            f("MESSAGE_QUEUE_QUOTA_MESSAGES", "0"), "MESSAGE_QUEUE_QUOTA_MESSAGES"
+        ),
+        "quota_bytes": _float(f("MESSAGE_QUEUE_QUOTA_BYTES", "0"), "MESSAGE_QUEUE_QUOTA_BYTES"),
+        "quota_burst_s": _duration(
+            f("MESSAGE_QUEUE_QUOTA_BURST", "1s"), "MESSAGE_QUEUE_QUOTA_BURST"
+        )
+        / NS_PER_SECOND,
+        "quota_claim": f("MESSAGE_QUEUE_QUOTA_CLAIM", "sub") or "sub",
+        "quota_replicas": _int(
+            f("MESSAGE_QUEUE_QUOTA_REPLICAS", "1"), "MESSAGE_QUEUE_QUOTA_REPLICAS", 1, 1000
+        ),
+        "master_keys": _read_secret(e, "MESSAGE_QUEUE_MASTER_KEYS"),
+        "master_key_file": f("MESSAGE_QUEUE_MASTER_KEY_FILE"),
+        "master_key_id": f("MESSAGE_QUEUE_MASTER_KEY_ID"),
+    }
+
+
+def _float(value: str, var: str) -> float:
+    try:
+        n = float(value)
+    except ValueError:
+        raise ConfigError(f"{var}={value!r}: expected a number") from None
+    if not n >= 0 or n == float("inf"):
+        raise ConfigError(f"{var}={value!r}: must be a finite number >= 0")
+    return n
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +335,37 @@ class Settings:
     kafka_unsafe_acks: bool = False
     # Where metadata lives: "sqlite" (beside the embedded engine) or "postgres".
     meta: str = "sqlite"
+    # ---- security (README "Security") ----
+    insecure: bool = False  # run without authentication on a non-loopback address
+    jwt_secret: str = field(default="", repr=False)  # HMAC secret (HS256/384/512)
+    jwt_public_key_file: str = ""  # PEM public key (RS256, ES256, EdDSA)
+    jwt_jwks_url: str = ""
+    jwt_jwks_file: str = ""
+    jwt_algorithms: tuple[str, ...] = ()  # allow-list; empty: derived from the keys given
+    jwt_issuer: str = ""
+    jwt_audience: str = ""
+    jwt_leeway_s: float = 30.0
+    jwt_jwks_cooldown_s: float = 60.0
+    jwt_subject_claim: str = "sub"
+    jwt_roles_claim: str = "roles"
+    jwt_grants_claim: str = "grants"
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    tls_client_auth: str = "optional"  # with tls_client_ca: "optional" or "required"
+    quota_messages: float = 0.0  # per subject and second, 0: unlimited
+    quota_bytes: float = 0.0
+    quota_burst_s: float = 1.0
+    quota_claim: str = "sub"
+    quota_replicas: int = 1  # each replica's share when Redis is down
+    master_keys: str = field(default="", repr=False)  # "id:base64key,..." (encryption at rest)
+    master_key_file: str = ""
+    master_key_id: str = ""  # the key new data keys are wrapped with
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.jwt_secret or self.jwt_public_key_file or self.jwt_jwks_url
+                    or self.jwt_jwks_file)  # fmt: skip
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -349,6 +475,7 @@ class Settings:
                 e.get("MESSAGE_QUEUE_KAFKA_UNSAFE_ACKS", "0"), "MESSAGE_QUEUE_KAFKA_UNSAFE_ACKS"
             ),
         }
+        values.update(_security(e))
         engine = str(values["engine"])
         values["meta"] = (
             e.get("MESSAGE_QUEUE_META", "postgres" if engine == "kafka" else "sqlite")
@@ -365,7 +492,28 @@ class Settings:
         s._validate()
         return s
 
+    @property
+    def loopback_only(self) -> bool:
+        """True when the HTTP listener is reachable from this machine only."""
+        h = self.host.strip("[]").lower()
+        return h in ("localhost", "::1") or h.startswith("127.")
+
     def _validate(self) -> None:
+        if not self.auth_enabled and not self.insecure and not self.loopback_only:
+            raise ConfigError(
+                f"MESSAGE_QUEUE_HOST={self.host!r} serves other machines but no authentication "
+                "is configured: set MESSAGE_QUEUE_JWT_SECRET (or MESSAGE_QUEUE_JWT_PUBLIC_KEY_FILE,"
+                " _JWKS_URL, _JWKS_FILE), or MESSAGE_QUEUE_INSECURE=1 to run it open"
+            )
+        if self.tls_client_auth not in ("optional", "required"):
+            raise ConfigError(
+                f"MESSAGE_QUEUE_TLS_CLIENT_AUTH={self.tls_client_auth!r}: "
+                "expected optional or required"
+            )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("MESSAGE_QUEUE_TLS_CERT and MESSAGE_QUEUE_TLS_KEY go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError("MESSAGE_QUEUE_TLS_CLIENT_CA needs MESSAGE_QUEUE_TLS_CERT")
         if self.engine not in ("embedded", "kafka"):
             raise ConfigError(
                 f"MESSAGE_QUEUE_ENGINE={self.engine!r}: expected 'embedded' or 'kafka'"

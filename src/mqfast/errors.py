@@ -22,6 +22,8 @@ class ErrorCode(enum.StrEnum):
     MALFORMED_JSON = "malformed_json"
     INVALID_FIELD = "invalid_field"
     INVALID_QUERY = "invalid_query"
+    UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
     NOT_FOUND = "not_found"
     UNKNOWN_TOPIC = "unknown_topic"
     METHOD_NOT_ALLOWED = "method_not_allowed"

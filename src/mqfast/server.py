@@ -23,6 +23,7 @@ import uvloop
 
 from mqfast import __version__
 from mqfast._core import Server, reseed_ids
+from mqfast.access import PUBLIC_ROUTES
 from mqfast.api import ROUTES, App
 from mqfast.config import Settings
 from mqfast.debug import install_gc_monitor, start_debug_server
@@ -172,11 +173,37 @@ async def serve(settings: Settings, *, index: int = 0, reuse_port: bool = False)
     groups.lookup_consumer = engine.meta.get_consumer
     app = App(settings, sink, groups, engine.meta)
     app.dependencies = engine.dependencies
+    auth = None
+    if settings.auth_enabled:
+        from mqfast.auth import Authenticator
+
+        auth = Authenticator(settings)
+        app.auth = auth
+    elif not settings.loopback_only:
+        log.warning(
+            "authentication is off and the service is reachable from other machines "
+            "(MESSAGE_QUEUE_INSECURE=1): anyone who can connect may produce, consume and "
+            "manage topics",
+            extra={"addr": f"{settings.host}:{settings.port}"},
+        )
     core = Server(loop, sink, app, ROUTES, settings)
     core.set_stored_hook(groups.on_stored)
+    quotas = None
+    if auth is not None:
+        core.set_auth(auth, PUBLIC_ROUTES)
+        from mqfast.quota import Quotas, connect
+
+        # One allowance for every replica through Redis with the Kafka engine; one process's
+        # own buckets on the embedded engine.
+        quotas = Quotas(settings, connect(settings) if settings.engine == "kafka" else None)
+        core.set_quotas(quotas)
     engine.watch_topics(core.drop_topic)
     app.attach(core)
     await engine.start()
+    if auth is not None:
+        await auth.start()
+    if quotas is not None:
+        await quotas.start()
     for cfg in await sink.list_topics():
         core.set_topic(cfg.name, cfg.partitions)
     consumer_counts = [0, 0]
@@ -200,7 +227,10 @@ async def serve(settings: Settings, *, index: int = 0, reuse_port: bool = False)
     if metrics_addr is not None:
         registry = build_registry(
             lambda: groups.merge_stats(core.stats()),
-            lambda: {"active_consumers": float(consumer_counts[0])},
+            lambda: {
+                "active_consumers": float(consumer_counts[0]),
+                **({f"quota_{k}": v for k, v in quotas.stats().items()} if quotas else {}),
+            },
         )
         side.append(await start_metrics_server(*metrics_addr, registry))
     pprof_addr = _side_port(settings.pprof_addr, index)
@@ -243,7 +273,15 @@ async def serve(settings: Settings, *, index: int = 0, reuse_port: bool = False)
     core.stop()
     for task in background:
         task.cancel()
-    await recorder.stop()
+    try:  # the last history point; a slow metadata store must not hold the exit
+        await asyncio.wait_for(recorder.stop(), 5.0)
+    except TimeoutError:
+        log.warning("last metric history point not recorded: the metadata store is slow")
+    await app.audit.close()
+    if quotas is not None:
+        await quotas.close()
+    if auth is not None:
+        await auth.close()
     await engine.close(max(0.5, deadline - time.monotonic()))
     for s in side:
         s.close()

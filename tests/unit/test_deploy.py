@@ -34,6 +34,7 @@ from mqfast import config
 from mqfast.api import ROUTES
 from mqfast.cli import main as cli_main
 from mqfast.config import Settings, parse_duration
+from mqfast.errors import ConfigError
 from tests.conftest import MqfastProcess
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -242,7 +243,11 @@ def test_dockerfile_runs_as_a_fixed_non_root_uid() -> None:
 def test_dockerfile_env_is_a_valid_configuration_that_listens_on_all_interfaces() -> None:
     env = final_stage().env()
     assert set(env) - NOT_MQFAST_ENV <= env_vars()
-    s = Settings.from_env(env)
+    # Secure by default: reachable from outside, the image refuses to run without a way to
+    # authenticate (the operator provides a key, or says MESSAGE_QUEUE_INSECURE=1).
+    with pytest.raises(ConfigError, match="MESSAGE_QUEUE_INSECURE"):
+        Settings.from_env(env)
+    s = Settings.from_env({**env, "MESSAGE_QUEUE_JWT_SECRET": "x" * 32})
     assert s.host == "0.0.0.0", "the code's loopback default is unreachable from outside"
     assert s.port == HTTP_PORT
     assert s.metrics_addr == ("0.0.0.0", METRICS_PORT)
@@ -553,8 +558,13 @@ def test_kustomization_lists_every_manifest_but_the_example_secret() -> None:
 def test_secret_example_is_an_example() -> None:
     secret = k8s("Secret")
     assert secret["__file__"] == "secret.example.yaml"
-    assert set(secret["stringData"]) == {"DB_PASSWORD", "REDIS_PASSWORD", "KAFKA_SASL_PASSWORD"}
-    assert all(v == "REPLACE-ME" for v in secret["stringData"].values())
+    assert set(secret["stringData"]) == {
+        "DB_PASSWORD",
+        "REDIS_PASSWORD",
+        "KAFKA_SASL_PASSWORD",
+        "MESSAGE_QUEUE_JWT_SECRET",
+    }
+    assert all(v.startswith("REPLACE-ME") for v in secret["stringData"].values())
 
 
 def test_k8s_env_names_are_all_read_by_mqfast() -> None:

@@ -89,7 +89,18 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             PRIMARY KEY (ts_ms, topic, worker)
         ) WITHOUT ROWID""",
     ),
+    (
+        # The audit log (access.AuditLog): who did what, when, from where; never content.
+        """CREATE TABLE meta_audit (
+            id INTEGER PRIMARY KEY,
+            time_ms INTEGER NOT NULL,
+            actor TEXT, action TEXT, target TEXT, outcome TEXT, remote_addr TEXT,
+            detail TEXT NOT NULL            -- JSON object
+        )""",
+        "CREATE INDEX meta_audit_time ON meta_audit (time_ms)",
+    ),
 )
+AUDIT_FIELDS: Final = ("time_ms", "actor", "action", "target", "outcome", "remote_addr", "detail")
 
 _TOUCH: Final = (
     "UPDATE meta_consumers SET last_seen = MAX(last_seen, ?), active = 1 WHERE consumer_id = ?"
@@ -341,6 +352,42 @@ class SqliteMeta:
             self._select_sync, _QUERY_POINTS.format(topic_filter=topic_filter), params
         )
         return [point_from_row(r) for r in rows]
+
+    async def audit(self, entry: dict[str, object]) -> None:
+        """Append one audit record (the keys of ``AUDIT_FIELDS``; ``detail`` a dict)."""
+        unknown = entry.keys() - set(AUDIT_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown audit fields: {', '.join(sorted(unknown))}")
+        when = entry.get("time_ms")
+        row = (
+            when if isinstance(when, int) else int(time.time() * 1000),
+            *(entry.get(k) for k in AUDIT_FIELDS[1:6]),
+            msgspec.json.encode(entry.get("detail") or {}).decode(),
+        )
+        await self._run(self._write_sync, self._insert_audit, row)
+
+    async def query_audit(
+        self, start_ms: int, end_ms: int, limit: int = 1000
+    ) -> list[dict[str, object]]:
+        """Audit records with ``time_ms`` in ``[start_ms, end_ms)``, oldest first."""
+        rows = await self._run(
+            self._select_sync,
+            "SELECT time_ms, actor, action, target, outcome, remote_addr, detail FROM meta_audit"
+            " WHERE time_ms >= ? AND time_ms < ? ORDER BY time_ms, id LIMIT ?",
+            (start_ms, end_ms, limit),
+        )
+        return [
+            {**dict(zip(AUDIT_FIELDS[:6], r[:6], strict=True)), "detail": msgspec.json.decode(r[6])}
+            for r in rows
+        ]
+
+    @staticmethod
+    def _insert_audit(conn: sqlite3.Connection, row: tuple[Any, ...]) -> None:
+        conn.execute(
+            "INSERT INTO meta_audit (time_ms, actor, action, target, outcome, remote_addr, detail)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            row,
+        )
 
     async def prune(self, now_ms: int | None = None) -> int:
         """Delete history older than ``history_retention_s`` before ``now_ms`` (default: now).

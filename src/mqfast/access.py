@@ -1,0 +1,238 @@
+"""Who may call which route (authorisation of the slow routes) and the audit log.
+
+Produce is checked on the hot path (``_http.pyx``: ``principal.require("produce", topic)``);
+every other route is checked here, before its handler runs, from the path parameters and the
+request body. The rules:
+
+=================================================  =============================================
+route                                              permission
+=================================================  =============================================
+POST /api/v1/messages/consume                      ``consume`` on the topic, with that group
+POST /api/v1/messages/acknowledge[/batch], extend  ``consume`` on the topic named (any topic when
+                                                   none is named) with that group
+GET /api/v1/topics, GET /api/v1/metrics            any authenticated caller
+GET /api/v1/topics/{name}                          any permission on that topic
+POST /api/v1/topics, DELETE, redrive               ``admin`` on that topic
+POST /api/v1/consumers                             ``admin`` on each of its topics
+DELETE /api/v1/consumers/{id}                      ``admin`` (cluster-wide)
+GET /api/v1/consumers[/{id}], heartbeat            any authenticated caller
+GET /api/v1/audit                                  ``admin`` (cluster-wide)
+=================================================  =============================================
+
+The audit log: one JSON line per administrative action and per refused request (who, what,
+when, from where, outcome; never message content) on the ``mqfast.audit`` logger, also stored in
+the metadata store when it keeps one (``audit``/``query_audit``) and queryable by admins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from fnmatch import fnmatchcase
+from typing import Any, Protocol
+
+import msgspec
+
+from mqfast import errors
+
+log = logging.getLogger("mqfast.audit")
+
+_any = msgspec.json.Decoder()
+
+# Routes whose every call is an administrative action, recorded in the audit log.
+AUDITED = frozenset(
+    {
+        ("POST", "/api/v1/topics"),
+        ("DELETE", "/api/v1/topics/{name}"),
+        ("POST", "/api/v1/topics/{name}/redrive"),
+        ("POST", "/api/v1/consumers"),
+        ("DELETE", "/api/v1/consumers/{consumer_id}"),
+    }
+)
+PUBLIC_ROUTES = frozenset({"/health", "/health/live", "/health/ready", "/openapi.json"})
+ACK_ROUTES = frozenset(
+    {
+        "/api/v1/messages/acknowledge",
+        "/api/v1/messages/acknowledge/batch",
+        "/api/v1/messages/extend",
+    }
+)
+
+
+class Principal(Protocol):
+    """What authorisation needs of a verified token (``auth.Principal``)."""
+
+    subject: str
+    roles: frozenset[str]
+    grants: tuple[Any, ...]
+
+    def allows(self, action: str, topic: str | None = None, group: str | None = None) -> bool: ...
+
+    def require(self, action: str, topic: str | None = None, group: str | None = None) -> None: ...
+
+
+def _fields(body: bytes) -> dict[str, Any]:
+    # Only the fields that decide permissions; the handler validates the request fully. A body
+    # that is not a JSON object gives no fields: the handler answers it with a 400.
+    try:
+        value = _any.decode(body) if body else {}
+    except (msgspec.DecodeError, UnicodeDecodeError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _forbidden(principal: Principal, what: str) -> errors.MqfastError:
+    from mqfast.auth import Forbidden  # the error class lives with the tokens
+
+    return Forbidden(f"subject {principal.subject!r} may not {what}")
+
+
+def _may_use_group(principal: Principal, group: str | None) -> None:
+    """Acknowledge without a topic: some grant must let the caller consume with ``group``."""
+    if principal.allows("consume", "*", group):
+        return
+    for g in principal.grants:
+        if "consume" in g.actions and (g.groups is None or group in g.groups):
+            return
+    raise _forbidden(principal, f"consume with group {group!r} (needs 'consume' for it)")
+
+
+def _any_permission(principal: Principal, topic: str) -> bool:
+    if principal.roles & {"admin", "producer", "consumer"}:
+        return True
+    return any(g.actions and fnmatchcase(topic, g.topics) for g in principal.grants)
+
+
+def authorize(
+    template: str, method: str, params: list[str], body: bytes, principal: Principal
+) -> None:
+    """Raise ``Forbidden`` unless ``principal`` may make this call (see the module table)."""
+    if template in PUBLIC_ROUTES:
+        return
+    if template == "/api/v1/messages/consume":
+        f = _fields(body)
+        topic = _str(f.get("topic"))
+        if topic is not None:
+            principal.require("consume", topic, _str(f.get("group_id")))
+        return
+    if template in ACK_ROUTES:
+        f = _fields(body)
+        group = _str(f.get("group_id"))
+        topics = {_str(f.get("topic"))}
+        for item in f.get("acks") or ():
+            if isinstance(item, dict) and _str(item.get("topic")):
+                topics.add(_str(item.get("topic")))
+        for topic in topics:
+            if topic is None:
+                _may_use_group(principal, group)
+            else:
+                principal.require("consume", topic, group)
+        return
+    if template == "/api/v1/topics":
+        if method == "POST":
+            name = _str(_fields(body).get("name"))
+            if name is not None:
+                principal.require("admin", name)
+        return
+    if template == "/api/v1/topics/{name}":
+        name = params[0]
+        if method == "DELETE":
+            principal.require("admin", name)
+        elif not _any_permission(principal, name):
+            raise _forbidden(principal, f"see topic {name!r} (needs any permission on it)")
+        return
+    if template == "/api/v1/topics/{name}/redrive":
+        principal.require("admin", params[0])
+        return
+    if template == "/api/v1/consumers" and method == "POST":
+        wanted = _fields(body).get("topics")
+        for topic in wanted if isinstance(wanted, list) else ():
+            if isinstance(topic, str):
+                principal.require("admin", topic)
+        return
+    if template == "/api/v1/consumers/{consumer_id}" and method == "DELETE":
+        principal.require("admin")
+        return
+    if template == "/api/v1/audit":
+        principal.require("admin")
+        return
+
+
+def target_of(body: bytes) -> str:
+    """What an administrative request acts on, for the audit log (never message content)."""
+    f = _fields(body)
+    for name in ("name", "consumer_id", "topic"):
+        value = _str(f.get(name))
+        if value:
+            return value[:256]
+    return ""
+
+
+class AuditStore(Protocol):
+    async def audit(self, entry: dict[str, object]) -> None: ...
+
+
+class AuditLog:
+    """Writes each entry as a log line at once and to the metadata store in the background."""
+
+    MAX_QUEUED = 10_000
+
+    def __init__(self, store: AuditStore | None) -> None:
+        self.store = store
+        self._queue: deque[dict[str, object]] = deque(maxlen=self.MAX_QUEUED)
+        self._task: asyncio.Task[None] | None = None
+        self.dropped = 0
+
+    def record(
+        self,
+        *,
+        actor: str,
+        action: str,
+        target: str,
+        outcome: str,
+        peer: str,
+        detail: dict[str, object] | None = None,
+    ) -> None:
+        entry: dict[str, object] = {
+            "time_ms": int(time.time() * 1000),
+            "actor": actor,
+            "action": action,
+            "target": target,
+            "outcome": outcome,
+            "remote_addr": peer,
+            "detail": detail or {},
+        }
+        log.info("audit", extra={k: v for k, v in entry.items() if k != "time_ms"})
+        if self.store is None:
+            return
+        if len(self._queue) == self.MAX_QUEUED:
+            self.dropped += 1  # the store is down for long: the log line above remains
+        self._queue.append(entry)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        assert self.store is not None
+        while self._queue:
+            entry = self._queue[0]
+            try:
+                await self.store.audit(entry)
+            except errors.Unavailable:
+                await asyncio.sleep(1.0)  # kept in the queue; written when the store returns
+                continue
+            except Exception:
+                log.exception("audit entry could not be stored; kept in the log only")
+            self._queue.popleft()
+
+    async def close(self) -> None:
+        if self._task is not None and not self._task.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), 2.0)
+            except TimeoutError:
+                self._task.cancel()
