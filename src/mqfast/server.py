@@ -13,6 +13,7 @@ import gc
 import logging
 import os
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Callable
@@ -149,6 +150,27 @@ def postgres_dsn(settings: Settings) -> str:
     )
 
 
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The HTTP listener's TLS (``MESSAGE_QUEUE_TLS_*``): TLS 1.2+, client certificates when a
+    client CA is given (``optional`` or ``required``); None when TLS is off."""
+    if not settings.tls_cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
+        if settings.tls_client_ca:
+            ctx.load_verify_locations(settings.tls_client_ca)
+            ctx.verify_mode = (
+                ssl.CERT_REQUIRED if settings.tls_client_auth == "required" else ssl.CERT_OPTIONAL
+            )
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(
+            f"MESSAGE_QUEUE_TLS_CERT/_KEY/_CLIENT_CA: cannot load the certificates ({e})"
+        ) from None
+    return ctx
+
+
 def _side_port(addr: tuple[str, int] | None, index: int) -> tuple[str, int] | None:
     # Each worker has its own counters, so each gets its own side port (base + index): a scrape
     # never mixes two workers' counters under one target.
@@ -219,7 +241,12 @@ async def serve(settings: Settings, *, index: int = 0, reuse_port: bool = False)
     recorder.start()
 
     listener = await loop.create_server(
-        core.protocol, settings.host, settings.port, reuse_port=reuse_port, backlog=4096
+        core.protocol,
+        settings.host,
+        settings.port,
+        reuse_port=reuse_port,
+        backlog=4096,
+        ssl=tls_context(settings),
     )
     core.start()
     side: list[asyncio.Server] = []
@@ -251,6 +278,8 @@ async def serve(settings: Settings, *, index: int = 0, reuse_port: bool = False)
             "version": __version__,
             "engine": sink.name,
             "addr": f"{settings.host}:{settings.port}",
+            "tls": bool(settings.tls_cert),
+            "auth": settings.auth_enabled,
             "metrics_addr": _fmt_addr(metrics_addr),
             "pprof_addr": _fmt_addr(pprof_addr),
             "worker": index,

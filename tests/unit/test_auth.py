@@ -549,11 +549,13 @@ def test_jwks_url_refreshes_once_per_cooldown(jwks_server: JwksServer, keys: Key
         await a.start()
         try:
             assert jwks_server.hits == 1
-            assert (await a.verify(tok("k1"))).subject == "svc-a"
+            first = tok("k1")
+            assert (await a.verify(first)).subject == "svc-a"
             # Rotation: k2 appears; the first token naming it triggers one refresh.
             jwks_server.keys = [jwk_of(keys.rsa, "k1"), jwk_of(keys.rsa_other, "k2")]
             assert (await a.verify(tok("k2", keys.rsa_other))).subject == "svc-a"
             assert jwks_server.hits == 2
+            assert a.cached(first) is not None  # k1 is still there: nothing dropped
             # Another unknown kid inside the cooldown: no fetch.
             with pytest.raises(Unauthorized, match="unknown key id 'k3'"):
                 await a.verify(tok("k3"))
