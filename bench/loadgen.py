@@ -77,7 +77,13 @@ PERCENTILES = (50.0, 90.0, 99.0, 99.9, 99.99)
 
 
 def build_pool(
-    host: str, scenario: str, size: int, batch: int, topic: str, pool_size: int = POOL_SIZE
+    host: str,
+    scenario: str,
+    size: int,
+    batch: int,
+    topic: str,
+    pool_size: int = POOL_SIZE,
+    bearer: str | None = None,
 ) -> list[bytes]:
     """Pre-encode ``pool_size`` complete HTTP/1.1 requests; key and payload vary across the pool."""
     rnd = random.Random(1234)
@@ -98,6 +104,8 @@ def build_pool(
             ).encode()
             path = "/api/v1/messages"
             extra = "Prefer: respond-async\r\n" if scenario == "produce-async" else ""
+        if bearer:
+            extra += f"Authorization: Bearer {bearer}\r\n"
         head = (
             f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
             f"{extra}Content-Length: {len(body)}\r\n\r\n"
@@ -255,7 +263,9 @@ async def connect(
 
 async def run_load(args: argparse.Namespace, host: str, port: int) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
-    pool = build_pool(f"{host}:{port}", args.scenario, args.size, args.batch, args.topic, POOL_SIZE)
+    pool = build_pool(
+        f"{host}:{port}", args.scenario, args.size, args.batch, args.topic, POOL_SIZE, args.bearer
+    )
     shared = Shared(pool, args.mode, args.pipeline, args.scenario == "batch")
     shared.conns = await connect(shared, host, port, args.connections)
 
@@ -499,14 +509,17 @@ def plot_curves(
 # --------------------------------------------------------------------------- CLI
 
 
-def create_topic(host: str, port: int, topic: str) -> str:
+def create_topic(host: str, port: int, topic: str, bearer: str | None = None) -> str:
     conn = http.client.HTTPConnection(host, port, timeout=5)
+    headers = {"Content-Type": "application/json"}
+    if bearer:
+        headers["Authorization"] = f"Bearer {bearer}"
     try:
         conn.request(
             "POST",
             "/api/v1/topics",
             body=json.dumps({"name": topic, "partitions": 1}),
-            headers={"Content-Type": "application/json"},
+            headers=headers,
         )
         resp = conn.getresponse()
         resp.read()
@@ -538,6 +551,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=200, help="payload bytes per message")
     p.add_argument("--batch", type=int, default=100, help="messages per batch request")
     p.add_argument("--topic", default="bench")
+    p.add_argument("--bearer", help="send 'Authorization: Bearer BEARER' with every request")
+    p.add_argument("--admin-bearer", help="the token that creates the topic (default --bearer)")
     p.add_argument("--no-create-topic", action="store_true", help="skip POST /api/v1/topics")
     p.add_argument("--json", help="write the result as JSON to this file")
     p.add_argument("--plot", help="write the latency percentile distribution PNG to this file")
@@ -568,7 +583,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if not args.no_create_topic:
         try:
-            st = create_topic(host, port, args.topic)
+            st = create_topic(host, port, args.topic, args.admin_bearer or args.bearer)
             if st not in ("200", "201") and not args.quiet:
                 print(f"loadgen: warning: create topic answered {st}", file=sys.stderr)
         except (OSError, http.client.HTTPException) as e:

@@ -619,12 +619,18 @@ def gen(s: dict[str, Any]) -> str:
 KAFKA_BEGIN, KAFKA_END = "<!-- kafka:begin -->", "<!-- kafka:end -->"
 
 
+KEPT_SECTIONS = ((KAFKA_BEGIN, KAFKA_END), ("<!-- auth:begin -->", "<!-- auth:end -->"))
+
+
 def write_results(md: Path, text: str) -> None:
-    """Write RESULTS.md, keeping the Kafka section that bench/kafka.py maintains."""
+    """Write RESULTS.md, keeping the sections that bench/kafka.py and bench/auth.py maintain."""
     old = md.read_text() if md.exists() else ""
-    i, j = old.find(KAFKA_BEGIN), old.find(KAFKA_END)
-    keep = old[i : j + len(KAFKA_END)] + "\n" if i != -1 and j > i else ""
-    md.write_text(text + ("\n" + keep if keep else ""))
+    keep = ""
+    for begin, end in KEPT_SECTIONS:
+        i, j = old.find(begin), old.find(end)
+        if i != -1 and j > i:
+            keep += "\n" + old[i : j + len(end)] + "\n"
+    md.write_text(text + keep)
 
 
 def render_md(results: dict[str, Any], plots: list[str]) -> str:

@@ -213,6 +213,8 @@ async def serve(settings: Settings, *, index: int = 0, reuse_port: bool = False)
     quotas = None
     if auth is not None:
         core.set_auth(auth, PUBLIC_ROUTES)
+        # A JWKS key withdrawn: tokens it signed must not live on in the core's cache.
+        auth.on_keys_changed = core.forget_principals
         from mqfast.quota import Quotas, connect
 
         # One allowance for every replica through Redis with the Kafka engine; one process's

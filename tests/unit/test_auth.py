@@ -15,7 +15,7 @@ import hmac
 import json
 import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -77,24 +77,24 @@ def hs_token(payload: bytes | dict[str, object], key: bytes, header: dict[str, o
 
 @dataclass
 class Keys:
-    rsa: rsa.RSAPrivateKey
-    ec: ec.EllipticCurvePrivateKey
-    ec384: ec.EllipticCurvePrivateKey
+    rs: rsa.RSAPrivateKey
+    es: ec.EllipticCurvePrivateKey
+    es384: ec.EllipticCurvePrivateKey
     ed: ed25519.Ed25519PrivateKey
-    rsa_other: rsa.RSAPrivateKey
+    rs_other: rsa.RSAPrivateKey
 
     def private(self, alg: str) -> Any:
-        return {"RS256": self.rsa, "PS256": self.rsa, "ES256": self.ec, "EdDSA": self.ed}[alg]
+        return {"RS256": self.rs, "PS256": self.rs, "ES256": self.es, "EdDSA": self.ed}[alg]
 
 
 @pytest.fixture(scope="module")
 def keys() -> Keys:
     return Keys(
-        rsa=rsa.generate_private_key(public_exponent=65537, key_size=2048),
-        ec=ec.generate_private_key(ec.SECP256R1()),
-        ec384=ec.generate_private_key(ec.SECP384R1()),
+        rs=rsa.generate_private_key(public_exponent=65537, key_size=2048),
+        es=ec.generate_private_key(ec.SECP256R1()),
+        es384=ec.generate_private_key(ec.SECP384R1()),
         ed=ed25519.Ed25519PrivateKey.generate(),
-        rsa_other=rsa.generate_private_key(public_exponent=65537, key_size=2048),
+        rs_other=rsa.generate_private_key(public_exponent=65537, key_size=2048),
     )
 
 
@@ -122,7 +122,7 @@ def jwk_of(key: Any, kid: str, alg: str | None = None) -> dict[str, object]:
     return d
 
 
-def write(tmp_path: Path, name: str, data: bytes | dict[str, object]) -> str:
+def write(tmp_path: Path, name: str, data: bytes | Mapping[str, object]) -> str:
     path = tmp_path / name
     path.write_bytes(data if isinstance(data, bytes) else json.dumps(data).encode())
     return str(path)
@@ -156,7 +156,7 @@ def test_unsigned_token_is_refused() -> None:
         header = b64(json.dumps({"alg": alg, "typ": "JWT"}).encode())
         e = refused(a, f"{header}.{body}.", "alg none")
         assert e.reason == "bad_alg"
-    refused(a, jwt.encode(claims(), None, algorithm="none"), "alg none")
+    refused(a, jwt.encode(claims(), "", algorithm="none"), "alg none")
 
 
 @pytest.mark.parametrize("algs", [("HS256", "none"), ("none",), ("NONE", "HS256"), ("None",)])
@@ -166,7 +166,7 @@ def test_none_in_the_allow_list_stops_start_up(algs: tuple[str, ...]) -> None:
 
 
 def test_allow_list_must_have_keys_and_known_names(tmp_path: Path, keys: Keys) -> None:
-    pem = write(tmp_path, "rsa.pem", pem_of(keys.rsa))
+    pem = write(tmp_path, "rsa.pem", pem_of(keys.rs))
     with pytest.raises(ConfigError, match="RS256 has no key"):
         hs_auth(jwt_algorithms=("RS256",))
     with pytest.raises(ConfigError, match="HS256 needs MESSAGE_QUEUE_JWT_SECRET"):
@@ -188,11 +188,11 @@ def test_short_or_asymmetric_secret_stops_start_up(keys: Keys) -> None:
     a = Authenticator(Settings(jwt_secret="x" * 40))
     assert a.algorithms == ("HS256",)
     with pytest.raises(ConfigError, match="looks like a public or private key"):
-        Authenticator(Settings(jwt_secret=pem_of(keys.rsa).decode()))
+        Authenticator(Settings(jwt_secret=pem_of(keys.rs).decode()))
 
 
 def test_hs256_signed_with_the_public_key_is_refused(tmp_path: Path, keys: Keys) -> None:
-    pem_bytes = pem_of(keys.rsa)
+    pem_bytes = pem_of(keys.rs)
     pem = write(tmp_path, "rsa.pem", pem_bytes)
     forged = hs_token(claims(), pem_bytes, {"alg": "HS256", "typ": "JWT"})
     # Only a public key configured: HS256 is not even allowed.
@@ -204,7 +204,7 @@ def test_hs256_signed_with_the_public_key_is_refused(tmp_path: Path, keys: Keys)
     )
     assert refused(both, forged, "signature").reason == "bad_signature"
     # The same with a JWKS (and a kid naming the RSA key).
-    jwks = write(tmp_path, "jwks.json", {"keys": [jwk_of(keys.rsa, "k1")]})
+    jwks = write(tmp_path, "jwks.json", {"keys": [jwk_of(keys.rs, "k1")]})
     with_set = Authenticator(
         Settings(jwt_secret=SECRET, jwt_jwks_file=jwks, jwt_algorithms=("HS256", "RS256"))
     )
@@ -226,13 +226,13 @@ def test_key_type_must_match_the_algorithm(tmp_path: Path, keys: Keys) -> None:
     jwks = write(
         tmp_path,
         "jwks.json",
-        {"keys": [jwk_of(keys.rsa, "r"), jwk_of(keys.ec, "e"), jwk_of(keys.ec384, "e384")]},
+        {"keys": [jwk_of(keys.rs, "r"), jwk_of(keys.es, "e"), jwk_of(keys.es384, "e384")]},
     )
     a = Authenticator(Settings(jwt_jwks_file=jwks, jwt_algorithms=("RS256", "ES256", "ES384")))
     # An ES256 token naming the RSA key, and one naming the P-384 key.
-    assert refused(a, jwt.encode(claims(), keys.ec, "ES256", {"kid": "r"}), "not for ES256")
-    refused(a, jwt.encode(claims(), keys.ec, "ES256", {"kid": "e384"}), "not for ES256")
-    assert a.verify_sync(jwt.encode(claims(), keys.ec384, "ES384", {"kid": "e384"}))
+    assert refused(a, jwt.encode(claims(), keys.es, "ES256", {"kid": "r"}), "not for ES256")
+    refused(a, jwt.encode(claims(), keys.es, "ES256", {"kid": "e384"}), "not for ES256")
+    assert a.verify_sync(jwt.encode(claims(), keys.es384, "ES384", {"kid": "e384"}))
 
 
 # -- time and identity claims ------------------------------------------------------------------
@@ -330,19 +330,19 @@ def test_subject_and_quota_claims_are_configurable() -> None:
 
 @pytest.fixture
 def jwks_file(tmp_path: Path, keys: Keys) -> str:
-    return write(tmp_path, "jwks.json", {"keys": [jwk_of(keys.rsa, "k1"), jwk_of(keys.ed, "k2")]})
+    return write(tmp_path, "jwks.json", {"keys": [jwk_of(keys.rs, "k1"), jwk_of(keys.ed, "k2")]})
 
 
 def test_unknown_kid_with_a_jwks_file(jwks_file: str, keys: Keys, tmp_path: Path) -> None:
     a = Authenticator(Settings(jwt_jwks_file=jwks_file))
-    assert a.verify_sync(jwt.encode(claims(), keys.rsa, "RS256", {"kid": "k1"})).subject
-    e = refused(a, jwt.encode(claims(), keys.rsa, "RS256", {"kid": "k9"}), "unknown key id 'k9'")
+    assert a.verify_sync(jwt.encode(claims(), keys.rs, "RS256", {"kid": "k1"})).subject
+    e = refused(a, jwt.encode(claims(), keys.rs, "RS256", {"kid": "k9"}), "unknown key id 'k9'")
     assert e.reason == "unknown_kid" and a.stats["failed_unknown_kid"] == 1
     # No kid: the one key that fits the algorithm, never a guess among several.
-    assert a.verify_sync(jwt.encode(claims(sub="b"), keys.rsa, "RS256")).subject == "b"
-    jwks = {"keys": [jwk_of(keys.rsa, "k1"), jwk_of(keys.rsa_other, "k2")]}
+    assert a.verify_sync(jwt.encode(claims(sub="b"), keys.rs, "RS256")).subject == "b"
+    jwks = {"keys": [jwk_of(keys.rs, "k1"), jwk_of(keys.rs_other, "k2")]}
     two = Authenticator(Settings(jwt_jwks_file=write(tmp_path, "two.json", jwks)))
-    refused(two, jwt.encode(claims(), keys.rsa, "RS256"), "no 'kid'")
+    refused(two, jwt.encode(claims(), keys.rs, "RS256"), "no 'kid'")
 
 
 @pytest.mark.parametrize(
@@ -350,7 +350,7 @@ def test_unknown_kid_with_a_jwks_file(jwks_file: str, keys: Keys, tmp_path: Path
 )
 def test_kid_with_path_characters_matches_nothing(jwks_file: str, keys: Keys, kid: str) -> None:
     a = Authenticator(Settings(jwt_jwks_file=jwks_file))
-    assert refused(a, jwt.encode(claims(), keys.rsa, "RS256", {"kid": kid}), "unknown key id")
+    assert refused(a, jwt.encode(claims(), keys.rs, "RS256", {"kid": kid}), "unknown key id")
 
 
 def test_kid_must_be_a_string(jwks_file: str, keys: Keys) -> None:
@@ -445,13 +445,13 @@ def test_pem_happy_path(tmp_path: Path, keys: Keys, alg: str) -> None:
     assert a.verify_sync(jwt.encode(claims(sub="b"), private, alg, {"kid": "x"})).subject == "b"
     # Another key of the same type does not verify.
     if alg in ("RS256", "PS256"):
-        refused(a, jwt.encode(claims(), keys.rsa_other, alg), "signature verification failed")
+        refused(a, jwt.encode(claims(), keys.rs_other, alg), "signature verification failed")
 
 
 @pytest.mark.parametrize("alg", ["RS256", "ES256", "EdDSA"])
 def test_jwks_file_happy_path(tmp_path: Path, keys: Keys, alg: str) -> None:
     jwks = {
-        "keys": [jwk_of(k, name) for name, k in (("r", keys.rsa), ("e", keys.ec), ("d", keys.ed))]
+        "keys": [jwk_of(k, name) for name, k in (("r", keys.rs), ("e", keys.es), ("d", keys.ed))]
     }
     a = Authenticator(Settings(jwt_jwks_file=write(tmp_path, "jwks.json", jwks)))
     kid = {"RS256": "r", "ES256": "e", "EdDSA": "d"}[alg]
@@ -476,9 +476,9 @@ def test_certificate_pem_and_bad_key_files(tmp_path: Path, keys: Keys) -> None:
 
 
 def test_jwks_skips_keys_it_cannot_use(tmp_path: Path, keys: Keys) -> None:
-    enc = jwk_of(keys.rsa, "enc")
+    enc = jwk_of(keys.rs, "enc")
     enc["use"] = "enc"
-    wrong_alg = jwk_of(keys.ec, "wrong", alg="RS256")
+    wrong_alg = jwk_of(keys.es, "wrong", alg="RS256")
     jwks = {
         "keys": [
             enc,
@@ -489,8 +489,8 @@ def test_jwks_skips_keys_it_cannot_use(tmp_path: Path, keys: Keys) -> None:
         ]
     }
     a = Authenticator(Settings(jwt_jwks_file=write(tmp_path, "jwks.json", jwks)))
-    refused(a, jwt.encode(claims(), keys.rsa, "RS256", {"kid": "enc"}), "unknown key id")
-    refused(a, jwt.encode(claims(), keys.ec, "ES256", {"kid": "wrong"}), "unknown key id")
+    refused(a, jwt.encode(claims(), keys.rs, "RS256", {"kid": "enc"}), "unknown key id")
+    refused(a, jwt.encode(claims(), keys.es, "ES256", {"kid": "wrong"}), "unknown key id")
     assert a.verify_sync(jwt.encode(claims(), keys.ed, "EdDSA", {"kid": "ok"}))
 
 
@@ -539,10 +539,10 @@ def jwks_server() -> Iterator[JwksServer]:
 
 
 def test_jwks_url_refreshes_once_per_cooldown(jwks_server: JwksServer, keys: Keys) -> None:
-    jwks_server.keys = [jwk_of(keys.rsa, "k1")]
+    jwks_server.keys = [jwk_of(keys.rs, "k1")]
     a = Authenticator(Settings(jwt_jwks_url=jwks_server.url, jwt_jwks_cooldown_s=60))
 
-    def tok(kid: str, key: Any = keys.rsa, sub: str = "svc-a") -> str:
+    def tok(kid: str, key: Any = keys.rs, sub: str = "svc-a") -> str:
         return jwt.encode(claims(sub=sub), key, "RS256", {"kid": kid})
 
     async def main() -> None:
@@ -552,8 +552,8 @@ def test_jwks_url_refreshes_once_per_cooldown(jwks_server: JwksServer, keys: Key
             first = tok("k1")
             assert (await a.verify(first)).subject == "svc-a"
             # Rotation: k2 appears; the first token naming it triggers one refresh.
-            jwks_server.keys = [jwk_of(keys.rsa, "k1"), jwk_of(keys.rsa_other, "k2")]
-            assert (await a.verify(tok("k2", keys.rsa_other))).subject == "svc-a"
+            jwks_server.keys = [jwk_of(keys.rs, "k1"), jwk_of(keys.rs_other, "k2")]
+            assert (await a.verify(tok("k2", keys.rs_other))).subject == "svc-a"
             assert jwks_server.hits == 2
             assert a.cached(first) is not None  # k1 is still there: nothing dropped
             # Another unknown kid inside the cooldown: no fetch.
@@ -572,15 +572,15 @@ def test_jwks_url_refreshes_once_per_cooldown(jwks_server: JwksServer, keys: Key
 
 
 def test_concurrent_unknown_kids_share_one_fetch(jwks_server: JwksServer, keys: Keys) -> None:
-    jwks_server.keys = [jwk_of(keys.rsa, "k1")]
+    jwks_server.keys = [jwk_of(keys.rs, "k1")]
     a = Authenticator(Settings(jwt_jwks_url=jwks_server.url, jwt_jwks_cooldown_s=0))
 
     async def main() -> None:
         await a.start()
         try:
-            jwks_server.keys = [jwk_of(keys.rsa, "k1"), jwk_of(keys.ec, "e1")]
+            jwks_server.keys = [jwk_of(keys.rs, "k1"), jwk_of(keys.es, "e1")]
             tokens = [
-                jwt.encode(claims(sub=f"s{i}"), keys.ec, "ES256", {"kid": "e1"}) for i in range(20)
+                jwt.encode(claims(sub=f"s{i}"), keys.es, "ES256", {"kid": "e1"}) for i in range(20)
             ]
             results = await asyncio.gather(*(a.verify(t) for t in tokens))
             assert [p.subject for p in results] == [f"s{i}" for i in range(20)]
@@ -592,7 +592,7 @@ def test_concurrent_unknown_kids_share_one_fetch(jwks_server: JwksServer, keys: 
 
 
 def test_jwks_url_down_keeps_the_last_good_keys(jwks_server: JwksServer, keys: Keys) -> None:
-    jwks_server.keys = [jwk_of(keys.rsa, "k1")]
+    jwks_server.keys = [jwk_of(keys.rs, "k1")]
     a = Authenticator(Settings(jwt_jwks_url=jwks_server.url, jwt_jwks_cooldown_s=0))
     changed: list[int] = []
     a.on_keys_changed = lambda: changed.append(1)
@@ -602,9 +602,9 @@ def test_jwks_url_down_keeps_the_last_good_keys(jwks_server: JwksServer, keys: K
         try:
             jwks_server.stop()
             with pytest.raises(Unauthorized, match="unknown key id 'k2'"):
-                await a.verify(jwt.encode(claims(), keys.rsa, "RS256", {"kid": "k2"}))
+                await a.verify(jwt.encode(claims(), keys.rs, "RS256", {"kid": "k2"}))
             assert a.stats["jwks_fetch_failures"] == 1
-            assert await a.verify(jwt.encode(claims(), keys.rsa, "RS256", {"kid": "k1"}))
+            assert await a.verify(jwt.encode(claims(), keys.rs, "RS256", {"kid": "k1"}))
         finally:
             await a.close()
 
@@ -613,19 +613,19 @@ def test_jwks_url_down_keeps_the_last_good_keys(jwks_server: JwksServer, keys: K
 
 
 def test_a_withdrawn_key_drops_the_cache(jwks_server: JwksServer, keys: Keys) -> None:
-    jwks_server.keys = [jwk_of(keys.rsa, "k1")]
+    jwks_server.keys = [jwk_of(keys.rs, "k1")]
     a = Authenticator(Settings(jwt_jwks_url=jwks_server.url, jwt_jwks_cooldown_s=0))
     changed: list[int] = []
     a.on_keys_changed = lambda: changed.append(1)
-    t1 = jwt.encode(claims(), keys.rsa, "RS256", {"kid": "k1"})
+    t1 = jwt.encode(claims(), keys.rs, "RS256", {"kid": "k1"})
 
     async def main() -> None:
         await a.start()
         try:
             await a.verify(t1)
             assert a.cached(t1) is not None
-            jwks_server.keys = [jwk_of(keys.rsa_other, "k2")]
-            await a.verify(jwt.encode(claims(), keys.rsa_other, "RS256", {"kid": "k2"}))
+            jwks_server.keys = [jwk_of(keys.rs_other, "k2")]
+            await a.verify(jwt.encode(claims(), keys.rs_other, "RS256", {"kid": "k2"}))
             assert a.cached(t1) is None and changed == [1]
             with pytest.raises(Unauthorized, match="unknown key id 'k1'"):
                 await a.verify(t1)
@@ -782,7 +782,7 @@ def test_answers_are_memoised_in_a_bounded_dict() -> None:
     assert len(p._memo) <= 64
 
 
-GRANTS_OK = [
+GRANTS_OK: list[dict[str, object]] = [
     {"topics": "orders.*", "actions": ["produce", "consume"], "groups": ["billing"]},
     {"topics": "*", "actions": ["admin"]},
 ]
@@ -903,7 +903,7 @@ def test_make_token_round_trip() -> None:
 
 
 def test_make_token_refuses(keys: Keys, tmp_path: Path) -> None:
-    pem = write(tmp_path, "rsa.pem", pem_of(keys.rsa))
+    pem = write(tmp_path, "rsa.pem", pem_of(keys.rs))
     with pytest.raises(ConfigError, match="needs MESSAGE_QUEUE_JWT_SECRET"):
         make_token(Settings(jwt_public_key_file=pem), "svc-a")
     s = Settings(jwt_secret=SECRET)

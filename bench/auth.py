@@ -1,0 +1,179 @@
+"""Produce with authentication on against off, side by side in one run (the security bar: on
+loses no more than 10 %).
+
+Each repetition starts a fresh server (embedded engine, pinned to CPU 0) twice, once without
+and once with ``MESSAGE_QUEUE_JWT_SECRET`` (every request then carries a bearer token: the core
+looks it up in its cache of verified tokens and checks the ``produce`` grant), and measures the
+same closed-loop and fixed-rate scenarios with ``bench/loadgen.py`` on CPU 1. The modes
+alternate so that drift of a shared machine hits both. Results go to the section of
+``bench/RESULTS.md`` between ``<!-- auth:begin -->`` and ``<!-- auth:end -->``.
+
+Run: ``.venv/bin/python bench/auth.py`` (``--reps 1 --duration 3`` for a quick check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+SECRET = "bench-secret-0123456789-0123456789-0123456789"
+BEGIN, END = "<!-- auth:begin -->", "<!-- auth:end -->"
+SCENARIOS = {
+    "closed-256": ["--mode", "closed", "--connections", "256"],
+    "open-5000": ["--mode", "open", "--rate", "5000", "--connections", "64"],
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def token(sub: str, roles: list[str]) -> str:
+    sys.path.insert(0, str(ROOT / "src"))
+    from mqfast.auth import make_token
+    from mqfast.config import Settings
+
+    settings = Settings.from_env({"MESSAGE_QUEUE_JWT_SECRET": SECRET})
+    return make_token(settings, sub, roles, None, ttl_s=3600)
+
+
+def start(auth: bool, data: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "MESSAGE_QUEUE_PORT": str(port),
+        "MESSAGE_QUEUE_DATA_DIR": str(data),
+        "METRICS_ADDR": "off",
+        "PPROF_ADDR": "off",
+        "MESSAGE_QUEUE_LOG_LEVEL": "WARNING",
+    }
+    if auth:
+        env["MESSAGE_QUEUE_JWT_SECRET"] = SECRET
+    proc = subprocess.Popen(
+        ["taskset", "-c", "0", str(ROOT / ".venv/bin/mqfast"), "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=1):
+                return proc, port
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("server did not start")
+
+
+def load(port: int, scenario: str, duration: float, bearer: str | None, admin: str | None) -> Any:
+    out = Path(tempfile.mktemp(suffix=".json"))
+    cmd = ["taskset", "-c", "1", PY, str(ROOT / "bench/loadgen.py")]
+    cmd += ["--url", f"http://127.0.0.1:{port}", "--scenario", "produce", "--size", "100"]
+    cmd += [*SCENARIOS[scenario], "--duration", str(duration), "--warmup", "2"]
+    cmd += ["--json", str(out), "--quiet"]
+    if bearer:
+        cmd += ["--bearer", bearer, "--admin-bearer", admin or bearer]
+    subprocess.run(cmd, check=True)
+    result = json.loads(out.read_text())
+    out.unlink()
+    return result
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--results-md", default=str(ROOT / "bench/RESULTS.md"))
+    args = p.parse_args()
+    producer, admin = token("bench", ["producer"]), token("ops", ["admin"])
+    figures: dict[tuple[str, str], list[dict[str, float]]] = {}
+    for rep in range(args.reps):
+        for auth in (False, True):
+            with tempfile.TemporaryDirectory() as d:
+                proc, port = start(auth, Path(d))
+                try:
+                    for scenario in SCENARIOS:
+                        r = load(port, scenario, args.duration, producer if auth else None, admin)
+                        if r.get("errors"):
+                            raise SystemExit(f"{scenario} auth={auth}: errors {r['errors']}")
+                        mode = "on" if auth else "off"
+                        fig = {
+                            "rps": float(r["req_per_s"]),
+                            "p50": r["latency_us"]["p50"] / 1000,
+                            "p99": r["latency_us"]["p99"] / 1000,
+                        }
+                        figures.setdefault((scenario, mode), []).append(fig)
+                        line = f"rep {rep + 1} auth {mode:3} {scenario:10} {fig['rps']:>9,.0f}"
+                        line += f" req/s p50 {fig['p50']:.2f} p99 {fig['p99']:.2f} ms"
+                        print(line, flush=True)
+                finally:
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait(30)
+    write(Path(args.results_md), figures, args)
+    return 0
+
+
+def med(xs: list[dict[str, float]], k: str) -> float:
+    return statistics.median(x[k] for x in xs)
+
+
+def write(md: Path, figures: dict[tuple[str, str], list[dict[str, float]]], args: Any) -> None:
+    rows = []
+    for scenario in SCENARIOS:
+        off, on = figures[(scenario, "off")], figures[(scenario, "on")]
+        rows.append(
+            f"| {scenario} | {med(off, 'rps'):,.0f} | {med(on, 'rps'):,.0f} | "
+            f"{med(on, 'rps') / med(off, 'rps'):.2f}× | {med(off, 'p50'):.2f} / "
+            f"{med(off, 'p99'):.2f} | {med(on, 'p50'):.2f} / {med(on, 'p99'):.2f} |"
+        )
+    closed = figures[("closed-256", "on")], figures[("closed-256", "off")]
+    loss = 1 - med(closed[0], "rps") / med(closed[1], "rps")
+    text = "\n".join(
+        [
+            BEGIN,
+            "## Authentication on vs off (`bench/auth.py`)",
+            "",
+            f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+            f"{args.reps} repetitions of {args.duration:g} s, modes alternating; embedded "
+            "engine; server pinned to CPU 0, loadgen on CPU 1; 100 B payloads",
+            "- On: `MESSAGE_QUEUE_JWT_SECRET` set, every request carries a bearer token "
+            "(HS256, role producer): a cached verification plus the produce permission check",
+            "",
+            "| scenario | req/s off | req/s on | on ÷ off | p50 / p99 ms off | p50 / p99 ms on |",
+            "|---|---|---|---|---|---|",
+            *rows,
+            "",
+            f"Throughput lost with authentication on (closed loop, 256 connections): "
+            f"**{loss * 100:.1f} %** (bar: ≤ 10 %: {'met' if loss <= 0.10 else 'NOT met'}).",
+            END,
+            "",
+        ]
+    )
+    old = md.read_text() if md.exists() else ""
+    i, j = old.find(BEGIN), old.find(END)
+    if i != -1 and j > i:
+        new = old[:i] + text.rstrip("\n") + old[j + len(END) :]
+    else:
+        new = old.rstrip("\n") + "\n\n" + text
+    md.write_text(new)
+    print(f"auth on loses {loss * 100:.1f} % of closed-loop throughput; wrote {md}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
