@@ -36,7 +36,7 @@ from mqfast.messages import (
     TopicConfig,
 )
 from mqfast.meta import MetaStore
-from mqfast.meta.history import format_rfc3339, parse_metrics_query
+from mqfast.meta.history import format_rfc3339, parse_audit_query, parse_metrics_query
 from mqfast.sinks import Sink
 
 Response = tuple[int, bytes, bytes | None]
@@ -59,6 +59,7 @@ ROUTES: list[tuple[str, tuple[str, ...]]] = [
     ("/api/v1/consumers/{consumer_id}", ("GET", "DELETE")),
     ("/api/v1/consumers/{consumer_id}/heartbeat", ("POST",)),
     ("/api/v1/metrics", ("GET",)),
+    ("/api/v1/audit", ("GET",)),
     ("/health", ("GET",)),
     ("/health/live", ("GET",)),
     ("/health/ready", ("GET",)),
@@ -141,6 +142,7 @@ class App:
             ("/api/v1/consumers/{consumer_id}", "DELETE"): self.delete_consumer,
             ("/api/v1/consumers/{consumer_id}/heartbeat", "POST"): self.heartbeat,
             ("/api/v1/metrics", "GET"): self.metric_history,
+            ("/api/v1/audit", "GET"): self.audit_log,
             ("/health", "GET"): self.health,
             ("/health/live", "GET"): self.live,
             ("/health/ready", "GET"): self.ready_check,
@@ -498,6 +500,21 @@ class App:
                 "topic": topic,
                 "interval_s": self.settings.metrics_interval_s,
                 "points": points,
+            }
+        )
+
+    async def audit_log(self, params: list[str], query: bytes, body: bytes) -> Response:
+        """The audit log of a time range (admins only, see ``access.authorize``)."""
+        start, end, limit = parse_audit_query(query, now_ms())
+        store = self.meta
+        if store is None or not hasattr(store, "query_audit"):
+            raise errors.Unavailable("this metadata store keeps no audit log")
+        entries = await store.query_audit(start, end, limit)
+        return _ok(
+            {
+                "start_time": format_rfc3339(start),
+                "end_time": format_rfc3339(end),
+                "entries": [{**e, "time": format_rfc3339(int(e["time_ms"]))} for e in entries],
             }
         )
 

@@ -429,11 +429,12 @@ C, A, AB, X, RD = (
     "/api/v1/messages/extend",
     "/api/v1/topics/{name}/redrive",
 )
-CS, CI, HB, M = (
+CS, CI, HB, M, AU = (
     "/api/v1/consumers",
     "/api/v1/consumers/{consumer_id}",
     "/api/v1/consumers/{consumer_id}/heartbeat",
     "/api/v1/metrics",
+    "/api/v1/audit",
 )
 COVERS: dict[str, set[Key]] = {
     "produce": {
@@ -493,6 +494,7 @@ COVERS: dict[str, set[Key]] = {
         (HB, "POST", 404),
     },
     "metrics": {(M, "GET", 200), (M, "GET", 400)},
+    "audit": {(AU, "GET", 200), (AU, "GET", 400), (AU, "GET", 401), (AU, "GET", 403)},
     "health": {
         ("/health", "GET", 200),
         ("/health/live", "GET", 200),
@@ -523,6 +525,7 @@ COVERS: dict[str, set[Key]] = {
             (CI, "DELETE"),
             (HB, "POST"),
             (M, "GET"),
+            (AU, "GET"),
         )
     },
     "framing": {(p, m.upper(), s) for p, m in _operations() for s in (400, 405, 413, 431)},
@@ -902,6 +905,27 @@ def test_consumer_responses(server: MqfastProcess) -> None:
     assert seen == COVERS["consumers"]
 
 
+def test_audit_log_responses(make_server: MakeServer) -> None:
+    from mqfast.auth import make_token
+    from mqfast.config import Settings
+
+    secret = {"MESSAGE_QUEUE_JWT_SECRET": "openapi-secret-0123456789-0123456789-01"}
+    srv = make_server(**secret)
+    settings = Settings.from_env(secret)
+    admin = {"Authorization": "Bearer " + make_token(settings, "ops", ["admin"])}
+    producer = {"Authorization": "Bearer " + make_token(settings, "svc", ["producer"])}
+    seen: set[Key] = set()
+    seen.add(check(srv.request("GET", AU), AU, "GET", 401))
+    seen.add(check(srv.request("GET", AU, headers=producer), AU, "GET", 403))
+    r = srv.request("GET", f"{AU}?limit=10", headers=admin)
+    seen.add(check(r, AU, "GET", 200))
+    assert [e["outcome"] for e in r.json()["entries"]] == ["denied", "denied"]
+    r = srv.request("GET", f"{AU}?limit=0", headers=admin)
+    seen.add(check(r, AU, "GET", 400))
+    assert r.json()["error"]["field"] == "limit"
+    assert seen == COVERS["audit"]
+
+
 def test_metric_history_responses(make_server: MakeServer) -> None:
     srv = make_server(MESSAGE_QUEUE_METRICS_INTERVAL="200ms")
     seen: set[Key] = set()
@@ -1064,6 +1088,7 @@ def test_consume_routes_unavailable(make_server: MakeServer, tmp_path: Any) -> N
         ("DELETE", "/api/v1/consumers/c", CI, None),
         ("POST", "/api/v1/consumers/c/heartbeat", HB, None),
         ("GET", M, M, None),
+        ("GET", AU, AU, None),
     ]
     group_calls = [
         ("POST", A, A, {"message_id": "m", "group_id": "g"}),

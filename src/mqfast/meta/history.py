@@ -90,6 +90,38 @@ def format_rfc3339(ms: int) -> str:
     return f"{when.strftime('%Y-%m-%dT%H:%M:%S')}.{ms % 1000:03d}Z"
 
 
+def parse_audit_query(query: bytes, now_ms: int) -> tuple[int, int, int]:
+    """``GET /api/v1/audit``: ``start_time``/``end_time`` (RFC 3339, default the last hour) and
+    ``limit`` (1-10000, default 1000); ``InvalidQuery`` naming the parameter at fault."""
+    values = _query_values(query, ("start_time", "end_time", "limit"))
+    end_ms = _parse_time(values, "end_time", now_ms)
+    start_ms = _parse_time(values, "start_time", end_ms - DEFAULT_RANGE_MS)
+    if end_ms < start_ms:
+        raise InvalidQuery("end_time is before start_time", field="end_time")
+    text = values.get("limit", "1000")
+    if not text.isdigit() or not 1 <= int(text) <= 10_000:
+        raise InvalidQuery(f"limit must be an integer from 1 to 10000, got {text!r}", field="limit")
+    return start_ms, end_ms, int(text)
+
+
+def _query_values(query: bytes, allowed: tuple[str, ...]) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for segment in query.split(b"&"):
+        if not segment:
+            continue
+        raw_name, _, raw_value = segment.partition(b"=")
+        name = _unquote(raw_name, None)
+        value = _unquote(raw_value, name)
+        if name not in allowed:
+            raise InvalidQuery(
+                f"unknown query parameter {name!r} (allowed: {', '.join(allowed)})", field=name
+            )
+        if name in values:
+            raise InvalidQuery(f"query parameter {name!r} is given more than once", field=name)
+        values[name] = value
+    return values
+
+
 def parse_metrics_query(
     query: bytes, now_ms: int, max_range_s: float = 31 * 86400
 ) -> tuple[int, int, str | None]:
@@ -100,20 +132,7 @@ def parse_metrics_query(
     for an unknown or repeated parameter, an unparseable time, ``end_time`` before
     ``start_time``, a range longer than ``max_range_s`` or an invalid topic name.
     """
-    values: dict[str, str] = {}
-    for segment in query.split(b"&"):
-        if not segment:
-            continue
-        raw_name, _, raw_value = segment.partition(b"=")
-        name = _unquote(raw_name, None)
-        value = _unquote(raw_value, name)
-        if name not in _PARAMS:
-            allowed = ", ".join(_PARAMS)
-            raise InvalidQuery(f"unknown query parameter {name!r} (allowed: {allowed})", field=name)
-        if name in values:
-            raise InvalidQuery(f"query parameter {name!r} is given more than once", field=name)
-        values[name] = value
-
+    values = _query_values(query, tuple(_PARAMS))
     end_ms = _parse_time(values, "end_time", now_ms)
     start_ms = _parse_time(values, "start_time", end_ms - DEFAULT_RANGE_MS)
     if end_ms < start_ms:
