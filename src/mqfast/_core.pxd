@@ -26,6 +26,7 @@ cdef class TopicState:
     cdef public uint64_t produced
     cdef public uint64_t failed
     cdef public uint64_t bytes_in
+    cdef object producer        # the last principal allowed to produce here (skips the check)
 
 
 cdef class Pending:

@@ -625,9 +625,14 @@ cdef class HttpProtocol:
 
     def _enqueue_one(self, Pending p, object req, bint prefer_async, bint may_resolve):
         cdef Server server = self.server
-        if p.principal is not None:
-            p.principal.require("produce", req.topic)
         cdef TopicState ts = server.topic_state(req.topic)
+        principal = p.principal
+        if principal is not None and (ts is None or ts.producer is not principal):
+            # One principal at a time is remembered per topic: a producer sending one token
+            # again and again pays a pointer comparison, not a permission lookup.
+            principal.require("produce", req.topic)
+            if ts is not None:
+                ts.producer = principal
         if ts is None:
             if not may_resolve:
                 raise _errors.UnknownTopic(f"unknown topic {req.topic!r}", field="topic")

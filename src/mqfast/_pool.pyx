@@ -26,6 +26,7 @@ cdef class TopicState:
         self.produced = 0
         self.failed = 0
         self.bytes_in = 0
+        self.producer = None
 
     def __repr__(self) -> str:
         return f"TopicState({self.name!r}, {self.partitions})"

@@ -281,7 +281,14 @@ class App:
             max_size=_size(req.max_size, "max_size"),
             created_at=int(time.time() * 1000),
             dead_letter_expired=req.dead_letter_expired,
+            encrypted=req.encrypted,
         )
+        if cfg.encrypted and not getattr(self.sink, "can_encrypt", False):
+            raise errors.BadRequest(
+                "encrypted topics need MESSAGE_QUEUE_MASTER_KEYS or MESSAGE_QUEUE_MASTER_KEY_FILE"
+                + ("" if self.settings.engine == "embedded" else " and the embedded engine"),
+                field="encrypted",
+            )
         if self.settings.engine == "embedded" and cfg.replication != 1:
             raise errors.BadRequest(
                 "replication must be 1 on the embedded engine (one node, one copy); "

@@ -56,6 +56,7 @@ class CreateTopicRequest(msgspec.Struct, forbid_unknown_fields=True):
     retention: Duration = None
     max_size: int | str | None = None
     dead_letter_expired: bool = False
+    encrypted: bool = False  # encryption at rest (needs a master key configured)
 
 
 class TopicConfig(msgspec.Struct, frozen=True, gc=False):
@@ -68,6 +69,7 @@ class TopicConfig(msgspec.Struct, frozen=True, gc=False):
     max_size: int  # bytes for the whole topic; 0 is unlimited
     created_at: int = 0  # unix milliseconds
     dead_letter_expired: bool = False  # expired messages go to <topic>.dlq (else just counted)
+    encrypted: bool = False  # message content encrypted at rest (crypto.Encryptor)
 
     def same_settings(self, other: TopicConfig) -> bool:
         """True when ``other`` asks for exactly these settings (creation is then idempotent)."""
@@ -77,6 +79,7 @@ class TopicConfig(msgspec.Struct, frozen=True, gc=False):
             and self.retention == other.retention
             and self.max_size == other.max_size
             and self.dead_letter_expired == other.dead_letter_expired
+            and self.encrypted == other.encrypted
         )
 
 
@@ -107,6 +110,7 @@ class TopicInfo(msgspec.Struct, gc=False):
     bytes: int
     partition_stats: list[PartitionStats]
     consumer_groups: list[GroupLag]
+    encrypted: bool = False
 
 
 class StoredMessage(msgspec.Struct, gc=False):

@@ -53,24 +53,32 @@ class Engine:
         self.recheck_s = float("inf")
         self.dependencies: dict[str, Callable[[], dict[str, object]]] = {}
         self._forget_in_core: Callable[[str], None] | None = None
+        self.can_encrypt = False  # a master key is configured: encrypted topics can be made
         if settings.engine == "kafka":
             self._init_kafka(settings)
         else:
             self._init_embedded(settings)
 
     def _init_embedded(self, settings: Settings) -> None:
+        from mqfast.crypto import Keyring
         from mqfast.meta.sqlite import SqliteMeta
         from mqfast.sinks.embedded import EmbeddedSink, write_lock
         from mqfast.sinks.embedded_groups import EmbeddedGroups
 
+        # Encryption at rest: the data keys live in the engine's database (SqliteKeyStore).
         sink = EmbeddedSink(
             settings.data_dir,
             fsync=settings.fsync,
             retention_interval_s=settings.retention_interval_s,
+            keyring=Keyring.from_settings(settings),
         )
         self.sink: Sink = sink
+        self.can_encrypt = sink.can_encrypt
         groups = EmbeddedGroups(
-            sink.open_connection, write_lock(sink.path), Policy.from_settings(settings)
+            sink.open_connection,
+            write_lock(sink.path),
+            Policy.from_settings(settings),
+            encryptor=sink.encryptor,
         )
         self.groups_store: GroupStore = groups
         self.meta: MetaStore = SqliteMeta(settings.data_dir)

@@ -23,6 +23,7 @@ Invariants other code touching these tables must keep:
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import logging
 import os
@@ -36,7 +37,16 @@ from typing import Any, Final, TypeVar
 
 import msgspec
 
-from mqfast.errors import ConfigError, MqfastError, ShuttingDown, TopicExists, Unavailable
+from mqfast.crypto import HEADER as ENC_HEADER
+from mqfast.crypto import DecryptError, Encryptor, Keyring
+from mqfast.errors import (
+    BadRequest,
+    ConfigError,
+    MqfastError,
+    ShuttingDown,
+    TopicExists,
+    Unavailable,
+)
 from mqfast.errors import UnknownTopic as UnknownTopicError
 from mqfast.messages import GroupLag, PartitionStats, StoredMessage, TopicConfig, TopicInfo
 from mqfast.sinks import Delivery, DoneCallback
@@ -147,6 +157,18 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX leases_due ON leases (group_id, topic, state, due_ms)",
         "CREATE INDEX leases_consumer ON leases (consumer_id, state)",
     ),
+    (
+        # Encryption at rest (crypto.py): the topic flag, and the wrapped data keys by id. The
+        # header naming a message's keys lives in its ``headers`` JSON (``mqfast-enc``), so
+        # dead-letter copies carry it along with the ciphertext.
+        "ALTER TABLE topics ADD COLUMN encrypted INTEGER NOT NULL DEFAULT 0",
+        """CREATE TABLE data_keys (
+            id TEXT PRIMARY KEY,
+            master_key_id TEXT NOT NULL,
+            wrapped BLOB NOT NULL,
+            created_ms INTEGER NOT NULL
+        )""",
+    ),
 )
 
 _INSERT_MESSAGE: Final = (
@@ -159,25 +181,109 @@ _UPDATE_PARTITION: Final = (
     " WHERE topic = ? AND partition = ?"
 )
 _TOPIC_COLUMNS: Final = (
-    "name, partitions, replication, retention, max_size, created_at, dead_letter_expired"
+    "name, partitions, replication, retention, max_size, created_at, dead_letter_expired, encrypted"
 )
 
 _STOP: Final = object()
 # topic, partition, offset, message_id, key, value, headers, priority, timestamp, expires, size
 _Row = tuple[str, int, int, str, bytes | None, bytes, bytes | None, int, int, int, int]
 _headers_decoder = msgspec.json.Decoder(dict[str, str])
+_headers_encoder = msgspec.json.Encoder()
+# id(delivery) -> (ciphertext, headers with the mqfast-enc header) for encrypted topics
+_Sealed = dict[int, tuple[bytes, bytes]]
+_NO_SEALED: Final[_Sealed] = {}
+
+DLQ_TOPIC_HEADER: Final = "x-mqfast-dlq-topic"
+DLQ_ID_HEADER: Final = "x-mqfast-dlq-message-id"
+# Set on a dead-letter copy of an encrypted message that cannot be decrypted here: its content
+# is then the stored ciphertext in base64 and ``mqfast-enc`` is left in, for an operator to
+# recover it with the right key.
+DLQ_ENCODING_HEADER: Final = "x-mqfast-dlq-content-encoding"
+# Set on a redriven encrypted message: the topic and message id its ciphertext is bound to
+# (redrive gives it a new id). Internal like mqfast-enc: removed before a client sees it.
+ENC_TOPIC_HEADER: Final = "mqfast-enc-topic"
+ENC_ID_HEADER: Final = "mqfast-enc-id"
 
 
-def _rows(written: list[Delivery], offsets: list[int], sizes: list[int]) -> Iterator[_Row]:
+def seal_headers(headers: bytes | None, header_value: str) -> bytes:
+    """``headers`` (a JSON object or None) with ``mqfast-enc`` set to ``header_value``."""
+    h = _headers_decoder.decode(headers) if headers else {}
+    h.pop(ENC_TOPIC_HEADER, None)
+    h.pop(ENC_ID_HEADER, None)
+    h[ENC_HEADER] = header_value
+    return _headers_encoder.encode(h)
+
+
+def bound_to(topic: str, message_id: str, headers: dict[str, str]) -> tuple[str, str]:
+    """The topic and message id the ciphertext of a message with ``headers`` is bound to."""
+    t = headers.get(ENC_TOPIC_HEADER)
+    i = headers.get(ENC_ID_HEADER)
+    if t is not None and i is not None:
+        return t, i  # redriven
+    t = headers.get(DLQ_TOPIC_HEADER)
+    i = headers.get(DLQ_ID_HEADER)
+    if t is not None and i is not None:
+        return t, i  # a dead-letter copy
+    return topic, message_id
+
+
+def open_message(
+    encryptor: Encryptor | None,
+    topic: str,
+    key: bytes | None,
+    message_id: str,
+    value: bytes,
+    headers: dict[str, str],
+) -> bytes:
+    """The plaintext of a message stored in the encrypted topic ``topic``.
+
+    Removes ``mqfast-enc`` from ``headers``. A dead-letter copy (``x-mqfast-dlq-topic`` set)
+    is decrypted with its origin's topic and message id. Raises :class:`DecryptError` for the
+    topic's own messages; a dead-letter copy that does not decrypt is returned as stored
+    (base64, ``mqfast-enc`` kept, ``x-mqfast-dlq-content-encoding: base64``) rather than
+    dead-lettered again. ``Unavailable`` when no master key is configured.
+    """
+    if encryptor is None:
+        raise Unavailable(
+            f"topic {topic!r} is encrypted and no master key is configured "
+            "(MESSAGE_QUEUE_MASTER_KEYS or MESSAGE_QUEUE_MASTER_KEY_FILE)"
+        )
+    hv = headers.get(ENC_HEADER)
+    bound = bound_to(topic, message_id, headers)
+    try:
+        if hv is None:
+            raise DecryptError("malformed", f"no {ENC_HEADER} header")
+        try:
+            plain = encryptor.decrypt(bound[0], key, bound[1], value, hv)
+        except DecryptError:
+            if bound == (topic, message_id):
+                raise
+            # Produced directly with look-alike headers: bound to where it is.
+            plain = encryptor.decrypt(topic, key, message_id, value, hv)
+    except DecryptError:
+        if DLQ_TOPIC_HEADER not in headers:
+            raise
+        headers[DLQ_ENCODING_HEADER] = "base64"
+        return base64.b64encode(value)
+    del headers[ENC_HEADER]
+    headers.pop(ENC_TOPIC_HEADER, None)
+    headers.pop(ENC_ID_HEADER, None)
+    return plain
+
+
+def _rows(
+    written: list[Delivery], offsets: list[int], sizes: list[int], sealed: _Sealed
+) -> Iterator[_Row]:
     for d, off, size in zip(written, offsets, sizes, strict=True):
+        s = sealed.get(id(d)) if sealed else None
         yield (
             d.topic,
             d.partition,
             off,
             d.message_id,
             d.key,
-            d.value,
-            d.headers,
+            d.value if s is None else s[0],
+            d.headers if s is None else s[1],
             d.priority,
             d.timestamp_ms,
             d.expires_ms,
@@ -263,7 +369,54 @@ def _topic_from_row(row: tuple[Any, ...]) -> TopicConfig:
         max_size=row[4],
         created_at=row[5],
         dead_letter_expired=bool(row[6]),
+        encrypted=bool(row[7]),
     )
+
+
+class SqliteKeyStore:
+    """``crypto.WrappedKeyStore`` in the engine's database (table ``data_keys``).
+
+    Each call opens its own short-lived connection, so any thread may call it; ``put`` is one
+    write transaction under the process's write lock (callers must not hold it), committed
+    before the first message under that data key is written.
+    """
+
+    def __init__(self, connect: Callable[[], sqlite3.Connection], lock: threading.Lock) -> None:
+        self._connect = connect
+        self._lock = lock
+
+    def put(self, data_key_id: str, master_key_id: str, wrapped: bytes) -> None:
+        """Store (or replace) the wrapped data key ``data_key_id``."""
+        conn = self._connect()
+        try:
+            with immediate(conn, self._lock):
+                conn.execute(
+                    "INSERT OR REPLACE INTO data_keys (id, master_key_id, wrapped, created_ms)"
+                    " VALUES (?, ?, ?, ?)",
+                    (data_key_id, master_key_id, bytes(wrapped), _now_ms()),
+                )
+        finally:
+            conn.close()
+
+    def get(self, data_key_id: str) -> tuple[str, bytes] | None:
+        """``(master key id, wrapped key)`` of ``data_key_id``, or ``None`` if unknown."""
+        conn = self._connect()
+        try:
+            row = conn.execute(
+                "SELECT master_key_id, wrapped FROM data_keys WHERE id = ?", (data_key_id,)
+            ).fetchone()
+        finally:
+            conn.close()
+        return None if row is None else (str(row[0]), bytes(row[1]))
+
+    def items(self) -> list[tuple[str, str, bytes]]:
+        """Every stored ``(data key id, master key id, wrapped key)``."""
+        conn = self._connect()
+        try:
+            rows = conn.execute("SELECT id, master_key_id, wrapped FROM data_keys").fetchall()
+        finally:
+            conn.close()
+        return [(str(i), str(m), bytes(w)) for i, m, w in rows]
 
 
 class EmbeddedSink:
@@ -278,6 +431,7 @@ class EmbeddedSink:
         fsync: bool = False,
         retention_interval_s: float = 30.0,
         busy_timeout_s: float = 5.0,
+        keyring: Keyring | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.path = os.path.join(data_dir, DB_FILENAME)
@@ -285,6 +439,15 @@ class EmbeddedSink:
         self.retention_interval_s = retention_interval_s
         self.busy_timeout_s = busy_timeout_s
         self._write_lock = write_lock(self.path)
+        # Encryption at rest: None when no master key is configured (encrypted topics then
+        # cannot be created, produced to or read).
+        self.encryptor: Encryptor | None = (
+            None
+            if keyring is None
+            else Encryptor(keyring, SqliteKeyStore(self._connect, self._write_lock))
+        )
+        # topic -> encrypted, as seen by the writer thread (dropped on delete)
+        self._encrypted_topics: dict[str, bool] = {}
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_done: DoneCallback | None = None
@@ -302,6 +465,11 @@ class EmbeddedSink:
         self._writer_dead: str | None = None  # why the writer thread stopped unexpectedly
         self._last_error: str | None = None  # last failed transaction, cleared by a success
         self._failed_txns = 0  # failures since the last success, for one log line per episode
+
+    @property
+    def can_encrypt(self) -> bool:
+        """True when a master key is configured: encrypted topics can be created."""
+        return self.encryptor is not None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -448,6 +616,11 @@ class EmbeddedSink:
         Returns ``(stored, created_now)``; raises ``TopicExists`` naming the differing settings
         when the topic exists with other settings.
         """
+        if config.encrypted and self.encryptor is None:
+            raise BadRequest(
+                "encrypted topics need MESSAGE_QUEUE_MASTER_KEYS or MESSAGE_QUEUE_MASTER_KEY_FILE",
+                field="encrypted",
+            )
         return await self._run(self._create_topic_sync, config)
 
     async def get_topic(self, name: str) -> TopicConfig | None:
@@ -703,10 +876,20 @@ class EmbeddedSink:
         parts: dict[tuple[str, int], list[int]] = {}
         absent: set[tuple[str, int]] = set()
         try:
+            # Encrypt before the transaction: making a data key writes it to the key store,
+            # which takes the write lock itself.
+            sealed, refused = self._seal(conn, batches)
+        except Exception as e:
+            self._note_failure(e, sum(len(b) for b in batches))
+            self._complete_failed(batches, Unavailable(f"embedded engine: {e}"))
+            return
+        try:
             with immediate(conn, self._write_lock):
                 execute = conn.execute
                 for batch in batches:
                     for d in batch:
+                        if refused and id(d) in refused:
+                            continue
                         tp = (d.topic, d.partition)
                         st = parts.get(tp)
                         if st is None:
@@ -719,8 +902,12 @@ class EmbeddedSink:
                         off = st[1]
                         st[1] = off + 1
                         k = d.key
-                        v = d.value
-                        h = d.headers
+                        sd = sealed.get(id(d)) if sealed else None
+                        if sd is None:
+                            v = d.value
+                            h = d.headers
+                        else:
+                            v, h = sd
                         size = len(v) + (len(k) if k is not None else 0)
                         if h is not None:
                             size += len(h)
@@ -731,7 +918,7 @@ class EmbeddedSink:
                 if written:
                     # Rows are made one at a time as SQLite binds them: a list of thousands of
                     # row tuples alive at once would wake the garbage collector every commit.
-                    conn.executemany(_INSERT_MESSAGE, _rows(written, offsets, sizes))
+                    conn.executemany(_INSERT_MESSAGE, _rows(written, offsets, sizes, sealed))
                     conn.executemany(
                         _UPDATE_PARTITION,
                         [
@@ -748,6 +935,8 @@ class EmbeddedSink:
         # Offsets become visible only now that they are committed.
         for d, off in zip(written, offsets, strict=True):
             d.offset = off
+        for d in refused.values():
+            d.error = Unavailable(f"topic {d.topic!r} is encrypted and no master key is configured")
         for d in missing:
             d.error = UnknownTopicError(
                 f"topic {d.topic!r} (partition {d.partition}) does not exist"
@@ -761,6 +950,39 @@ class EmbeddedSink:
             self._last_error = None
             self._failed_txns = 0
         self._complete(batches)
+
+    def _seal(
+        self, conn: sqlite3.Connection, batches: list[list[Delivery]]
+    ) -> tuple[_Sealed, dict[int, Delivery]]:
+        """Encrypt the deliveries to encrypted topics (writer thread, outside a transaction).
+
+        Returns ``id(delivery) -> (ciphertext, headers)`` and the deliveries refused because
+        their topic is encrypted and no master key is configured.
+        """
+        known = self._encrypted_topics
+        sealed: _Sealed = _NO_SEALED
+        refused: dict[int, Delivery] = {}
+        enc = self.encryptor
+        for batch in batches:
+            for d in batch:
+                flag = known.get(d.topic)
+                if flag is None:
+                    row = conn.execute(
+                        "SELECT encrypted FROM topics WHERE name = ?", (d.topic,)
+                    ).fetchone()
+                    if row is None:
+                        continue  # unknown topic: the transaction reports it
+                    flag = known[d.topic] = bool(row[0])
+                if not flag:
+                    continue
+                if enc is None:
+                    refused[id(d)] = d
+                    continue
+                ct, hv = enc.encrypt(d.topic, d.key, d.message_id, d.value)
+                if sealed is _NO_SEALED:
+                    sealed = {}
+                sealed[id(d)] = (ct, seal_headers(d.headers, hv))
+        return sealed, refused
 
     def _note_failure(self, e: BaseException, n: int) -> None:
         self._failed_txns += 1
@@ -840,6 +1062,7 @@ class EmbeddedSink:
             max_size=config.max_size,
             created_at=created,
             dead_letter_expired=config.dead_letter_expired,
+            encrypted=config.encrypted,
         )
         return stored, True
 
@@ -847,7 +1070,7 @@ class EmbeddedSink:
     def _insert_topic(conn: sqlite3.Connection, config: TopicConfig) -> int:
         created = config.created_at or _now_ms()
         conn.execute(
-            f"INSERT INTO topics ({_TOPIC_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO topics ({_TOPIC_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 config.name,
                 config.partitions,
@@ -856,6 +1079,7 @@ class EmbeddedSink:
                 config.max_size,
                 created,
                 int(config.dead_letter_expired),
+                int(config.encrypted),
             ),
         )
         conn.executemany(
@@ -877,6 +1101,7 @@ class EmbeddedSink:
         return [_topic_from_row(r) for r in rows]
 
     def _delete_topic_sync(self, name: str) -> None:
+        self._encrypted_topics.pop(name, None)
         conn = self._conn()
         with immediate(conn, self._write_lock):
             cur = conn.execute("DELETE FROM topics WHERE name = ?", (name,))
@@ -939,6 +1164,7 @@ class EmbeddedSink:
             bytes=sum(s.bytes for s in stats),
             partition_stats=stats,
             consumer_groups=lags,
+            encrypted=t.encrypted,
         )
 
     def _read_sync(
@@ -951,8 +1177,12 @@ class EmbeddedSink:
             " ORDER BY offset LIMIT ?",
             (topic, partition, offset, max(limit, 0)),
         ).fetchall()
-        if not rows and self._get_topic_sync(topic) is None:
-            raise UnknownTopicError(f"topic {topic!r} does not exist")
+        cfg = self._get_topic_sync(topic)
+        if cfg is None:
+            if not rows:
+                raise UnknownTopicError(f"topic {topic!r} does not exist")
+        elif cfg.encrypted:
+            return self._read_encrypted(topic, partition, rows)
         return [
             StoredMessage(
                 message_id=mid,
@@ -968,6 +1198,37 @@ class EmbeddedSink:
             )
             for mid, off, k, v, h, prio, ts, exp in rows
         ]
+
+    def _read_encrypted(self, topic: str, partition: int, rows: list[Any]) -> list[StoredMessage]:
+        out = []
+        for mid, off, k, v, h, prio, ts, exp in rows:
+            headers = {} if h is None else _headers_decoder.decode(h)
+            try:
+                plain = open_message(self.encryptor, topic, k, mid, v, headers)
+            except DecryptError as e:
+                # Never returned: consuming dead-letters it (see embedded_groups).
+                log.warning(
+                    "message not returned: %s",
+                    e,
+                    extra={"topic": topic, "partition": partition, "offset": off,
+                           "reason": e.reason, "detail": e.detail},
+                )  # fmt: skip
+                continue
+            out.append(
+                StoredMessage(
+                    message_id=mid,
+                    topic=topic,
+                    partition=partition,
+                    offset=off,
+                    key=None if k is None else k.decode("utf-8", "replace"),
+                    content=plain.decode("utf-8", "replace"),
+                    headers=headers,
+                    priority=prio,
+                    timestamp=ts,
+                    expires_at=exp,
+                )
+            )
+        return out
 
     # -- retention (admin thread) ----------------------------------------------------------
 
@@ -1066,7 +1327,14 @@ class EmbeddedSink:
 def _conflict_message(existing: TopicConfig, asked: TopicConfig) -> str:
     diffs: Iterable[str] = (
         f"{f}={getattr(existing, f)} (asked {getattr(asked, f)})"
-        for f in ("partitions", "replication", "retention", "max_size", "dead_letter_expired")
+        for f in (
+            "partitions",
+            "replication",
+            "retention",
+            "max_size",
+            "dead_letter_expired",
+            "encrypted",
+        )
         if getattr(existing, f) != getattr(asked, f)
     )
     return f"topic {existing.name!r} already exists with other settings: {', '.join(diffs)}"

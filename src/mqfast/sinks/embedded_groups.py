@@ -23,6 +23,8 @@ import msgspec
 
 from mqfast import errors
 from mqfast._core import message_id_at, partition_for_key
+from mqfast.crypto import HEADER as ENC_HEADER
+from mqfast.crypto import DecryptError, Encryptor
 from mqfast.groups import (
     PRIORITY_LEVELS,
     LeaseOutcome,
@@ -33,7 +35,13 @@ from mqfast.groups import (
     dlq_name,
 )
 from mqfast.messages import LeasedMessage
-from mqfast.sinks.embedded import immediate
+from mqfast.sinks.embedded import (
+    ENC_ID_HEADER,
+    ENC_TOPIC_HEADER,
+    bound_to,
+    immediate,
+    open_message,
+)
 
 _T = TypeVar("_T")
 
@@ -62,11 +70,16 @@ class EmbeddedGroups:
     """``groups.GroupStore`` on the embedded engine's SQLite database."""
 
     def __init__(
-        self, connect: Callable[[], sqlite3.Connection], lock: threading.Lock, policy: Policy
+        self,
+        connect: Callable[[], sqlite3.Connection],
+        lock: threading.Lock,
+        policy: Policy,
+        encryptor: Encryptor | None = None,
     ) -> None:
         self._connect = connect
         self._lock = lock
         self.policy = policy
+        self.encryptor = encryptor  # decrypts messages of encrypted topics as they are leased
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
 
@@ -166,11 +179,17 @@ class EmbeddedGroups:
         max_leased: int | None,
     ) -> LeaseOutcome:
         row = conn.execute(
-            "SELECT partitions, dead_letter_expired FROM topics WHERE name = ?", (topic,)
+            "SELECT partitions, dead_letter_expired, encrypted FROM topics WHERE name = ?",
+            (topic,),
         ).fetchone()
         if row is None:
             raise errors.UnknownTopic(f"unknown topic {topic!r}", field="topic")
-        partitions, dlq_expired = int(row[0]), bool(row[1])
+        partitions, dlq_expired, encrypted = int(row[0]), bool(row[1]), bool(row[2])
+        if encrypted and self.encryptor is None:
+            raise errors.Unavailable(
+                f"topic {topic!r} is encrypted and no master key is configured "
+                "(MESSAGE_QUEUE_MASTER_KEYS or MESSAGE_QUEUE_MASTER_KEY_FILE)"
+            )
         out = LeaseOutcome([])
         committed = self._positions(conn, group, topic, partitions)
         out.reclaimed, dead = self._reclaim(conn, group, topic, now)
@@ -187,7 +206,7 @@ class EmbeddedGroups:
         if max_messages > 0:
             self._pick(
                 conn, group, topic, consumer, partitions, committed, max_messages,
-                visibility_ms, now, picker, dlq_expired, out, touched,
+                visibility_ms, now, picker, dlq_expired, encrypted, out, touched,
             )  # fmt: skip
         for p in touched:
             self._advance(conn, group, topic, p, now)
@@ -296,6 +315,7 @@ class EmbeddedGroups:
         now: int,
         picker: PriorityPicker,
         dlq_expired: bool,
+        encrypted: bool,
         out: LeaseOutcome,
         touched: set[int],
     ) -> None:
@@ -375,6 +395,24 @@ class EmbeddedGroups:
                     out.dead_lettered += 1
                 touched.add(p)
                 continue
+            h = _headers_decoder.decode(headers) if headers else {}
+            if encrypted:
+                try:
+                    value = open_message(self.encryptor, topic, key, mid, value, h)
+                except DecryptError as e:
+                    # Never delivered: dead-lettered as stored (ciphertext and header), so an
+                    # operator holding the right key can still recover it.
+                    reason = str(e)
+                    self._upsert(conn, group, topic, p, off, mid, pri, DONE, None, now, now, count)
+                    conn.execute(
+                        "UPDATE leases SET done_ms = ?, last_error = ? WHERE group_id = ?"
+                        " AND topic = ? AND partition = ? AND offset = ?",
+                        (now, reason, group, topic, p, off),
+                    )
+                    self._dead_letter(conn, group, topic, p, off, count, reason, reason, now)
+                    out.dead_lettered += 1
+                    touched.add(p)
+                    continue
             leased.append(
                 (group, topic, p, off, mid, pri, LEASED, consumer, deadline, now, count + 1)
             )
@@ -386,7 +424,7 @@ class EmbeddedGroups:
                     offset=off,
                     key=key.decode("utf-8", "replace") if key is not None else None,
                     content=value.decode("utf-8", "replace"),
-                    headers=_headers_decoder.decode(headers) if headers else {},
+                    headers=h,
                     priority=pri,
                     timestamp=ts,
                     delivery_count=count + 1,
@@ -514,10 +552,12 @@ class EmbeddedGroups:
         if len(name) > 249:
             raise errors.BadRequest(f"dead-letter topic name {name!r} is too long")
         # A dead-letter topic keeps what its origin keeps, in one partition.
+        # It is encrypted when its origin is: copies keep their ciphertext and mqfast-enc header,
+        # and reading them decrypts with the origin's topic and message id.
         conn.execute(
             "INSERT INTO topics (name, partitions, replication, retention, max_size, created_at,"
-            " dead_letter_expired) SELECT ?, 1, replication, retention, max_size, ?, 0"
-            " FROM topics WHERE name = ?",
+            " dead_letter_expired, encrypted) SELECT ?, 1, replication, retention, max_size, ?,"
+            " 0, encrypted FROM topics WHERE name = ?",
             (name, now, like),
         )
         conn.execute("INSERT INTO partitions (topic, partition) VALUES (?, 0)", (name,))
@@ -562,6 +602,9 @@ class EmbeddedGroups:
         n = 0
         for p, off, key, value, headers, priority, size in rows:
             h = _headers_decoder.decode(headers) if headers else {}
+            if ENC_HEADER in h:
+                # Keep what the ciphertext is bound to: the redriven copy gets a new id.
+                h[ENC_TOPIC_HEADER], h[ENC_ID_HEADER] = bound_to(dlq, "", h)
             h = {k: v for k, v in h.items() if not k.startswith(DLQ_HEADER_PREFIX)}
             h["x-mqfast-redriven-from"] = dlq
             parts = int(origin[0])
