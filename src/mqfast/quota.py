@@ -520,18 +520,18 @@ class Quotas:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         subjects: list[_Subject] = []
         try:
-            pipe = self._redis.pipeline(transaction=False)
-            for s, spent_m, spent_b in low:
-                if s.fetch is None and self._subjects.get(s.key) is s:
-                    s.fetch = done
-                    subjects.append(s)
-                    args = self._args(s, 0, 0, s.m + spent_m, s.b + spent_b)
-                    await self._grant(keys=[KEY_PREFIX + s.key], args=args, client=pipe)
-            if subjects:
-                results = await asyncio.wait_for(pipe.execute(), REDIS_TIMEOUT_S)
-                self._grants += len(subjects)
-                for s, r in zip(subjects, results, strict=True):
-                    self._credit(s, r, False)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for s, spent_m, spent_b in low:
+                    if s.fetch is None and self._subjects.get(s.key) is s:
+                        s.fetch = done
+                        subjects.append(s)
+                        args = self._args(s, 0, 0, s.m + spent_m, s.b + spent_b)
+                        await self._grant(keys=[KEY_PREFIX + s.key], args=args, client=pipe)
+                if subjects:
+                    results = await asyncio.wait_for(pipe.execute(), REDIS_TIMEOUT_S)
+                    self._grants += len(subjects)
+                    for s, r in zip(subjects, results, strict=True):
+                        self._credit(s, r, False)
         except self._errors as e:
             self._down(e)
         finally:
@@ -566,16 +566,16 @@ class Quotas:
         assert self._redis is not None
         back = [s for s in subjects if (self._rate_m and s.m >= 1) or (self._rate_b and s.b >= 1)]
         for i in range(0, len(back), MAX_PIPELINE):
-            pipe = self._redis.pipeline(transaction=False)
-            for s in back[i : i + MAX_PIPELINE]:
-                args = [
-                    self._rate_m,
-                    math.floor(s.m) if self._rate_m else 0,
-                    self._rate_b,
-                    math.floor(s.b) if self._rate_b else 0,
-                ]
-                await self._give(keys=[KEY_PREFIX + s.key], args=args, client=pipe)
-            await asyncio.wait_for(pipe.execute(), REDIS_TIMEOUT_S)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for s in back[i : i + MAX_PIPELINE]:
+                    args = [
+                        self._rate_m,
+                        math.floor(s.m) if self._rate_m else 0,
+                        self._rate_b,
+                        math.floor(s.b) if self._rate_b else 0,
+                    ]
+                    await self._give(keys=[KEY_PREFIX + s.key], args=args, client=pipe)
+                await asyncio.wait_for(pipe.execute(), REDIS_TIMEOUT_S)
 
     async def _probe(self) -> None:
         assert self._redis is not None
@@ -595,9 +595,11 @@ class Quotas:
         self._mode = _FALLBACK
         now = self._clock()
         self._probed = now
+        # Each subject starts on a full bucket of the share (cluster-wide, at most one burst
+        # more): the requests that waited for Redis to time out are decided on it at once.
         for s in self._subjects.values():
-            s.m = min(s.m, self._lburst_m)
-            s.b = min(s.b, self._lburst_b)
+            s.m = self._lburst_m
+            s.b = self._lburst_b
             s.stamp = now
         log.error(
             "redis unreachable: produce quotas are enforced locally at 1/%d of the limit "
