@@ -110,3 +110,51 @@ def test_kill9_of_a_replica_redelivers_its_leased_messages_through_the_others(
     assert set(again) == leased, "acknowledged messages must never come back"
     assert all(m["delivery_count"] == 2 for m in again.values())
     assert b.consume(t, "g", "other", timeout="2500ms") == []
+
+
+def test_a_subject_quota_holds_across_three_replicas(replicas: Replicas) -> None:
+    from mqfast.auth import make_token
+    from mqfast.config import Settings
+
+    secret = {"MESSAGE_QUEUE_JWT_SECRET": "replica-quota-secret-0123456789-0123456789"}
+    rate = 40
+    gws = replicas(
+        3, **secret, MESSAGE_QUEUE_QUOTA_MESSAGES=str(rate), MESSAGE_QUEUE_QUOTA_BURST="1s"
+    )
+    settings = Settings.from_env(secret)
+    admin = {"Authorization": "Bearer " + make_token(settings, "ops", ["admin"])}
+    producer = {"Authorization": "Bearer " + make_token(settings, "svc-a", ["producer"])}
+    t = unique("quota")
+    r = gws[0].proc.request("POST", "/api/v1/topics", {"name": t}, headers=admin)
+    assert r.status == 201, r.body
+    accepted = [0, 0, 0]
+    limited = [0, 0, 0]
+    window_s = 3.0
+
+    def hammer(i: int, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            r = gws[i].proc.request(
+                "POST", "/api/v1/messages", {"topic": t, "content": "x"}, headers=producer
+            )
+            assert r.status in (200, 429), r.body
+            if r.status == 200:
+                accepted[i] += 1
+            else:
+                limited[i] += 1
+                assert int(r.headers["retry-after"]) >= 1
+
+    started = time.monotonic()
+    threads = [
+        threading.Thread(target=hammer, args=(i, started + window_s)) for i in range(len(gws))
+    ]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    elapsed = time.monotonic() - started
+    total = sum(accepted)
+    # rate over the window, plus one burst, plus one allowance chunk per replica (quota.py)
+    bound = rate * elapsed + rate * 1 + len(gws) * max(1, rate // 20) + 3
+    assert total <= bound, (accepted, limited, elapsed)
+    assert total >= rate * window_s * 0.5, (accepted, limited)  # not starved
+    assert sum(limited) > 0
