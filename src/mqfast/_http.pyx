@@ -175,21 +175,25 @@ cdef class _AuthDone:
 
 
 @cython.final
-cdef class _QuotaDone:
-    """After the slow path asked for more allowance: produce, or answer 429 + Retry-After."""
+cdef class _Resume:
+    """After the slow path made the request's topics known (``quota`` False), or asked for
+    more of the subject's allowance (``quota`` True: the task's result is the Retry-After,
+    0 when granted), run the produce again."""
     cdef HttpProtocol conn
     cdef Pending p
     cdef object request
     cdef bint batch
     cdef bint prefer_async
+    cdef bint quota
 
     def __cinit__(self, HttpProtocol conn, Pending p, object request, bint batch,
-                  bint prefer_async):
+                  bint prefer_async, bint quota=False):
         self.conn = conn
         self.p = p
         self.request = request
         self.batch = batch
         self.prefer_async = prefer_async
+        self.quota = quota
 
     def __call__(self, task):
         cdef HttpProtocol conn = self.conn
@@ -201,58 +205,21 @@ cdef class _QuotaDone:
                 raise _errors.ShuttingDown("request cancelled: the server is stopping")
             if task.exception() is not None:
                 raise task.exception()
-            wait = task.result()
-            if wait > 0:
-                exc = _errors.RateLimited(
-                    f"subject {p.principal.subject!r} is over its produce quota; "
-                    f"retry in {wait:.2f}s")
-                exc.extra_headers = b"retry-after: %d\r\n" % max(1, <int>(wait + 0.999))
-                raise exc
-            p.quota_checked = True
+            if self.quota:
+                wait = task.result()
+                if wait > 0:
+                    exc = _errors.RateLimited(
+                        f"subject {p.principal.subject!r} is over its produce quota; "
+                        f"retry in {wait:.2f}s")
+                    exc.extra_headers = b"retry-after: %d\r\n" % max(1, <int>(wait + 0.999))
+                    raise exc
+                p.quota_checked = True
             if self.batch:
                 conn._enqueue_batch(p, self.request, self.prefer_async, False)
             else:
                 conn._enqueue_one(p, self.request, self.prefer_async, False)
         except BaseException as exc:
             conn._fail(p, exc)
-        conn._write_ready()
-
-
-@cython.final
-cdef class _Resume:
-    """After the slow path made the request's topics known, run the produce again."""
-    cdef HttpProtocol conn
-    cdef Pending p
-    cdef object request
-    cdef bint batch
-    cdef bint prefer_async
-
-    def __cinit__(self, HttpProtocol conn, Pending p, object request, bint batch,
-                  bint prefer_async):
-        self.conn = conn
-        self.p = p
-        self.request = request
-        self.batch = batch
-        self.prefer_async = prefer_async
-
-    def __call__(self, task):
-        cdef HttpProtocol conn = self.conn
-        cdef Pending p = self.p
-        self.conn = None
-        self.p = None
-        exc = None if task.cancelled() else task.exception()
-        if task.cancelled():
-            exc = _errors.ShuttingDown("request cancelled: the server is stopping")
-        if exc is not None:
-            conn._fail(p, exc)
-        else:
-            try:
-                if self.batch:
-                    conn._enqueue_batch(p, self.request, self.prefer_async, False)
-                else:
-                    conn._enqueue_one(p, self.request, self.prefer_async, False)
-            except BaseException as e:
-                conn._fail(p, e)
         conn._write_ready()
 
 
@@ -668,7 +635,7 @@ cdef class HttpProtocol:
         if p.quota_checked or server.quotas.try_take(key, messages, nbytes):
             return True
         task = server.loop.create_task(server.quotas.acquire(key, messages, nbytes))
-        task.add_done_callback(_QuotaDone(self, p, req, batch, prefer_async))
+        task.add_done_callback(_Resume(self, p, req, batch, prefer_async, True))
         return False
 
     cdef Delivery _delivery(self, TopicState ts, str content, object key, object headers,

@@ -156,7 +156,7 @@ return 1
 """
 
 
-def connect(settings: Settings) -> aioredis.Redis:
+def connect(settings: Settings, timeout_s: float = REDIS_TIMEOUT_S) -> aioredis.Redis:
     """A Redis client fit for quotas: short timeouts, one immediate retry (a pooled connection
     that died with a Redis restart), no backoff: a slow answer is worse than the fallback.
     The caller owns it and closes it."""
@@ -170,8 +170,8 @@ def connect(settings: Settings) -> aioredis.Redis:
         db=settings.redis_db,
         password=settings.redis_password or None,
         ssl=settings.redis_tls,
-        socket_timeout=REDIS_TIMEOUT_S,
-        socket_connect_timeout=REDIS_TIMEOUT_S,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
         retry=Retry(NoBackoff(), 1),
         health_check_interval=15,
     )

@@ -28,7 +28,6 @@ from importlib import resources
 from typing import Any
 
 import msgspec
-import redis.asyncio as aioredis
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from redis.exceptions import RedisError, ResponseError
 
@@ -45,6 +44,7 @@ from mqfast.groups import (
     dlq_name,
 )
 from mqfast.messages import GroupLag, LeasedMessage, StoredMessage, TopicConfig
+from mqfast.quota import connect as redis_client
 from mqfast.sinks.kafka import KafkaSink, consumer_config, parse_record, watermarks
 
 log = logging.getLogger("mqfast.kafka.groups")
@@ -54,7 +54,6 @@ IDLE_WINDOW_S = 300.0  # a window nobody consumed through for this long is close
 LOW_REFRESH_S = 5.0
 COMMIT_EVERY_S = 1.0
 DLQ_HEADER_PREFIX = "x-mqfast-dlq-"
-REDIS_TIMEOUT_S = 2.0
 
 _json = msgspec.json.Decoder()
 
@@ -231,16 +230,8 @@ class KafkaGroups:
         self.settings = settings
         self.sink = sink
         self.policy = policy
-        self.redis = aioredis.Redis(
-            host=settings.redis_host,
-            port=settings.redis_port,
-            db=settings.redis_db,
-            password=settings.redis_password or None,
-            ssl=settings.redis_tls,
-            socket_timeout=REDIS_TIMEOUT_S,
-            socket_connect_timeout=REDIS_TIMEOUT_S,
-            health_check_interval=15,
-        )
+        # Scripts over a group's state may take longer than a quota grant: a wider timeout.
+        self.redis = redis_client(settings, timeout_s=2.0)
         self._scripts = {n: self.redis.register_script(s) for n, s in _load_scripts().items()}
         self._windows: dict[tuple[str, str], _Window] = {}
         self._reader = concurrent.futures.ThreadPoolExecutor(
