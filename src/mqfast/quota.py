@@ -68,8 +68,8 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from mqfast.config import Settings
 
@@ -77,6 +77,8 @@ if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
 log = logging.getLogger("mqfast.quota")
+
+T = TypeVar("T")
 
 CHUNK_S = 0.05  # a grant is this much of the rate (or the request, when larger)
 TICK_S = 0.05  # background top-up period: a steady subject spends about a chunk per tick
@@ -175,6 +177,11 @@ def connect(settings: Settings, timeout_s: float = REDIS_TIMEOUT_S) -> aioredis.
         retry=Retry(NoBackoff(), 1),
         health_check_interval=15,
     )
+
+
+def _ignore_outcome(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: an abandoned call's error is no news
 
 
 class _Subject:
@@ -422,8 +429,7 @@ class Quotas:
         """One grant for the requests waiting on ``s``; runs once they all joined it."""
         try:
             args = self._args(s, s.need_m, s.need_b, s.demand_m, s.demand_b)
-            call = self._grant(keys=[KEY_PREFIX + s.key], args=args)
-            r = await asyncio.wait_for(call, REDIS_TIMEOUT_S)
+            r = await self._bounded(self._grant(keys=[KEY_PREFIX + s.key], args=args))
             self._grants += 1
             self._up()  # (Redis answered a grant sent before it was found down)
             self._credit(s, r, True)
@@ -451,7 +457,7 @@ class Quotas:
             return
         if self._redis is not None:
             try:
-                await asyncio.wait_for(self._redis.ping(), REDIS_TIMEOUT_S)
+                await self._bounded(self._redis.ping())
             except self._errors as e:
                 self._down(e)
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -519,19 +525,18 @@ class Quotas:
         assert self._redis is not None
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         subjects: list[_Subject] = []
+        calls: list[tuple[str, list[Any]]] = []
+        for s, spent_m, spent_b in low:
+            if s.fetch is None and self._subjects.get(s.key) is s:
+                s.fetch = done
+                subjects.append(s)
+                calls.append((s.key, self._args(s, 0, 0, s.m + spent_m, s.b + spent_b)))
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for s, spent_m, spent_b in low:
-                    if s.fetch is None and self._subjects.get(s.key) is s:
-                        s.fetch = done
-                        subjects.append(s)
-                        args = self._args(s, 0, 0, s.m + spent_m, s.b + spent_b)
-                        await self._grant(keys=[KEY_PREFIX + s.key], args=args, client=pipe)
-                if subjects:
-                    results = await asyncio.wait_for(pipe.execute(), REDIS_TIMEOUT_S)
-                    self._grants += len(subjects)
-                    for s, r in zip(subjects, results, strict=True):
-                        self._credit(s, r, False)
+            if subjects:
+                results = await self._bounded(self._pipeline(self._grant, calls))
+                self._grants += len(subjects)
+                for s, r in zip(subjects, results, strict=True):
+                    self._credit(s, r, False)
         except self._errors as e:
             self._down(e)
         finally:
@@ -565,28 +570,56 @@ class Quotas:
     async def _give_back(self, subjects: list[_Subject]) -> None:
         assert self._redis is not None
         back = [s for s in subjects if (self._rate_m and s.m >= 1) or (self._rate_b and s.b >= 1)]
-        for i in range(0, len(back), MAX_PIPELINE):
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for s in back[i : i + MAX_PIPELINE]:
-                    args = [
-                        self._rate_m,
-                        math.floor(s.m) if self._rate_m else 0,
-                        self._rate_b,
-                        math.floor(s.b) if self._rate_b else 0,
-                    ]
-                    await self._give(keys=[KEY_PREFIX + s.key], args=args, client=pipe)
-                await asyncio.wait_for(pipe.execute(), REDIS_TIMEOUT_S)
+        calls: list[tuple[str, list[Any]]] = [
+            (
+                s.key,
+                [
+                    self._rate_m,
+                    math.floor(s.m) if self._rate_m else 0,
+                    self._rate_b,
+                    math.floor(s.b) if self._rate_b else 0,
+                ],
+            )
+            for s in back
+        ]
+        for i in range(0, len(calls), MAX_PIPELINE):
+            await self._bounded(self._pipeline(self._give, calls[i : i + MAX_PIPELINE]))
 
     async def _probe(self) -> None:
         assert self._redis is not None
         try:
-            await asyncio.wait_for(self._redis.ping(), REDIS_TIMEOUT_S)
+            await self._bounded(self._redis.ping())
         except self._errors as e:
             self._last_error = str(e) or type(e).__name__
             return
         self._up()
 
-    # ---- Redis state ----------------------------------------------------------------------
+    # ---- Redis calls and state ------------------------------------------------------------
+
+    async def _pipeline(self, script: Any, calls: list[tuple[str, list[Any]]]) -> list[Any]:
+        """``script`` once per (subject, args) of ``calls``, in one round trip."""
+        assert self._redis is not None
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for subject, args in calls:
+                await script(keys=[KEY_PREFIX + subject], args=args, client=pipe)
+            results: list[Any] = await pipe.execute()
+            return results
+
+    @staticmethod
+    async def _bounded(call: Awaitable[T]) -> T:
+        """``call``'s result within ``REDIS_TIMEOUT_S``, else TimeoutError. Unlike
+        ``asyncio.wait_for``, never waits for an abandoned call to unwind: however the client
+        handles the cancellation, the slow path and the background task go on."""
+        task = asyncio.ensure_future(call)
+        try:
+            await asyncio.wait((task,), timeout=REDIS_TIMEOUT_S)
+        finally:
+            if not task.done():
+                task.cancel()
+                task.add_done_callback(_ignore_outcome)
+        if not task.done():
+            raise TimeoutError(f"no answer from redis within {REDIS_TIMEOUT_S} s")
+        return task.result()
 
     def _down(self, e: BaseException) -> None:
         self._last_error = str(e) or type(e).__name__

@@ -16,7 +16,7 @@ import signal
 import ssl
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 from urllib.parse import quote
 
@@ -129,13 +129,15 @@ class Engine:
     async def close(self, timeout: float) -> None:
         # Reverse order: groups and the sink finish before the metadata store goes. Each part
         # gets a bounded time: a dependency that hangs must not keep the process alive.
+        end = time.monotonic() + timeout
         for part in reversed(self._parts):
             started = time.monotonic()
+            left = max(0.2, end - started)
             try:
                 if part is self.sink:
-                    await asyncio.wait_for(self.sink.close(timeout), timeout + 5.0)
+                    await asyncio.wait_for(self.sink.close(max(0.1, left - 0.5)), left)
                 else:
-                    await asyncio.wait_for(part.close(), 10.0)
+                    await asyncio.wait_for(part.close(), left)
             except TimeoutError:
                 log.error("engine part did not close in time", extra={"part": type(part).__name__})
             took = time.monotonic() - started
@@ -312,16 +314,24 @@ async def serve(settings: Settings, *, index: int = 0, reuse_port: bool = False)
     core.stop()
     for task in background:
         task.cancel()
-    try:  # the last history point; a slow metadata store must not hold the exit
-        await asyncio.wait_for(recorder.stop(), 5.0)
-    except TimeoutError:
-        log.warning("last metric history point not recorded: the metadata store is slow")
-    await app.audit.close()
+    # Whatever a dependency does, the process is gone a few seconds after the drain deadline:
+    # every step below shares what is left of that budget.
+    hard = deadline + 5.0
+
+    async def step(what: str, coro: Coroutine[Any, Any, None], cap: float) -> None:
+        left = max(0.2, min(cap, hard - time.monotonic()))
+        try:
+            await asyncio.wait_for(coro, left)
+        except TimeoutError:
+            log.warning("shutdown step did not finish in time", extra={"step": what})
+
+    await step("metric history", recorder.stop(), 5.0)
+    await step("audit log", app.audit.close(), 2.0)
     if quotas is not None:
-        await quotas.close()
+        await step("quotas", quotas.close(), 2.0)
     if auth is not None:
-        await auth.close()
-    await engine.close(max(0.5, deadline - time.monotonic()))
+        await step("authentication", auth.close(), 2.0)
+    await step("engine", engine.close(max(0.5, hard - 2.0 - time.monotonic())), 60.0)
     for s in side:
         s.close()
     if unfinished:

@@ -1023,7 +1023,15 @@ def faulty_servers(make_server: MakeServer, tmp_path: Any, n: int) -> Iterator[l
     servers = [first, *(make_server(data_dir=tmp_path / "faulty") for _ in range(n - 1))]
     fd = os.open(tmp_path / "faulty" / "mqfast.db-shm", os.O_RDWR)
     start, count = WAL_READ_LOCKS
-    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, count, start)
+    # A server may be inside a short read transaction (the metric history) at this moment.
+    for attempt in range(200):
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, count, start)
+            break
+        except BlockingIOError:
+            if attempt == 199:
+                raise
+            time.sleep(0.01)
     try:
         yield servers
     finally:

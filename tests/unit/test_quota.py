@@ -275,7 +275,7 @@ def test_three_replicas_share_the_limit(
 
 
 def test_subjects_are_independent(redis: Any) -> None:
-    rate, burst = 100.0, 50
+    rate, burst = 10.0, 20
     settings = cluster_settings(redis, quota_messages=rate, quota_burst_s=burst / rate)
 
     async def drain(r: Replica, subj: str) -> tuple[int, float]:
@@ -291,7 +291,8 @@ def test_subjects_are_independent(redis: Any) -> None:
             greedy, quiet = subject(), subject()
             n, elapsed = await drain(a, greedy)
             assert burst <= n <= burst + rate * elapsed + 1  # what refilled meanwhile
-            assert await b.decide(greedy, 1, 0) > 0  # the other replica finds it spent
+            # The other replica finds it spent (5: more than can refill meanwhile).
+            assert await b.decide(greedy, 5, 0) > 0
             m, elapsed = await drain(b, quiet)
             assert burst <= m <= burst + rate * elapsed + 1
         finally:
@@ -370,15 +371,14 @@ def test_retry_after_from_redis(redis: Any) -> None:
         r = await Replica(settings).start(background=False)
         try:
             subj = subject()
-            while await r.decide(subj, 1, 0) == 0.0:
+            while (wait := await r.decide(subj, 1, 0)) == 0.0:
                 pass
-            wait = await r.quotas.acquire(subj, 1, 0)
-            assert 0 < wait <= 1 / rate + 1e-6
+            assert 0 < wait <= 1 / rate + 1e-6  # less than one message left
             wait5 = await r.quotas.acquire(subj, 5, 0)
-            assert 0 < wait5 <= 5 / rate + 1e-6
+            assert 3 / rate < wait5 <= 5 / rate + 1e-6
             await asyncio.sleep(wait5 + 0.005)
             assert await r.quotas.acquire(subj, 5, 0) == 0.0  # the Retry-After was enough
-            assert r.quotas.stats()["rejected"] >= 3
+            assert r.quotas.stats()["rejected"] == 2
         finally:
             await r.close()
 

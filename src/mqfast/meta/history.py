@@ -300,11 +300,13 @@ class HistoryRecorder:
         self._last: dict[str, tuple[int, ...]] | None = None  # counters per topic; None: no base
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._failures = 0  # consecutive failed ticks, so a streak is logged once
 
     def start(self) -> None:
         """Start the background task on the running loop (idempotent)."""
         if self._task is None or self._task.done():
+            self._stopping = False
             self._task = asyncio.get_running_loop().create_task(
                 self._run(), name="mqfast-history-recorder"
             )
@@ -312,6 +314,7 @@ class HistoryRecorder:
     async def stop(self) -> None:
         """Stop the background task; the interval in progress is not recorded."""
         task, self._task = self._task, None
+        self._stopping = True  # a cancellation lost inside a library still ends the loop
         await cancel_and_wait(task)
 
     async def record_now(self) -> None:
@@ -321,7 +324,7 @@ class HistoryRecorder:
     async def _run(self) -> None:
         if self._last is None:
             await self._tick(None)  # baseline
-        while True:
+        while not self._stopping:
             now = wall_ms()
             boundary = self._bucket_of(now) + self._interval_ms
             # The label is fixed before sleeping, so a wake-up a little early or late (the loop

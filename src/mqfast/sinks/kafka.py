@@ -546,14 +546,20 @@ class KafkaSink:
         return errors.Unavailable(f"kafka: {e}")
 
     async def _wait(self, fut: concurrent.futures.Future[Any]) -> Any:
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(fut), ADMIN_TIMEOUT_S)
-        except KafkaException as e:
-            raise self._admin_error(e) from None
-        except TimeoutError:
+        # asyncio.wait, not wait_for: on Python 3.11 wait_for can swallow the cancellation of
+        # its caller when the future completes at the same moment (a task that then never
+        # stops, e.g. at shutdown).
+        wrapped = asyncio.wrap_future(fut)
+        done, _ = await asyncio.wait({wrapped}, timeout=ADMIN_TIMEOUT_S)
+        if not done:
+            wrapped.cancel()
             raise errors.Unavailable(
                 f"kafka: the brokers did not answer within {ADMIN_TIMEOUT_S:.0f}s"
-            ) from None
+            )
+        try:
+            return wrapped.result()
+        except KafkaException as e:
+            raise self._admin_error(e) from None
 
     async def _metadata(self) -> Any:
         return await self._run(self._admin.list_topics, None, 5.0)
