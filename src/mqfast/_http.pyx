@@ -128,13 +128,16 @@ cdef bytes produce_ok(Server server, Delivery d, int status, bint close, bint ht
 
 @cython.final
 cdef class _AppDone:
-    """Done-callback of an app coroutine: answers the request's slot (slow routes only)."""
+    """Done-callback of an app coroutine: answers the request's slot (slow routes only), or,
+    for the slow-path token verification (``auth``), starts the request or answers 401."""
     cdef HttpProtocol conn
     cdef Pending p
+    cdef bint auth
 
-    def __cinit__(self, HttpProtocol conn, Pending p):
+    def __cinit__(self, HttpProtocol conn, Pending p, bint auth=False):
         self.conn = conn
         self.p = p
+        self.auth = auth
 
     def __call__(self, task):
         cdef HttpProtocol conn = self.conn
@@ -145,32 +148,10 @@ cdef class _AppDone:
             conn._fail(p, _errors.ShuttingDown("request cancelled: the server is stopping"))
         elif task.exception() is not None:
             conn._fail(p, task.exception())
+        elif self.auth:
+            conn._authenticated(p, task.result())
         else:
             conn._answer(p, task.result())
-        conn._write_ready()
-
-
-@cython.final
-cdef class _AuthDone:
-    """Done-callback of the slow-path token verification: start the request, or answer 401."""
-    cdef HttpProtocol conn
-    cdef Pending p
-
-    def __cinit__(self, HttpProtocol conn, Pending p):
-        self.conn = conn
-        self.p = p
-
-    def __call__(self, task):
-        cdef HttpProtocol conn = self.conn
-        cdef Pending p = self.p
-        self.conn = None
-        self.p = None
-        if task.cancelled():
-            conn._fail(p, _errors.ShuttingDown("request cancelled: the server is stopping"))
-        elif task.exception() is not None:
-            conn._fail(p, task.exception())
-        else:
-            conn._authenticated(p, task.result())
         conn._write_ready()
 
 
@@ -518,7 +499,7 @@ cdef class HttpProtocol:
                     return True
                 del server.principals[hdr]
         task = server.loop.create_task(server.app.authenticate(hdr, self.peer))
-        task.add_done_callback(_AuthDone(self, p))
+        task.add_done_callback(_AppDone(self, p, True))
         return False
 
     def _authenticated(self, Pending p, object principal):
@@ -704,14 +685,17 @@ cdef class HttpProtocol:
         cdef Py_ssize_t i
         default_topic = req.topic
         missing = None
+        principal = p.principal
+        allowed = None  # the last topic checked: a batch is mostly one topic
         for i, m in enumerate(req.messages):
             topic = m.topic if m.topic is not None else default_topic
             if topic is None:
                 raise _errors.BadRequest(
                     f"messages[{i}].topic is missing and the batch has no default topic",
                     field=f"messages[{i}].topic")
-            if p.principal is not None:
-                p.principal.require("produce", topic)
+            if principal is not None and topic != allowed:
+                principal.require("produce", topic)
+                allowed = topic
             if server.topic_state(topic) is None:
                 if missing is None:
                     missing = []

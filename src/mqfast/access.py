@@ -36,6 +36,7 @@ from typing import Any, Protocol
 import msgspec
 
 from mqfast import errors
+from mqfast.auth import Forbidden, Principal
 
 log = logging.getLogger("mqfast.audit")
 
@@ -61,18 +62,6 @@ ACK_ROUTES = frozenset(
 )
 
 
-class Principal(Protocol):
-    """What authorisation needs of a verified token (``auth.Principal``)."""
-
-    subject: str
-    roles: frozenset[str]
-    grants: tuple[Any, ...]
-
-    def allows(self, action: str, topic: str | None = None, group: str | None = None) -> bool: ...
-
-    def require(self, action: str, topic: str | None = None, group: str | None = None) -> None: ...
-
-
 def _fields(body: bytes) -> dict[str, Any]:
     # Only the fields that decide permissions; the handler validates the request fully. A body
     # that is not a JSON object gives no fields: the handler answers it with a 400.
@@ -88,8 +77,6 @@ def _str(value: Any) -> str | None:
 
 
 def _forbidden(principal: Principal, what: str) -> errors.MqfastError:
-    from mqfast.auth import Forbidden  # the error class lives with the tokens
-
     return Forbidden(f"subject {principal.subject!r} may not {what}")
 
 

@@ -12,18 +12,16 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qs, unquote
 
 import msgspec
 
 from mqfast import __version__, errors
 from mqfast._core import Server, decode_json, topic_name_error
+from mqfast.access import AUDITED, AuditLog, authorize, target_of
+from mqfast.auth import Authenticator, Principal
 from mqfast.config import Settings, parse_duration
-
-if TYPE_CHECKING:
-    from mqfast.auth import Authenticator
-from mqfast.access import AUDITED, AuditLog, Principal, authorize, target_of
 from mqfast.groups import Groups, SettleItem, SettleResult, check_id, now_ms
 from mqfast.messages import (
     AcknowledgeRequest,

@@ -293,15 +293,7 @@ class Quotas:
                 s.b -= nbytes
                 return True
             return False
-        # A local bucket, refilled here (``_refill``, inlined: this is the hot path).
-        now = self._clock()
-        dt = now - s.stamp
-        if dt > 0:
-            s.stamp = now
-            m = s.m + dt * self._lrate_m
-            s.m = m if m < self._lburst_m else self._lburst_m
-            b = s.b + dt * self._lrate_b
-            s.b = b if b < self._lburst_b else self._lburst_b
+        self._refill(s)  # a local bucket
         if s.m >= messages and s.b >= nbytes:
             s.m -= messages
             s.b -= nbytes
