@@ -917,7 +917,14 @@ def test_audit_log_responses(make_server: MakeServer) -> None:
     seen: set[Key] = set()
     seen.add(check(srv.request("GET", AU), AU, "GET", 401))
     seen.add(check(srv.request("GET", AU, headers=producer), AU, "GET", 403))
-    r = srv.request("GET", f"{AU}?limit=10", headers=admin)
+    # Entries reach the store in the background, just after the answer: wait for both.
+    deadline = time.monotonic() + 15
+    while True:
+        r = srv.request("GET", f"{AU}?limit=10", headers=admin)
+        outcomes = [e["outcome"] for e in r.json()["entries"]] if r.status == 200 else None
+        if outcomes == ["denied", "denied"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     seen.add(check(r, AU, "GET", 200))
     assert [e["outcome"] for e in r.json()["entries"]] == ["denied", "denied"]
     r = srv.request("GET", f"{AU}?limit=0", headers=admin)
