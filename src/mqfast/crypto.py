@@ -47,18 +47,33 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HEADER",
+    "AsyncWrappedKeyStore",
     "DecryptError",
     "DecryptReason",
     "Encryptor",
     "Keyring",
     "MemoryKeyStore",
+    "PreparedOnly",
     "WrappedKeyStore",
+    "bound_to",
+    "open_message",
 ]
 
 log = logging.getLogger("mqfast.crypto")
 
 HEADER: Final = "mqfast-enc"
 """Record header naming the keys of an encrypted message: ``v1:<master key id>:<data key id>``."""
+DLQ_TOPIC_HEADER: Final = "x-mqfast-dlq-topic"
+DLQ_ID_HEADER: Final = "x-mqfast-dlq-message-id"
+# Set on a dead-letter copy of an encrypted message that cannot be decrypted here: its content
+# is then the stored ciphertext in base64 and ``mqfast-enc`` is left in, for an operator to
+# recover it with the right key.
+DLQ_ENCODING_HEADER: Final = "x-mqfast-dlq-content-encoding"
+# Set on a redriven encrypted message: the topic and message id its ciphertext is bound to
+# (redrive gives it a new id). Internal like mqfast-enc: removed before a client sees it.
+ENC_TOPIC_HEADER: Final = "mqfast-enc-topic"
+ENC_ID_HEADER: Final = "mqfast-enc-id"
+
 
 KEY_BYTES: Final = 32  # AES-256
 NONCE_BYTES: Final = 12  # the GCM nonce size that needs no extra GHASH pass
@@ -122,6 +137,44 @@ class WrappedKeyStore(Protocol):
     def items(self) -> list[tuple[str, str, bytes]]:
         """Every stored ``(data key id, master key id, wrapped key)``."""
         ...
+
+
+class AsyncWrappedKeyStore(Protocol):
+    """A :class:`WrappedKeyStore` reached asynchronously (the Kafka engine's PostgreSQL).
+
+    Used through :meth:`Encryptor.prepare` and :meth:`Encryptor.load`, which do the I/O before
+    the synchronous ``encrypt``/``decrypt`` need the key. Both raise ``Unavailable`` when the
+    store cannot be reached; ``put_data_key`` is durable when it returns.
+    """
+
+    async def put_data_key(self, data_key_id: str, master_key_id: str, wrapped: bytes) -> None:
+        """Store (or replace) the wrapped data key ``data_key_id``."""
+        ...
+
+    async def get_data_key(self, data_key_id: str) -> tuple[str, bytes] | None:
+        """``(master key id, wrapped key)`` of ``data_key_id``, or ``None`` if unknown."""
+        ...
+
+
+class PreparedOnly:
+    """The synchronous store of an :class:`Encryptor` whose keys come from an
+    :class:`AsyncWrappedKeyStore`: every key must be made ready by ``prepare``/``load`` first.
+
+    Reaching it is a bug in the engine (a key used before it was prepared); failing loudly is
+    better than a data key kept only in memory, which would make messages unreadable later.
+    """
+
+    def put(self, data_key_id: str, master_key_id: str, wrapped: bytes) -> None:
+        """Refuse: a data key made without ``Encryptor.prepare`` would not be persisted."""
+        raise RuntimeError("data key made without Encryptor.prepare(): not persisted")
+
+    def get(self, data_key_id: str) -> tuple[str, bytes] | None:
+        """Refuse: ``Encryptor.load`` reads keys from the asynchronous store."""
+        raise RuntimeError("data key looked up without Encryptor.load()")
+
+    def items(self) -> list[tuple[str, str, bytes]]:
+        """Nothing: the keys are in the asynchronous store."""
+        return []
 
 
 class MemoryKeyStore:
@@ -440,17 +493,57 @@ class Encryptor:
             )
         return moved
 
-    def _new_data_key(self, topic: str) -> _DataKey:
+    def ready(self, topic: str) -> bool:
+        """True when ``encrypt`` for ``topic`` needs no new data key (so no store call)."""
+        dk = self._current.get(topic)
+        return dk is not None and dk.count < self.rotate_after
+
+    async def prepare(self, topic: str, store: AsyncWrappedKeyStore) -> None:
+        """Make ``ready(topic)`` true: a new data key, persisted in ``store`` first.
+
+        Raises what ``store.put_data_key`` raises (``Unavailable``); nothing changes then.
+        """
+        if self.ready(topic):
+            return
+        data_key_id, master_key_id, wrapped, data_key = self._draft()
+        await store.put_data_key(data_key_id, master_key_id, wrapped)
+        if not self.ready(topic):  # a concurrent prepare may have finished first
+            self._adopt(topic, data_key_id, master_key_id, data_key)
+
+    def knows(self, header: str) -> bool:
+        """True when the data key named by the header value ``header`` is in memory."""
+        return header in self._by_header
+
+    async def load(self, header: str, store: AsyncWrappedKeyStore) -> None:
+        """Bring the data key named by ``header`` into memory from ``store``.
+
+        Raises :class:`DecryptError` (malformed header, unknown or tampered key) or what
+        ``store.get_data_key`` raises (``Unavailable``: the message is not at fault then).
+        """
+        if header in self._by_header:
+            return
+        data_key_id = self._data_key_id(header)
+        row = await store.get_data_key(data_key_id)
+        self._unwrap_row(header, data_key_id, row)
+
+    def _draft(self) -> tuple[str, str, bytes, bytes]:
         data_key = AESGCM.generate_key(bit_length=8 * KEY_BYTES)
         data_key_id = base64.urlsafe_b64encode(os.urandom(_DATA_KEY_ID_BYTES)).decode()
         master_key_id, wrapped = self.keyring.wrap(data_key_id, data_key)
-        self.store.put(data_key_id, master_key_id, wrapped)
+        return data_key_id, master_key_id, wrapped, data_key
+
+    def _adopt(self, topic: str, data_key_id: str, master_key_id: str, data_key: bytes) -> _DataKey:
         header = f"{_VERSION}:{master_key_id}:{data_key_id}"
         aead = AESGCM(data_key)
         self._remember(header, aead)
         dk = _DataKey(aead, header, self._topic_field(topic))
         self._current[topic] = dk
         return dk
+
+    def _new_data_key(self, topic: str) -> _DataKey:
+        data_key_id, master_key_id, wrapped, data_key = self._draft()
+        self.store.put(data_key_id, master_key_id, wrapped)
+        return self._adopt(topic, data_key_id, master_key_id, data_key)
 
     def _topic_field(self, topic: str) -> bytes:
         tf = _field(topic)
@@ -460,6 +553,11 @@ class Encryptor:
         return tf
 
     def _resolve(self, header: object) -> AESGCM:
+        data_key_id = self._data_key_id(header)
+        return self._unwrap_row(str(header), data_key_id, self.store.get(data_key_id))
+
+    @staticmethod
+    def _data_key_id(header: object) -> str:
         if not isinstance(header, str):
             raise DecryptError("malformed", f"{HEADER} header is not text")
         parts = header.split(":")
@@ -467,8 +565,9 @@ class Encryptor:
             raise DecryptError(
                 "malformed", f"{HEADER} header is not {_VERSION}:<master key id>:<data key id>"
             )
-        data_key_id = parts[2]
-        row = self.store.get(data_key_id)
+        return parts[2]
+
+    def _unwrap_row(self, header: str, data_key_id: str, row: tuple[str, bytes] | None) -> AESGCM:
         if row is None:
             raise DecryptError("unknown_key", f"data key {data_key_id!r} is not in the key store")
         # The store, not the header, says which master key wraps the data key now: rewrap moves
@@ -483,3 +582,64 @@ class Encryptor:
         if len(cache) >= _CACHE_MAX:
             del cache[next(iter(cache))]  # the oldest entry (dicts keep insertion order)
         cache[header] = aead
+
+
+def bound_to(topic: str, message_id: str, headers: dict[str, str]) -> tuple[str, str]:
+    """The topic and message id the ciphertext of a message with ``headers`` is bound to."""
+    t = headers.get(ENC_TOPIC_HEADER)
+    i = headers.get(ENC_ID_HEADER)
+    if t is not None and i is not None:
+        return t, i  # redriven
+    t = headers.get(DLQ_TOPIC_HEADER)
+    i = headers.get(DLQ_ID_HEADER)
+    if t is not None and i is not None:
+        return t, i  # a dead-letter copy
+    return topic, message_id
+
+
+def open_message(
+    encryptor: Encryptor | None,
+    topic: str,
+    key: bytes | None,
+    message_id: str,
+    value: bytes,
+    headers: dict[str, str],
+    key_error: DecryptError | None = None,
+) -> bytes:
+    """The plaintext of a message stored in the encrypted topic ``topic``.
+
+    Removes ``mqfast-enc`` from ``headers``. A dead-letter copy (``x-mqfast-dlq-topic`` set)
+    is decrypted with its origin's topic and message id. Raises :class:`DecryptError` for the
+    topic's own messages; a dead-letter copy that does not decrypt is returned as stored
+    (base64, ``mqfast-enc`` kept, ``x-mqfast-dlq-content-encoding: base64``) rather than
+    dead-lettered again. ``Unavailable`` when no master key is configured. ``key_error``: what
+    :meth:`Encryptor.load` raised for the message's header (the message fails with it).
+    """
+    if encryptor is None:
+        raise errors.Unavailable(
+            f"topic {topic!r} is encrypted and no master key is configured "
+            "(MESSAGE_QUEUE_MASTER_KEYS or MESSAGE_QUEUE_MASTER_KEY_FILE)"
+        )
+    hv = headers.get(HEADER)
+    bound = bound_to(topic, message_id, headers)
+    try:
+        if hv is None:
+            raise DecryptError("malformed", f"no {HEADER} header")
+        if key_error is not None:
+            raise key_error
+        try:
+            plain = encryptor.decrypt(bound[0], key, bound[1], value, hv)
+        except DecryptError:
+            if bound == (topic, message_id):
+                raise
+            # Produced directly with look-alike headers: bound to where it is.
+            plain = encryptor.decrypt(topic, key, message_id, value, hv)
+    except DecryptError:
+        if DLQ_TOPIC_HEADER not in headers:
+            raise
+        headers[DLQ_ENCODING_HEADER] = "base64"
+        return base64.b64encode(value)
+    del headers[HEADER]
+    headers.pop(ENC_TOPIC_HEADER, None)
+    headers.pop(ENC_ID_HEADER, None)
+    return plain

@@ -27,6 +27,7 @@ from mqfast._core import Server, reseed_ids
 from mqfast.access import PUBLIC_ROUTES
 from mqfast.api import ROUTES, App
 from mqfast.config import Settings
+from mqfast.crypto import Keyring
 from mqfast.debug import install_gc_monitor, start_debug_server
 from mqfast.errors import ConfigError
 from mqfast.groups import Groups, GroupStore, Policy, dlq_name, now_ms
@@ -60,7 +61,6 @@ class Engine:
             self._init_embedded(settings)
 
     def _init_embedded(self, settings: Settings) -> None:
-        from mqfast.crypto import Keyring
         from mqfast.meta.sqlite import SqliteMeta
         from mqfast.sinks.embedded import EmbeddedSink, write_lock
         from mqfast.sinks.embedded_groups import EmbeddedGroups
@@ -95,7 +95,9 @@ class Engine:
                 f"pip install 'mqfast[cluster]' ({e})"
             ) from None
         meta = PostgresMeta(postgres_dsn(settings))
-        sink = KafkaSink(settings, meta)
+        # Encryption at rest: the wrapped data keys live in PostgreSQL beside the topic flags.
+        sink = KafkaSink(settings, meta, keyring=Keyring.from_settings(settings))
+        self.can_encrypt = sink.can_encrypt
         groups = KafkaGroups(settings, sink, Policy.from_settings(settings))
         self.sink = sink
         self.groups_store = groups

@@ -203,6 +203,39 @@ def test_postgres_stopped_produce_and_consume_go_on_then_recover(
     assert r.status == 201, r.body
 
 
+def test_postgres_stopped_encrypted_topics_need_it_only_for_keys_not_yet_in_memory(
+    make_server: MakeServer, postgres: Any, kafka_env: dict[str, str]
+) -> None:
+    key = {"MESSAGE_QUEUE_MASTER_KEYS": "k1:" + "A" * 43 + "="}
+    a = gateway(make_server, kafka_env, **key)
+    b = gateway(make_server, kafka_env, **key)
+    warm = a.topic(encrypted=True)
+    cold = a.topic(encrypted=True)
+    a.produce(warm, "before")  # A has stored warm's data key and keeps it in memory
+    assert b.describe(warm)["encrypted"] is True  # B knows the topics, not the key
+    postgres.stop()
+    try:
+        a.produce(warm, "during")
+        r = a.call("POST", PRODUCE, {"topic": cold, "content": "needs a new data key"})
+        assert r.status == 503 and "data key" in r.json()["error"]["message"], r.body
+        r = b.consume_reply(warm, "gb", "c")
+        assert r.status == 503 and "metadata store" in r.json()["error"]["message"], r.body
+        got = a.consume_until(warm, "ga", "c", 2)
+        assert [m["content"] for m in got] == ["before", "during"]
+    finally:
+        postgres.start()
+    wait_for(
+        lambda: a.call("GET", "/health").json()["status"] == "ok",
+        timeout=60,
+        what="health ok after PostgreSQL returns",
+    )
+    # nothing was dead-lettered meanwhile: the messages were not at fault
+    got = b.consume_until(warm, "gb", "c", 2)
+    assert [m["content"] for m in got] == ["before", "during"]
+    a.produce(cold, "after")
+    assert [m["content"] for m in b.consume_until(cold, "gb", "c", 1)] == ["after"]
+
+
 def test_redis_stopped_consume_answers_503_produce_goes_on_then_recovers(
     make_server: MakeServer, redis: Any, kafka_env: dict[str, str]
 ) -> None:

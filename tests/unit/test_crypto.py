@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 from pathlib import Path
@@ -16,8 +17,9 @@ from mqfast.crypto import (
     Encryptor,
     Keyring,
     MemoryKeyStore,
+    PreparedOnly,
 )
-from mqfast.errors import ConfigError, MqfastError
+from mqfast.errors import ConfigError, MqfastError, Unavailable
 
 KEY_A = bytes(range(32))
 KEY_B = bytes(range(100, 132))
@@ -293,6 +295,73 @@ def test_rotate_after_makes_a_new_data_key() -> None:
     fresh = Encryptor(ring("a"), store)
     for i, (ct, h) in enumerate(out):
         assert fresh.decrypt("t", None, f"id{i}", ct, h) == bytes([i])
+
+
+# ---- an asynchronous key store (the Kafka engine's PostgreSQL) ----------------------------------
+
+
+class AsyncStore:
+    """An ``AsyncWrappedKeyStore`` in a dict, which can be made unreachable."""
+
+    def __init__(self) -> None:
+        self.rows = MemoryKeyStore()
+        self.down = False
+        self.puts = 0
+
+    async def put_data_key(self, data_key_id: str, master_key_id: str, wrapped: bytes) -> None:
+        await asyncio.sleep(0)
+        if self.down:
+            raise Unavailable("metadata store: down")
+        self.puts += 1
+        self.rows.put(data_key_id, master_key_id, wrapped)
+
+    async def get_data_key(self, data_key_id: str) -> tuple[str, bytes] | None:
+        await asyncio.sleep(0)
+        if self.down:
+            raise Unavailable("metadata store: down")
+        return self.rows.get(data_key_id)
+
+
+def test_prepare_stores_the_data_key_before_encrypt_may_use_it() -> None:
+    store = AsyncStore()
+    enc = Encryptor(ring("a"), PreparedOnly(), rotate_after=2)
+    with pytest.raises(RuntimeError):  # used without prepare: a bug, never a key in memory only
+        enc.encrypt("t", None, "id0", b"x")
+    assert not enc.ready("t")
+
+    async def prepare_twice_at_once() -> None:
+        await asyncio.gather(enc.prepare("t", store), enc.prepare("t", store))
+
+    asyncio.run(prepare_twice_at_once())
+    assert enc.ready("t") and len(store.rows) >= 1
+    out = [enc.encrypt("t", b"k", f"id{i}", b"m%d" % i) for i in range(2)]
+    assert not enc.ready("t")  # rotate_after reached: the next message needs a new key
+    store.down = True
+    with pytest.raises(Unavailable):
+        asyncio.run(enc.prepare("t", store))
+    assert not enc.ready("t")  # nothing half-done
+
+    # another process: loads the keys it does not know from the store, then decrypts
+    other = Encryptor(ring("a"), PreparedOnly())
+    _, header = out[0]
+    assert not other.knows(header)
+    with pytest.raises(Unavailable):  # the store is down: not the message's fault
+        asyncio.run(other.load(header, store))
+    store.down = False
+    asyncio.run(other.load(header, store))
+    assert other.knows(header)
+    for i, (ct, h) in enumerate(out):
+        assert other.decrypt("t", b"k", f"id{i}", ct, h) == b"m%d" % i
+
+
+@pytest.mark.parametrize(
+    ("header", "why"),
+    [("v1:a:no-such-key", "unknown_key"), ("v2:a:x", "malformed"), ("v1::x", "malformed")],
+)
+def test_load_of_a_bad_header_is_a_decrypt_error(header: str, why: str) -> None:
+    with pytest.raises(DecryptError) as exc:
+        asyncio.run(Encryptor(ring("a"), PreparedOnly()).load(header, AsyncStore()))
+    assert reason(exc) == why
 
 
 def test_rotate_after_must_be_positive() -> None:

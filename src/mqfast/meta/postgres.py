@@ -139,6 +139,17 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )""",
         "CREATE INDEX mqfast_audit_time ON mqfast_audit (time_ms, id)",
     ),
+    (
+        # Encryption at rest (crypto.py): the topic flag, and the wrapped data keys by id.
+        "ALTER TABLE mqfast_topics ADD COLUMN encrypted BOOLEAN NOT NULL DEFAULT FALSE",
+        """CREATE TABLE mqfast_data_keys (
+            id TEXT COLLATE "C" PRIMARY KEY,
+            master_key_id TEXT NOT NULL,
+            wrapped BYTEA NOT NULL,             -- AES-256-GCM under the master key
+            created_at BIGINT NOT NULL,         -- unix ms
+            updated_at BIGINT NOT NULL          -- unix ms (a rewrap replaces the row)
+        )""",
+    ),
 )
 
 # xmax is 0 only on a row version this statement inserted, so it tells an insert from an update.
@@ -218,10 +229,11 @@ DELETE FROM mqfast_metric_points WHERE (ts_ms, topic, worker) IN (
 )
 """
 _TOPIC_COLUMNS: Final = (
-    "name, partitions, replication, retention, max_size, created_at, dead_letter_expired"
+    "name, partitions, replication, retention, max_size, created_at, dead_letter_expired, encrypted"
 )
 _SAVE_TOPIC: Final = f"""
-INSERT INTO mqfast_topics ({_TOPIC_COLUMNS}, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+INSERT INTO mqfast_topics ({_TOPIC_COLUMNS}, updated_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
 ON CONFLICT (name) DO UPDATE SET
     partitions = excluded.partitions,
     replication = excluded.replication,
@@ -229,6 +241,15 @@ ON CONFLICT (name) DO UPDATE SET
     max_size = excluded.max_size,
     created_at = excluded.created_at,
     dead_letter_expired = excluded.dead_letter_expired,
+    encrypted = excluded.encrypted,
+    updated_at = excluded.updated_at
+"""
+_PUT_DATA_KEY: Final = """
+INSERT INTO mqfast_data_keys (id, master_key_id, wrapped, created_at, updated_at)
+VALUES ($1, $2, $3, $4, $4)
+ON CONFLICT (id) DO UPDATE SET
+    master_key_id = excluded.master_key_id,
+    wrapped = excluded.wrapped,
     updated_at = excluded.updated_at
 """
 _INSERT_AUDIT: Final = """
@@ -367,6 +388,7 @@ def _topic_from_row(row: Any) -> TopicConfig:
         max_size=int(row[4]),
         created_at=int(row[5]),
         dead_letter_expired=bool(row[6]),
+        encrypted=bool(row[7]),
     )
 
 
@@ -758,6 +780,7 @@ class PostgresMeta:
                 cfg.max_size,
                 cfg.created_at,
                 cfg.dead_letter_expired,
+                cfg.encrypted,
                 wall_ms(),
             )
             # delivered at commit, and only if the transaction commits
@@ -792,6 +815,24 @@ class PostgresMeta:
             if name in notified or old.get(name) != fresh.get(name):
                 self._notify_changed(name)
         return dict(fresh)
+
+    # -- wrapped data keys (crypto.AsyncWrappedKeyStore) -----------------------------------
+
+    async def put_data_key(self, data_key_id: str, master_key_id: str, wrapped: bytes) -> None:
+        """Store (or replace) a wrapped data key; committed when this returns."""
+        await self._call(
+            lambda c: c.execute(_PUT_DATA_KEY, data_key_id, master_key_id, wrapped, wall_ms()),
+            write=True,
+        )
+
+    async def get_data_key(self, data_key_id: str) -> tuple[str, bytes] | None:
+        """``(master key id, wrapped key)`` of ``data_key_id``, or ``None`` if unknown."""
+        row = await self._call(
+            lambda c: c.fetchrow(
+                "SELECT master_key_id, wrapped FROM mqfast_data_keys WHERE id = $1", data_key_id
+            )
+        )
+        return None if row is None else (str(row[0]), bytes(row[1]))
 
     # -- audit log -------------------------------------------------------------------------
 

@@ -23,7 +23,6 @@ Invariants other code touching these tables must keep:
 from __future__ import annotations
 
 import asyncio
-import base64
 import concurrent.futures
 import logging
 import os
@@ -37,8 +36,15 @@ from typing import Any, Final, TypeVar
 
 import msgspec
 
+from mqfast.crypto import (
+    ENC_ID_HEADER,
+    ENC_TOPIC_HEADER,
+    DecryptError,
+    Encryptor,
+    Keyring,
+    open_message,
+)
 from mqfast.crypto import HEADER as ENC_HEADER
-from mqfast.crypto import DecryptError, Encryptor, Keyring
 from mqfast.errors import (
     BadRequest,
     ConfigError,
@@ -193,17 +199,6 @@ _headers_encoder = msgspec.json.Encoder()
 _Sealed = dict[int, tuple[bytes, bytes]]
 _NO_SEALED: Final[_Sealed] = {}
 
-DLQ_TOPIC_HEADER: Final = "x-mqfast-dlq-topic"
-DLQ_ID_HEADER: Final = "x-mqfast-dlq-message-id"
-# Set on a dead-letter copy of an encrypted message that cannot be decrypted here: its content
-# is then the stored ciphertext in base64 and ``mqfast-enc`` is left in, for an operator to
-# recover it with the right key.
-DLQ_ENCODING_HEADER: Final = "x-mqfast-dlq-content-encoding"
-# Set on a redriven encrypted message: the topic and message id its ciphertext is bound to
-# (redrive gives it a new id). Internal like mqfast-enc: removed before a client sees it.
-ENC_TOPIC_HEADER: Final = "mqfast-enc-topic"
-ENC_ID_HEADER: Final = "mqfast-enc-id"
-
 
 def seal_headers(headers: bytes | None, header_value: str) -> bytes:
     """``headers`` (a JSON object or None) with ``mqfast-enc`` set to ``header_value``."""
@@ -212,63 +207,6 @@ def seal_headers(headers: bytes | None, header_value: str) -> bytes:
     h.pop(ENC_ID_HEADER, None)
     h[ENC_HEADER] = header_value
     return _headers_encoder.encode(h)
-
-
-def bound_to(topic: str, message_id: str, headers: dict[str, str]) -> tuple[str, str]:
-    """The topic and message id the ciphertext of a message with ``headers`` is bound to."""
-    t = headers.get(ENC_TOPIC_HEADER)
-    i = headers.get(ENC_ID_HEADER)
-    if t is not None and i is not None:
-        return t, i  # redriven
-    t = headers.get(DLQ_TOPIC_HEADER)
-    i = headers.get(DLQ_ID_HEADER)
-    if t is not None and i is not None:
-        return t, i  # a dead-letter copy
-    return topic, message_id
-
-
-def open_message(
-    encryptor: Encryptor | None,
-    topic: str,
-    key: bytes | None,
-    message_id: str,
-    value: bytes,
-    headers: dict[str, str],
-) -> bytes:
-    """The plaintext of a message stored in the encrypted topic ``topic``.
-
-    Removes ``mqfast-enc`` from ``headers``. A dead-letter copy (``x-mqfast-dlq-topic`` set)
-    is decrypted with its origin's topic and message id. Raises :class:`DecryptError` for the
-    topic's own messages; a dead-letter copy that does not decrypt is returned as stored
-    (base64, ``mqfast-enc`` kept, ``x-mqfast-dlq-content-encoding: base64``) rather than
-    dead-lettered again. ``Unavailable`` when no master key is configured.
-    """
-    if encryptor is None:
-        raise Unavailable(
-            f"topic {topic!r} is encrypted and no master key is configured "
-            "(MESSAGE_QUEUE_MASTER_KEYS or MESSAGE_QUEUE_MASTER_KEY_FILE)"
-        )
-    hv = headers.get(ENC_HEADER)
-    bound = bound_to(topic, message_id, headers)
-    try:
-        if hv is None:
-            raise DecryptError("malformed", f"no {ENC_HEADER} header")
-        try:
-            plain = encryptor.decrypt(bound[0], key, bound[1], value, hv)
-        except DecryptError:
-            if bound == (topic, message_id):
-                raise
-            # Produced directly with look-alike headers: bound to where it is.
-            plain = encryptor.decrypt(topic, key, message_id, value, hv)
-    except DecryptError:
-        if DLQ_TOPIC_HEADER not in headers:
-            raise
-        headers[DLQ_ENCODING_HEADER] = "base64"
-        return base64.b64encode(value)
-    del headers[ENC_HEADER]
-    headers.pop(ENC_TOPIC_HEADER, None)
-    headers.pop(ENC_ID_HEADER, None)
-    return plain
 
 
 def _rows(

@@ -23,8 +23,15 @@ import msgspec
 
 from mqfast import errors
 from mqfast._core import message_id_at, partition_for_key
+from mqfast.crypto import (
+    ENC_ID_HEADER,
+    ENC_TOPIC_HEADER,
+    DecryptError,
+    Encryptor,
+    bound_to,
+    open_message,
+)
 from mqfast.crypto import HEADER as ENC_HEADER
-from mqfast.crypto import DecryptError, Encryptor
 from mqfast.groups import (
     PRIORITY_LEVELS,
     LeaseOutcome,
@@ -35,13 +42,7 @@ from mqfast.groups import (
     dlq_name,
 )
 from mqfast.messages import LeasedMessage
-from mqfast.sinks.embedded import (
-    ENC_ID_HEADER,
-    ENC_TOPIC_HEADER,
-    bound_to,
-    immediate,
-    open_message,
-)
+from mqfast.sinks.embedded import immediate
 
 _T = TypeVar("_T")
 

@@ -12,6 +12,12 @@ own topic settings (``dead_letter_expired``, ``created_at``), so those live in t
 store's topic registry; a topic created by other tools is served with settings derived from
 Kafka's own configuration.
 
+Encrypted topics (``crypto.py``): the content is encrypted in ``submit`` with the topic's data
+key, which is stored (wrapped) in PostgreSQL before its first use; a batch that needs a new key
+waits for that one write, later ones pay nothing. Records are read back sealed
+(:class:`SealedMessage`) and decrypted when leased (``open``). The flag lives in the registry,
+which is written before the topic exists in Kafka, so no replica can see the topic without it.
+
 Consumer groups are in ``sinks.kafka_groups`` (Redis holds the leases, Kafka the messages).
 """
 
@@ -44,6 +50,17 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 
 from mqfast import errors
 from mqfast.config import Settings
+from mqfast.crypto import (
+    HEADER as ENC_HEADER,
+)
+from mqfast.crypto import (
+    AsyncWrappedKeyStore,
+    DecryptError,
+    Encryptor,
+    Keyring,
+    PreparedOnly,
+    open_message,
+)
 from mqfast.messages import (
     GroupLag,
     PartitionStats,
@@ -76,8 +93,9 @@ class OutcomeUnknown(errors.Unavailable):
     extra_headers = b"x-mqfast-outcome: unknown\r\n"
 
 
-class TopicRegistry(Protocol):
-    """mqfast's own topic settings, kept by the metadata store (``meta.postgres``)."""
+class TopicRegistry(AsyncWrappedKeyStore, Protocol):
+    """mqfast's own topic settings and the wrapped data keys of encrypted topics, kept by the
+    metadata store (``meta.postgres``)."""
 
     async def save_topic(self, cfg: TopicConfig) -> None: ...
 
@@ -198,13 +216,17 @@ def _map_error(err: KafkaError) -> errors.MqfastError:
 
 
 class _PartitionQueue:
-    """Messages of one partition waiting for their reports, and their batches (same order)."""
+    """Messages of one partition waiting for their reports, and their batches (same order).
 
-    __slots__ = ("deliveries", "trackers")
+    ``values`` is set for an encrypted topic: the ciphertexts sent, which the reports carry.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("deliveries", "trackers", "values")
+
+    def __init__(self, sealed: bool) -> None:
         self.deliveries: deque[Delivery] = deque()
         self.trackers: deque[_Batch] = deque()
+        self.values: deque[bytes] | None = deque() if sealed else None
 
 
 class _Batch:
@@ -244,8 +266,16 @@ def record_headers(d: Delivery) -> list[tuple[str, bytes]]:
     return out
 
 
-def parse_record(msg: Any) -> StoredMessage:
-    """A Kafka record as mqfast reads it back (its own headers split from the user's)."""
+class SealedMessage(StoredMessage, gc=False):
+    """A record of an encrypted topic as read, before :meth:`KafkaSink.open` (``content``
+    empty): the raw key and ciphertext, with ``mqfast-enc`` among the headers."""
+
+    raw_key: bytes | None = None
+    raw_value: bytes = b""
+
+
+def _own_headers(msg: Any) -> tuple[str, int, int, dict[str, str]]:
+    """(message id, priority, expiry, the user's headers) of a Kafka record."""
     mid = ""
     priority = 0
     expires = 0
@@ -259,16 +289,42 @@ def parse_record(msg: Any) -> StoredMessage:
             expires = int(v or 0)
         else:
             user[k] = v.decode("utf-8", "replace") if v is not None else ""
-    key = msg.key()
-    value = msg.value()
     if not mid:  # written by another Kafka client: a stable id from its position
         mid = f"kafka-{msg.topic()}-{msg.partition()}-{msg.offset()}"
+    return mid, priority, expires, user
+
+
+def parse_record(msg: Any, sealed: bool = False) -> StoredMessage:
+    """A Kafka record as mqfast reads it back (its own headers split from the user's).
+
+    ``sealed``: the record is of an encrypted topic; it is kept as stored (a
+    :class:`SealedMessage`) until :meth:`KafkaSink.open` decrypts it.
+    """
+    mid, priority, expires, user = _own_headers(msg)
+    key = msg.key()
+    value = msg.value()
+    text_key = key.decode("utf-8", "replace") if key is not None else None
+    if sealed:
+        return SealedMessage(
+            message_id=mid,
+            topic=msg.topic(),
+            partition=msg.partition(),
+            offset=msg.offset(),
+            key=text_key,
+            content="",
+            headers=user,
+            priority=priority,
+            timestamp=msg.timestamp()[1],
+            expires_at=expires,
+            raw_key=key,
+            raw_value=value or b"",
+        )
     return StoredMessage(
         message_id=mid,
         topic=msg.topic(),
         partition=msg.partition(),
         offset=msg.offset(),
-        key=key.decode("utf-8", "replace") if key is not None else None,
+        key=text_key,
         content=value.decode("utf-8", "replace") if value is not None else "",
         headers=user,
         priority=priority,
@@ -281,13 +337,24 @@ class KafkaSink:
     """``sinks.Sink`` on Apache Kafka."""
 
     name = "kafka"
-    # Encryption at rest is not wired into this engine yet: encrypted topics are refused
-    # (400) rather than stored in clear.
-    can_encrypt = False
 
-    def __init__(self, settings: Settings, registry: TopicRegistry) -> None:
+    def __init__(
+        self, settings: Settings, registry: TopicRegistry, keyring: Keyring | None = None
+    ) -> None:
         self.settings = settings
         self.registry = registry
+        # Encryption at rest: data keys are wrapped and kept in the registry (PostgreSQL), made
+        # ready before the hot path needs them (prepare) and loaded before a record is opened.
+        self.encryptor: Encryptor | None = (
+            None if keyring is None else Encryptor(keyring, PreparedOnly())
+        )
+        self._preparing: dict[str, asyncio.Future[None]] = {}
+        # Names of the topics whose content is encrypted, as far as this process ever learnt:
+        # never forgotten by a cache refresh, so a message in flight is never sent in clear.
+        self._encrypted: set[str] = set()
+        # Topics seen while the registry could not be read and unknown to its last copy: their
+        # settings (encrypted or not) are unknown, so they are not served until it answers.
+        self._unverified: set[str] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_done: DoneCallback | None = None
         self._producer: Any = None
@@ -301,8 +368,10 @@ class KafkaSink:
         self._done: list[list[Delivery]] = []
         self._done_lock = threading.Lock()
         self._in_flight = 0
-        # topic -> partition -> messages waiting for their delivery report, in produce order
+        # topic -> partition -> messages waiting for their delivery report, in produce order;
+        # encrypted messages in their own queues (reports of the two kinds come to two callbacks)
         self._queues: dict[str, dict[int, _PartitionQueue]] = {}
+        self._sealed_queues: dict[str, dict[int, _PartitionQueue]] = {}
         self._topics: dict[str, TopicConfig] = {}
         self._topics_at = 0.0
         self._down_since = 0.0  # monotonic time every broker was reported down; 0 when up
@@ -310,6 +379,11 @@ class KafkaSink:
         # Engine-side hooks: group lags for describe, cleanup after a delete.
         self.group_lags: Callable[[str, list[int]], Any] | None = None
         self.topic_deleted: Callable[[str], Any] | None = None
+
+    @property
+    def can_encrypt(self) -> bool:
+        """True when a master key is configured: encrypted topics can be created."""
+        return self.encryptor is not None
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -394,31 +468,69 @@ class KafkaSink:
             self._finish_now(batch)
             return
         tracker = _Batch(self, batch)
+        self._in_flight += 1
+        later: list[Delivery] = []
+        queued = self._send(batch, tracker, later)
+        if later:
+            # Messages to encrypted topics whose data key is not stored yet: sent once it is,
+            # the batch held open meanwhile (the +1 of the tracker).
+            tracker.settled(len(batch) - len(later) - queued)
+            assert self._loop is not None
+            self._loop.create_task(self._send_later(later, tracker))
+        else:
+            # Reports arrive only for queued messages: the refused ones are settled now.
+            tracker.settled(len(batch) - queued + 1)
+
+    def _send(self, batch: list[Delivery], tracker: _Batch, later: list[Delivery] | None) -> int:
+        """Queue ``batch`` in the producer; returns how many were queued.
+
+        A message to an encrypted topic without a data key ready goes to ``later``, or fails
+        when ``later`` is None (the key could not be stored).
+        """
         produce = self._producer.produce
         report = self._report
         headers_of = record_headers
+        encrypted = self._encrypted
         queued = 0
-        self._in_flight += 1
         last_topic = ""
         last_partition = -1
+        sealed = False
         q: _PartitionQueue | None = None
         for d in batch:
             topic = d.topic
             partition = d.partition
             if q is None or partition != last_partition or topic != last_topic:
-                q = self._queue(topic, partition)  # a batch is mostly one partition
+                if topic != last_topic:
+                    sealed = topic in encrypted
+                    report = self._report_sealed if sealed else self._report
+                q = self._queue(topic, partition, sealed)  # a batch is mostly one partition
                 last_topic, last_partition = topic, partition
+            value = d.value
+            headers = headers_of(d)
+            if sealed:
+                enc = self.encryptor
+                if enc is None or not enc.ready(topic):
+                    if enc is not None and later is not None:
+                        later.append(d)
+                    else:
+                        what = "no master key is configured" if enc is None else "no data key"
+                        d.error = errors.Unavailable(f"topic {topic!r} is encrypted and {what}")
+                    continue
+                value, hv = enc.encrypt(topic, d.key, d.message_id, value)
+                headers.append((ENC_HEADER, hv.encode()))
             # Queued before produce(): the report may come before it returns.
             q.deliveries.append(d)
             q.trackers.append(tracker)
+            if q.values is not None:
+                q.values.append(value)
             try:
                 produce(
                     topic,
-                    d.value,
+                    value,
                     d.key,
                     partition=partition,
                     timestamp=d.timestamp_ms,
-                    headers=headers_of(d),
+                    headers=headers,
                     on_delivery=report,
                 )
                 queued += 1
@@ -431,34 +543,84 @@ class KafkaSink:
                 d.error = errors.BadRequest(f"kafka refused the message: {e}")
             q.deliveries.pop()
             q.trackers.pop()
-        # Reports arrive only for queued messages: the refused ones are settled now.
-        tracker.settled(len(batch) - queued + 1)
+            if q.values is not None:
+                q.values.pop()
+        return queued
 
-    def _queue(self, topic: str, partition: int) -> _PartitionQueue:
-        by_partition = self._queues.get(topic)
+    async def _send_later(self, later: list[Delivery], tracker: _Batch) -> None:
+        failed: dict[str, errors.MqfastError] = {}
+        for topic in dict.fromkeys(d.topic for d in later):
+            try:
+                await self._prepare_key(topic)
+            except errors.MqfastError as e:
+                log.error(
+                    "encrypted topic: no data key could be stored; its messages fail",
+                    extra={"topic": topic, "error": e.message},
+                )
+                failed[topic] = errors.Unavailable(
+                    f"topic {topic!r} is encrypted and no data key could be stored: {e.message}"
+                )
+        ready = []
+        for d in later:
+            err = failed.get(d.topic)
+            if err is None and self._down_since:
+                err = errors.Unavailable("kafka: no broker reachable; nothing was written")
+            if err is None:
+                ready.append(d)
+            else:
+                d.error = err
+        queued = self._send(ready, tracker, None)
+        tracker.settled(len(later) - queued + 1)
+
+    async def _prepare_key(self, topic: str) -> None:
+        """Store a new data key for ``topic`` (one at a time per topic in this process)."""
+        assert self.encryptor is not None
+        fut = self._preparing.get(topic)
+        if fut is None:
+            fut = asyncio.ensure_future(self.encryptor.prepare(topic, self.registry))
+            self._preparing[topic] = fut
+            fut.add_done_callback(lambda _: self._preparing.pop(topic, None))
+        await asyncio.shield(fut)
+
+    def _queue(self, topic: str, partition: int, sealed: bool) -> _PartitionQueue:
+        queues = self._sealed_queues if sealed else self._queues
+        by_partition = queues.get(topic)
         if by_partition is None:
-            by_partition = self._queues[topic] = {}
+            by_partition = queues[topic] = {}
         q = by_partition.get(partition)
         if q is None:
-            q = by_partition[partition] = _PartitionQueue()
+            q = by_partition[partition] = _PartitionQueue(sealed)
         return q
 
     def _report(self, err: KafkaError | None, msg: Any) -> None:
         # Poll thread. One callable for every message: a closure per message would live until
-        # its report and feed the garbage collector. The idempotent producer reports each
-        # partition's messages in the order they were produced, so the report belongs to the
-        # oldest message of its partition's queue; key and value are checked all the same.
-        q = self._queues[msg.topic()][msg.partition()]
+        # its report and feed the garbage collector.
+        self._settle(self._queues[msg.topic()][msg.partition()], err, msg)
+
+    def _report_sealed(self, err: KafkaError | None, msg: Any) -> None:
+        self._settle(self._sealed_queues[msg.topic()][msg.partition()], err, msg)
+
+    def _settle(self, q: _PartitionQueue, err: KafkaError | None, msg: Any) -> None:
+        # The idempotent producer reports each partition's messages in the order they were
+        # produced, so the report belongs to the oldest message of its partition's queue; key
+        # and value are checked all the same.
         d = q.deliveries.popleft()
         tracker = q.trackers.popleft()
+        values = q.values
+        expected = d.value if values is None else values.popleft()
         value, key = msg.value(), msg.key()
-        if d.value != value or d.key != key:
+        if expected != value or d.key != key:
             q.deliveries.appendleft(d)
             q.trackers.appendleft(tracker)
+            if values is not None:
+                values.appendleft(expected)
             for i, other in enumerate(q.deliveries):
-                if other.value == value and other.key == key:
+                sent = other.value if values is None else values[i]
+                if sent == value and other.key == key:
                     d, tracker = other, q.trackers[i]
                     del q.deliveries[i], q.trackers[i]
+                    if values is not None:
+                        del values[i]
                     break
             else:
                 log.error("kafka delivery report matches no message", extra={"topic": msg.topic()})
@@ -497,8 +659,25 @@ class KafkaSink:
         key: bytes | None,
         value: bytes,
         headers: list[tuple[str, bytes]],
+        *,
+        as_stored: bool = False,
     ) -> int:
-        """Write one message outside the hot path (dead letters, redrive); returns its offset."""
+        """Write one message outside the hot path (dead letters, redrive); returns its offset.
+
+        To an encrypted topic the value is encrypted, bound to the ``mqfast-id`` header of
+        ``headers``, unless ``as_stored``: a record that does not decrypt is copied as it is.
+        """
+        headers = (
+            [h for h in headers if not h[0].startswith(ENC_HEADER)] if not as_stored else headers
+        )
+        if topic in self._encrypted and not as_stored:
+            enc = self.encryptor
+            if enc is None:
+                raise errors.Unavailable(f"topic {topic!r} is encrypted and no master key is set")
+            await self._prepare_key(topic)
+            mid = next((v.decode() for k, v in headers if k == H_ID), "")
+            value, hv = enc.encrypt(topic, key, mid, value)
+            headers.append((ENC_HEADER, hv.encode()))
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[int] = loop.create_future()
 
@@ -568,11 +747,14 @@ class KafkaSink:
         if not force and time.monotonic() - self._topics_at < METADATA_TTL_S:
             return self._topics
         md = await self._metadata()
+        verified = True
         try:
             registry = await self.registry.load_topics()
         except errors.Unavailable:
             registry = self.registry.cached_topics()  # metadata store down: last known
+            verified = False
         topics: dict[str, TopicConfig] = {}
+        unverified: set[str] = set()
         for name, t in md.topics.items():
             if name.startswith("__") or t.error is not None:
                 continue
@@ -582,6 +764,8 @@ class KafkaSink:
             if known is not None:
                 topics[name] = msgspec.structs.replace(known, partitions=parts)
             else:
+                if not verified:
+                    unverified.add(name)
                 topics[name] = TopicConfig(
                     name=name,
                     partitions=parts,
@@ -589,6 +773,12 @@ class KafkaSink:
                     retention=self.settings.default_retention_ns,
                     max_size=0,
                 )
+        encrypted = {n for n, c in registry.items() if c.encrypted}
+        encrypted.update(n for n, c in topics.items() if c.encrypted)
+        if not verified:
+            encrypted |= self._encrypted  # what cannot be confirmed now stays encrypted
+        self._encrypted = encrypted
+        self._unverified = unverified
         self._topics = topics
         self._topics_at = time.monotonic()
         return topics
@@ -596,9 +786,10 @@ class KafkaSink:
     # ---- topics ---------------------------------------------------------------------------
 
     async def create_topic(self, config: TopicConfig) -> tuple[TopicConfig, bool]:
-        if config.encrypted:
+        if config.encrypted and self.encryptor is None:
             raise errors.BadRequest(
-                "encrypted topics are not supported by the kafka engine yet", field="encrypted"
+                "encrypted topics need MESSAGE_QUEUE_MASTER_KEYS or MESSAGE_QUEUE_MASTER_KEY_FILE",
+                field="encrypted",
             )
         existing = await self.get_topic(config.name)
         if existing is not None:
@@ -620,18 +811,26 @@ class KafkaSink:
             replication_factor=config.replication,
             config=kconf,
         )
+        if config.encrypted:
+            # Registered before the topic exists: no process may ever see it without the flag
+            # and send a message in clear (503 when the metadata store is down).
+            await self.registry.save_topic(config)
+            self._encrypted.add(config.name)
         futs = self._admin.create_topics([new], request_timeout=ADMIN_TIMEOUT_S)
         created = True
         try:
             await self._wait(futs[config.name])
-        except errors.Unavailable as e:
+        except errors.MqfastError as e:
             if "TOPIC_ALREADY_EXISTS" not in e.message and "already exists" not in e.message:
+                if config.encrypted:
+                    await self._unregister(config.name)
                 raise
             created = False  # another replica created it at the same moment
         if created:
             await self._await_leaders(config.name, config.partitions)
             try:
-                await self.registry.save_topic(config)
+                if not config.encrypted:
+                    await self.registry.save_topic(config)
             except errors.Unavailable:
                 log.warning(
                     "topic created in kafka but its settings could not be saved in the metadata "
@@ -639,6 +838,8 @@ class KafkaSink:
                     extra={"topic": config.name},
                 )
             self._topics[config.name] = config
+            if not config.encrypted:
+                self._encrypted.discard(config.name)
             return config, True
         stored = await self.get_topic(config.name, fresh=True)
         if stored is None:
@@ -648,6 +849,12 @@ class KafkaSink:
                 f"topic {config.name!r} exists with other settings", field="name"
             )
         return stored, False
+
+    async def _unregister(self, name: str) -> None:
+        try:
+            await self.registry.remove_topic(name)
+        except errors.Unavailable:
+            log.warning("topic settings left in the metadata store", extra={"topic": name})
 
     async def _await_leaders(self, name: str, partitions: int) -> None:
         """Wait until every partition has a leader: a created topic is usable on return."""
@@ -674,10 +881,13 @@ class KafkaSink:
 
     async def get_topic(self, name: str, fresh: bool = False) -> TopicConfig | None:
         cfg = self._topics.get(name)
-        if cfg is not None and not fresh:
-            return cfg
-        topics = await self._refresh_topics(force=True)
-        return topics.get(name)
+        if cfg is None or fresh:
+            cfg = (await self._refresh_topics(force=True)).get(name)
+        if name in self._unverified:
+            raise errors.Unavailable(
+                f"topic {name!r}: its settings are in the metadata store, which is unreachable"
+            )
+        return cfg
 
     def cached_topic(self, name: str) -> TopicConfig | None:
         return self._topics.get(name)
@@ -699,10 +909,8 @@ class KafkaSink:
         self._topics.pop(name, None)
         if self.topic_deleted is not None:
             await self.topic_deleted(name)
-        try:
-            await self.registry.remove_topic(name)
-        except errors.Unavailable:
-            log.warning("topic settings left in the metadata store", extra={"topic": name})
+        await self._unregister(name)
+        self._encrypted.discard(name)
 
     async def watermarks(self, name: str, partitions: int) -> list[tuple[int, int]]:
         """(low, high) offsets of every partition."""
@@ -755,6 +963,7 @@ class KafkaSink:
                 bytes=0,
                 partition_stats=stats,
                 consumer_groups=lags,
+                encrypted=cfg.encrypted,
             )
         return out
 
@@ -792,11 +1001,47 @@ class KafkaSink:
         for fut in futs.values():
             await self._wait(fut)
 
+    async def open(self, rec: StoredMessage) -> StoredMessage:
+        """``rec`` with its content decrypted when it is a :class:`SealedMessage`.
+
+        Raises :class:`DecryptError` when the record is at fault (it is dead-lettered) and
+        ``Unavailable`` when it cannot be decided now (no master key, metadata store down).
+        """
+        if not isinstance(rec, SealedMessage):
+            return rec
+        enc = self.encryptor
+        headers = dict(rec.headers)
+        hv = headers.get(ENC_HEADER)
+        key_error = None
+        if enc is not None and hv is not None and not enc.knows(hv):
+            try:
+                await enc.load(hv, self.registry)
+            except DecryptError as e:
+                key_error = e
+        plain = open_message(
+            enc, rec.topic, rec.raw_key, rec.message_id, rec.raw_value, headers, key_error
+        )
+        return StoredMessage(
+            message_id=rec.message_id,
+            topic=rec.topic,
+            partition=rec.partition,
+            offset=rec.offset,
+            key=rec.key,
+            content=plain.decode("utf-8", "replace"),
+            headers=headers,
+            priority=rec.priority,
+            timestamp=rec.timestamp,
+            expires_at=rec.expires_at,
+        )
+
     async def read(
         self, topic: str, partition: int, offset: int, limit: int
     ) -> list[StoredMessage]:
+        """Records of one partition from ``offset`` on. Those of an encrypted topic come back
+        decrypted, except a record that does not decrypt: a :class:`SealedMessage`."""
         if limit <= 0:
             return []
+        sealed = topic in self._encrypted
 
         def fetch() -> list[StoredMessage]:
             c = Consumer(consumer_config(self.settings, None))
@@ -811,7 +1056,7 @@ class KafkaSink:
                 while len(out) < limit and time.monotonic() < deadline:
                     for msg in c.consume(min(500, limit - len(out)), 0.5):
                         if msg.error() is None:
-                            out.append(parse_record(msg))
+                            out.append(parse_record(msg, sealed))
                     if out and out[-1].offset >= hi - 1:
                         break
                 return out
@@ -819,6 +1064,12 @@ class KafkaSink:
                 c.close()
 
         result: list[StoredMessage] = await self._run(fetch)
+        if sealed:
+            for i, rec in enumerate(result):
+                try:
+                    result[i] = await self.open(rec)
+                except DecryptError:
+                    pass  # returned as stored: the caller dead-letters or copies it
         return result
 
     async def topic_configs(self, name: str) -> dict[str, str]:

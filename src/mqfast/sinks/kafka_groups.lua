@@ -162,9 +162,11 @@ return cjson.encode({pos = positions, cur = redis.call('HGETALL', key('cur', G, 
                      next_due = tonumber(nd[2] or 0)})
 
 --@claim
--- ARGV: G T now deadline consumer picks(json [[kind, p, off, prio, id, expired, to_dlq]])
--- kind "r" a due retry, "f" a never-leased message. Per pick: deliveries (> 0, leased),
--- 0 (taken by someone else meanwhile), -1 (expired, dead letter pending), -2 (expired, done).
+-- ARGV: G T now deadline consumer
+--       picks(json [[kind, p, off, prio, id, expired, to_dlq, reason]])
+-- kind "r" a due retry, "f" a never-leased message; expired 1: its TTL passed, 2: it cannot be
+-- delivered (reason, e.g. it does not decrypt). Per pick: deliveries (> 0, leased), 0 (taken
+-- by someone else meanwhile), -1 (dead letter pending), -2 (expired, done).
 local now = tonumber(ARGV[3])
 local deadline = tonumber(ARGV[4])
 local consumer = ARGV[5]
@@ -176,6 +178,7 @@ local out = {}
 local touched = {}
 for i, pk in ipairs(picks) do
   local kind, p, off, prio, id, expired, to_dlq = pk[1], pk[2], pk[3], pk[4], pk[5], pk[6], pk[7]
+  local reason = pk[8]
   local f = fld(p, off)
   local committed = tonumber(redis.call('HGET', pos, p) or -1)
   local s = nil
@@ -193,6 +196,14 @@ for i, pk in ipairs(picks) do
   end
   if not s then
     out[i] = 0
+  elseif expired == 2 then
+    s.s = 4
+    s.w = reason
+    s.e = reason
+    s.d = now + 30000
+    save(G, T, f, s)
+    redis.call('ZADD', key('due', G, T), s.d, f)
+    out[i] = -1
   elseif expired == 1 then
     if to_dlq == 1 then
       s.s = 4

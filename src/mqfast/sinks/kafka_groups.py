@@ -21,6 +21,7 @@ Where a lease expires: ``prepare`` in the Lua file, at the start of every lease 
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import logging
 import time
@@ -34,6 +35,13 @@ from redis.exceptions import RedisError, ResponseError
 from mqfast import errors
 from mqfast._core import message_id_at, partition_for_key
 from mqfast.config import Settings
+from mqfast.crypto import (
+    DLQ_ENCODING_HEADER,
+    ENC_ID_HEADER,
+    ENC_TOPIC_HEADER,
+    DecryptError,
+    bound_to,
+)
 from mqfast.groups import (
     PRIORITY_LEVELS,
     LeaseOutcome,
@@ -45,7 +53,13 @@ from mqfast.groups import (
 )
 from mqfast.messages import GroupLag, LeasedMessage, StoredMessage, TopicConfig
 from mqfast.quota import connect as redis_client
-from mqfast.sinks.kafka import KafkaSink, consumer_config, parse_record, watermarks
+from mqfast.sinks.kafka import (
+    KafkaSink,
+    SealedMessage,
+    consumer_config,
+    parse_record,
+    watermarks,
+)
 
 log = logging.getLogger("mqfast.kafka.groups")
 
@@ -76,11 +90,14 @@ def _list(value: Any) -> list[Any]:
 class _Window:
     """Read-ahead of one group's partitions of one topic, on the reader thread only."""
 
-    def __init__(self, settings: Settings, group: str, topic: str, partitions: int) -> None:
+    def __init__(
+        self, settings: Settings, group: str, topic: str, partitions: int, sealed: bool
+    ) -> None:
         self.settings = settings
         self.group = group
         self.topic = topic
         self.partitions = partitions
+        self.sealed = sealed  # an encrypted topic: records kept as stored until leased
         self.consumer: Any = None
         self.records: list[dict[int, StoredMessage]] = [{} for _ in range(partitions)]
         self.next = [0] * partitions  # next offset expected from the fetcher
@@ -187,7 +204,7 @@ class _Window:
             off = msg.offset()
             if p >= self.partitions or off < self.next[p]:
                 continue  # from before a seek
-            self.records[p][off] = parse_record(msg)
+            self.records[p][off] = parse_record(msg, self.sealed)
             self.next[p] = off + 1
 
     def _flow(self) -> None:
@@ -343,11 +360,11 @@ class KafkaGroups:
     async def _window(self, group: str, cfg: TopicConfig) -> _Window:
         key = (group, cfg.name)
         w = self._windows.get(key)
-        if w is not None and w.partitions != cfg.partitions:
+        if w is not None and (w.partitions != cfg.partitions or w.sealed != cfg.encrypted):
             await self._reading(w.close)
             w = None
         if w is None:
-            w = _Window(self.settings, group, cfg.name, cfg.partitions)
+            w = _Window(self.settings, group, cfg.name, cfg.partitions, cfg.encrypted)
             self._windows[key] = w
         return w
 
@@ -471,11 +488,23 @@ class KafkaGroups:
                 kind, rec = fresh[level][fi[level]]
                 fi[level] += 1
             expired = 1 if rec.expires_at and rec.expires_at <= now else 0
+            reason = ""
+            if not expired and isinstance(rec, SealedMessage):
+                try:
+                    rec = w.records[rec.partition][rec.offset] = await self.sink.open(rec)
+                except DecryptError as e:
+                    # Never delivered: dead-lettered as stored, for an operator with the key.
+                    expired, reason = 2, str(e)
+                    log.warning(
+                        "message not delivered: %s", e,
+                        extra={"topic": cfg.name, "partition": rec.partition,
+                               "offset": rec.offset, "reason": e.reason, "detail": e.detail},
+                    )  # fmt: skip
             if not expired:
                 leases += 1
             picks.append(
                 [kind, rec.partition, rec.offset, rec.priority, rec.message_id, expired,
-                 1 if cfg.dead_letter_expired else 0]
+                 1 if cfg.dead_letter_expired else 0, reason]
             )  # fmt: skip
             chosen.append(rec)
         if not picks:
@@ -486,7 +515,7 @@ class KafkaGroups:
         )
         dead: list[list[Any]] = []
         lost = 0
-        for rec, n in zip(chosen, _list(claimed["out"]), strict=True):
+        for rec, pick, n in zip(chosen, picks, _list(claimed["out"]), strict=True):
             if n == 0:
                 lost += 1
             elif n > 0:
@@ -508,6 +537,9 @@ class KafkaGroups:
                 )
             elif n == -2:
                 out.expired += 1
+            elif n == -1 and pick[5] == 2:
+                reason = pick[7]
+                dead.append([f"{rec.partition}:{rec.offset}", 0, rec.message_id, reason, reason])
             elif n == -1:
                 out.expired += 1
                 f = f"{rec.partition}:{rec.offset}"
@@ -532,6 +564,7 @@ class KafkaGroups:
                     retention=cfg.retention,
                     max_size=cfg.max_size,
                     created_at=now,
+                    encrypted=cfg.encrypted,  # a copy is as protected as its origin
                 )
             )
         written: list[str] = []
@@ -542,6 +575,12 @@ class KafkaGroups:
             if rec is None:
                 got = await self.sink.read(cfg.name, part, off, 1)
                 rec = got[0] if got and got[0].offset == off else None
+            stored = False  # copied as stored: it does not decrypt
+            if isinstance(rec, SealedMessage):
+                try:
+                    rec = await self.sink.open(rec)
+                except DecryptError:
+                    stored = True
             if rec is not None:
                 headers = [(k, v.encode()) for k, v in rec.headers.items()]
                 headers += [
@@ -557,8 +596,12 @@ class KafkaGroups:
                     (DLQ_HEADER_PREFIX + "time", str(now).encode()),
                 ]
                 headers.insert(0, ("mqfast-id", message_id_at(now).encode()))
-                key = rec.key.encode() if rec.key is not None else None
-                await self.sink.produce_one(dlq, 0, key, rec.content.encode(), headers)
+                if isinstance(rec, SealedMessage):
+                    key, value = rec.raw_key, rec.raw_value
+                else:
+                    key = rec.key.encode() if rec.key is not None else None
+                    value = rec.content.encode()
+                await self.sink.produce_one(dlq, 0, key, value, headers, as_stored=stored)
             written.append(str(f))
         positions = await self._call(
             "finish", group, cfg.name, now, msgspec.json.encode(written).decode()
@@ -600,12 +643,23 @@ class KafkaGroups:
                     if m.priority:
                         headers.append(("mqfast-priority", str(m.priority).encode()))
                     key = m.key.encode() if m.key is not None else None
+                    value = m.content.encode()
+                    stored = m.headers.get(DLQ_ENCODING_HEADER) == "base64"
+                    if stored:
+                        # A copy that does not decrypt goes back as it was, still bound to
+                        # where it was written first (it fails there again, as it should).
+                        value = base64.b64decode(m.content)
+                        origin = bound_to(dlq, "", m.headers)
+                        headers += [(ENC_TOPIC_HEADER, origin[0].encode()),
+                                    (ENC_ID_HEADER, origin[1].encode())]  # fmt: skip
                     target = (
                         partition_for_key(key, cfg.partitions)
                         if key is not None
                         else m.offset % cfg.partitions
                     )
-                    await self.sink.produce_one(topic, target, key, m.content.encode(), headers)
+                    await self.sink.produce_one(
+                        topic, target, key, value, headers, as_stored=stored
+                    )
                     n += 1
                 lo = batch[-1].offset + 1
                 # Everything below lo is back in the topic: remove it from the DLQ.
