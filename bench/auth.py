@@ -1,14 +1,19 @@
-"""Produce with authentication on against off, side by side in one run (the security bar: on
-loses no more than 10 %).
+"""Produce with a security feature on against off, side by side in one run.
 
-Each repetition starts a fresh server (embedded engine, pinned to CPU 0) twice, once without
-and once with ``MESSAGE_QUEUE_JWT_SECRET`` (every request then carries a bearer token: the core
-looks it up in its cache of verified tokens and checks the ``produce`` grant), and measures the
-same closed-loop and fixed-rate scenarios with ``bench/loadgen.py`` on CPU 1. The modes
-alternate so that drift of a shared machine hits both. Results go to the section of
-``bench/RESULTS.md`` between ``<!-- auth:begin -->`` and ``<!-- auth:end -->``.
+``--feature auth`` (the default; the security bar: on loses no more than 10 %): once without and
+once with ``MESSAGE_QUEUE_JWT_SECRET``, every request then carrying a bearer token (the core
+looks it up in its cache of verified tokens and checks the ``produce`` grant).
+``--feature encryption``: the topic plain, then encrypted at rest (``"encrypted": true`` with a
+master key configured: AES-256-GCM per message on the engine's write path).
 
-Run: ``.venv/bin/python bench/auth.py`` (``--reps 1 --duration 3`` for a quick check).
+Each repetition starts a fresh server (embedded engine, pinned to CPU 0) for each mode and
+measures the same closed-loop and fixed-rate scenarios with ``bench/loadgen.py`` on CPU 1. The
+modes alternate so that drift of a shared machine hits both. Results go to the section of
+``bench/RESULTS.md`` between ``<!-- auth:begin -->`` and ``<!-- auth:end -->`` (or
+``encryption:``).
+
+Run: ``.venv/bin/python bench/auth.py [--feature encryption]`` (``--reps 1 --duration 3`` for a
+quick check).
 """
 
 from __future__ import annotations
@@ -30,7 +35,19 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 SECRET = "bench-secret-0123456789-0123456789-0123456789"
-BEGIN, END = "<!-- auth:begin -->", "<!-- auth:end -->"
+MASTER_KEYS = "bench:" + "QmVuY2gtbWFzdGVyLWtleS0wMTIzNDU2Nzg5YWJjZGU="  # 32 bytes, base64
+FEATURES = {
+    "auth": (
+        "Authentication on vs off",
+        "`MESSAGE_QUEUE_JWT_SECRET` set, every request carries a bearer token (HS256, role "
+        "producer): a cached verification plus the produce permission check",
+    ),
+    "encryption": (
+        "Encryption at rest on vs off",
+        'the topic created with `"encrypted": true` and a master key configured: every '
+        "message encrypted with AES-256-GCM (random nonce, data key wrapped by the master key)",
+    ),
+}
 SCENARIOS = {
     "closed-256": ["--mode", "closed", "--connections", "256"],
     "open-5000": ["--mode", "open", "--rate", "5000", "--connections", "64"],
@@ -52,7 +69,11 @@ def token(sub: str, roles: list[str]) -> str:
     return make_token(settings, sub, roles, None, ttl_s=3600)
 
 
-def start(auth: bool, data: Path) -> tuple[subprocess.Popen[bytes], int]:
+def markers(feature: str) -> tuple[str, str]:
+    return f"<!-- {feature}:begin -->", f"<!-- {feature}:end -->"
+
+
+def start(feature: str, on: bool, data: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     env = {
         **os.environ,
@@ -62,8 +83,10 @@ def start(auth: bool, data: Path) -> tuple[subprocess.Popen[bytes], int]:
         "PPROF_ADDR": "off",
         "MESSAGE_QUEUE_LOG_LEVEL": "WARNING",
     }
-    if auth:
+    if on and feature == "auth":
         env["MESSAGE_QUEUE_JWT_SECRET"] = SECRET
+    if feature == "encryption":
+        env["MESSAGE_QUEUE_MASTER_KEYS"] = MASTER_KEYS
     proc = subprocess.Popen(
         ["taskset", "-c", "0", str(ROOT / ".venv/bin/mqfast"), "serve"],
         env=env,
@@ -74,9 +97,20 @@ def start(auth: bool, data: Path) -> tuple[subprocess.Popen[bytes], int]:
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=1):
-                return proc, port
+                pass
         except OSError:
             time.sleep(0.05)
+            continue
+        if feature == "encryption":  # made here: loadgen's own creation then finds it
+            body = json.dumps({"name": "bench", "partitions": 1, "encrypted": on}).encode()
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/api/v1/topics",
+                data=body,
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                assert json.load(resp)["encrypted"] is on
+        return proc, port
     proc.kill()
     raise SystemExit("server did not start")
 
@@ -97,6 +131,7 @@ def load(port: int, scenario: str, duration: float, bearer: str | None, admin: s
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--feature", choices=sorted(FEATURES), default="auth")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--results-md", default=str(ROOT / "bench/RESULTS.md"))
@@ -104,22 +139,24 @@ def main() -> int:
     producer, admin = token("bench", ["producer"]), token("ops", ["admin"])
     figures: dict[tuple[str, str], list[dict[str, float]]] = {}
     for rep in range(args.reps):
-        for auth in (False, True):
+        for on in (False, True):
+            auth = on and args.feature == "auth"
             with tempfile.TemporaryDirectory() as d:
-                proc, port = start(auth, Path(d))
+                proc, port = start(args.feature, on, Path(d))
                 try:
                     for scenario in SCENARIOS:
                         r = load(port, scenario, args.duration, producer if auth else None, admin)
                         if r.get("errors"):
-                            raise SystemExit(f"{scenario} auth={auth}: errors {r['errors']}")
-                        mode = "on" if auth else "off"
+                            raise SystemExit(f"{scenario} {args.feature}={on}: {r['errors']}")
+                        mode = "on" if on else "off"
                         fig = {
                             "rps": float(r["req_per_s"]),
                             "p50": r["latency_us"]["p50"] / 1000,
                             "p99": r["latency_us"]["p99"] / 1000,
                         }
                         figures.setdefault((scenario, mode), []).append(fig)
-                        line = f"rep {rep + 1} auth {mode:3} {scenario:10} {fig['rps']:>9,.0f}"
+                        line = f"rep {rep + 1} {args.feature} {mode:3} {scenario:10} "
+                        line += f"{fig['rps']:>9,.0f}"
                         line += f" req/s p50 {fig['p50']:.2f} p99 {fig['p99']:.2f} ms"
                         print(line, flush=True)
                 finally:
@@ -144,35 +181,39 @@ def write(md: Path, figures: dict[tuple[str, str], list[dict[str, float]]], args
         )
     closed = figures[("closed-256", "on")], figures[("closed-256", "off")]
     loss = 1 - med(closed[0], "rps") / med(closed[1], "rps")
+    title, what = FEATURES[args.feature]
+    begin, end = markers(args.feature)
+    verdict = f"**{loss * 100:.1f} %**"
+    if args.feature == "auth":
+        verdict += f" (bar: ≤ 10 %: {'met' if loss <= 0.10 else 'NOT met'})"
+    command = "bench/auth.py" + ("" if args.feature == "auth" else f" --feature {args.feature}")
     text = "\n".join(
         [
-            BEGIN,
-            "## Authentication on vs off (`bench/auth.py`)",
+            begin,
+            f"## {title} (`{command}`)",
             "",
             f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
             f"{args.reps} repetitions of {args.duration:g} s, modes alternating; embedded "
             "engine; server pinned to CPU 0, loadgen on CPU 1; 100 B payloads",
-            "- On: `MESSAGE_QUEUE_JWT_SECRET` set, every request carries a bearer token "
-            "(HS256, role producer): a cached verification plus the produce permission check",
+            f"- On: {what}",
             "",
             "| scenario | req/s off | req/s on | on ÷ off | p50 / p99 ms off | p50 / p99 ms on |",
             "|---|---|---|---|---|---|",
             *rows,
             "",
-            f"Throughput lost with authentication on (closed loop, 256 connections): "
-            f"**{loss * 100:.1f} %** (bar: ≤ 10 %: {'met' if loss <= 0.10 else 'NOT met'}).",
-            END,
+            f"Throughput lost with {args.feature} on (closed loop, 256 connections): {verdict}.",
+            end,
             "",
         ]
     )
     old = md.read_text() if md.exists() else ""
-    i, j = old.find(BEGIN), old.find(END)
+    i, j = old.find(begin), old.find(end)
     if i != -1 and j > i:
-        new = old[:i] + text.rstrip("\n") + old[j + len(END) :]
+        new = old[:i] + text.rstrip("\n") + old[j + len(end) :]
     else:
         new = old.rstrip("\n") + "\n\n" + text
     md.write_text(new)
-    print(f"auth on loses {loss * 100:.1f} % of closed-loop throughput; wrote {md}")
+    print(f"{args.feature} on loses {loss * 100:.1f} % of closed-loop throughput; wrote {md}")
 
 
 if __name__ == "__main__":

@@ -619,7 +619,11 @@ def gen(s: dict[str, Any]) -> str:
 KAFKA_BEGIN, KAFKA_END = "<!-- kafka:begin -->", "<!-- kafka:end -->"
 
 
-KEPT_SECTIONS = ((KAFKA_BEGIN, KAFKA_END), ("<!-- auth:begin -->", "<!-- auth:end -->"))
+KEPT_SECTIONS = (
+    (KAFKA_BEGIN, KAFKA_END),
+    ("<!-- auth:begin -->", "<!-- auth:end -->"),
+    ("<!-- encryption:begin -->", "<!-- encryption:end -->"),
+)
 
 
 def write_results(md: Path, text: str) -> None:

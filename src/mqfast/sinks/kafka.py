@@ -50,9 +50,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 
 from mqfast import errors
 from mqfast.config import Settings
-from mqfast.crypto import (
-    HEADER as ENC_HEADER,
-)
+from mqfast.crypto import HEADER as ENC_HEADER
 from mqfast.crypto import (
     AsyncWrappedKeyStore,
     DecryptError,
