@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
+from typing import TYPE_CHECKING
 
 from mqfast import __version__
 from mqfast.config import Settings
 from mqfast.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mqfast.crypto import Keyring
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,6 +51,16 @@ def _parser() -> argparse.ArgumentParser:
         help="a grant, e.g. 'orders.*:produce,consume:billing' (repeat)",
     )
     t.add_argument("--ttl", default="1h", help="lifetime, e.g. 15m, 24h (default 1h)")
+    r = sub.add_parser(
+        "rewrap",
+        help="re-wrap every stored data key under the active master key (to retire old ones)",
+        description="After a new master key is active on every replica "
+        "(MESSAGE_QUEUE_MASTER_KEY_ID), re-wrap the stored data keys under it; afterwards the "
+        "old master key can be removed. Safe while the gateway runs. Exit 1 when some data keys "
+        "could not be re-wrapped (their master key is not configured here).",
+    )
+    r.add_argument("--engine", choices=["embedded", "kafka"], help="MESSAGE_QUEUE_ENGINE")
+    r.add_argument("--data-dir", help="embedded engine directory (MESSAGE_QUEUE_DATA_DIR)")
     return p
 
 
@@ -75,11 +90,76 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rewrap(args: argparse.Namespace) -> int:
+    from mqfast.crypto import Keyring
+    from mqfast.errors import Unavailable
+
+    try:
+        settings = Settings.from_env(host="127.0.0.1", engine=args.engine, data_dir=args.data_dir)
+        keyring = Keyring.from_settings(settings)
+        if keyring is None:
+            raise ConfigError(
+                "no master key is configured (MESSAGE_QUEUE_MASTER_KEYS or "
+                "MESSAGE_QUEUE_MASTER_KEY_FILE)"
+            )
+        moved, skipped = asyncio.run(_rewrap_store(settings, keyring))
+    except (ConfigError, Unavailable) as e:
+        print(f"mqfast rewrap: {e}", file=sys.stderr)
+        return 2
+    print(f"re-wrapped {_count(moved)} under master key {keyring.active_id!r}")
+    if skipped:
+        reasons = ", ".join(f"{n} {why}" for why, n in sorted(skipped.items()))
+        print(
+            f"mqfast rewrap: {_count(sum(skipped.values()))} could not be re-wrapped "
+            f"({reasons}): keep the master keys they need",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _count(n: int) -> str:
+    return f"{n} data key" if n == 1 else f"{n} data keys"
+
+
+async def _rewrap_store(settings: Settings, keyring: Keyring) -> tuple[int, dict[str, int]]:
+    """Re-wrap the data keys of the configured engine's store: (how many, skipped by reason)."""
+    from mqfast.crypto import Encryptor
+
+    if settings.engine == "kafka":
+        from mqfast.meta.postgres import PostgresMeta
+        from mqfast.server import postgres_dsn
+
+        meta = PostgresMeta(postgres_dsn(settings))
+        await meta.start()
+        try:
+            rows, skipped = Encryptor(keyring).rewrapped(await meta.data_keys())
+            for row in rows:
+                await meta.put_data_key(*row)
+        finally:
+            await meta.close()
+        return len(rows), skipped
+    from mqfast.sinks.embedded import EmbeddedSink
+
+    sink = EmbeddedSink(settings.data_dir, retention_interval_s=0, keyring=keyring)
+    await sink.start()
+    try:
+        assert sink.encryptor is not None
+        rows, skipped = sink.encryptor.rewrapped(sink.encryptor.store.items())
+        for row in rows:
+            sink.encryptor.store.put(*row)
+    finally:
+        await sink.close(5.0)
+    return len(rows), skipped
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
     args = _parser().parse_args(argv)
     if args.command == "token":
         return _token(args)
+    if args.command == "rewrap":
+        return _rewrap(args)
     if args.command != "serve":
         _parser().print_help()
         return 0 if args.command is None else 2

@@ -472,10 +472,29 @@ class Encryptor:
         master key is not configured here, or whose wrapping does not authenticate, are left
         alone and logged; those already under the active key are not counted.
         """
+        rows, skipped = self.rewrapped(self.store.items())
+        for row in rows:
+            self.store.put(*row)
+        if skipped:
+            log.warning(
+                "some data keys could not be re-wrapped",
+                extra={
+                    "active_master_key": self.keyring.active_id,
+                    "rewrapped": len(rows),
+                    "skipped": skipped,
+                },
+            )
+        return len(rows)
+
+    def rewrapped(
+        self, rows: Iterable[tuple[str, str, bytes]]
+    ) -> tuple[list[tuple[str, str, bytes]], dict[str, int]]:
+        """The ``(data key id, master key id, wrapped)`` rows not under the active master key,
+        wrapped under it now, and how many could not be, by reason (for a store to write)."""
         active = self.keyring.active_id
-        moved = 0
+        out: list[tuple[str, str, bytes]] = []
         skipped: dict[str, int] = {}
-        for data_key_id, master_key_id, wrapped in self.store.items():
+        for data_key_id, master_key_id, wrapped in rows:
             if master_key_id == active:
                 continue
             try:
@@ -483,15 +502,8 @@ class Encryptor:
             except DecryptError as e:
                 skipped[e.reason] = skipped.get(e.reason, 0) + 1
                 continue
-            mk, new_wrapped = self.keyring.wrap(data_key_id, data_key)
-            self.store.put(data_key_id, mk, new_wrapped)
-            moved += 1
-        if skipped:
-            log.warning(
-                "some data keys could not be re-wrapped",
-                extra={"active_master_key": active, "rewrapped": moved, "skipped": skipped},
-            )
-        return moved
+            out.append((data_key_id, *self.keyring.wrap(data_key_id, data_key)))
+        return out, skipped
 
     def ready(self, topic: str) -> bool:
         """True when ``encrypt`` for ``topic`` needs no new data key (so no store call)."""

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
+from tests.cluster.test_kafka_encryption import K1
 from tests.conformance.conftest import (
     CONSUMERS,
     FAST_ENV,
@@ -206,7 +207,7 @@ def test_postgres_stopped_produce_and_consume_go_on_then_recover(
 def test_postgres_stopped_encrypted_topics_need_it_only_for_keys_not_yet_in_memory(
     make_server: MakeServer, postgres: Any, kafka_env: dict[str, str]
 ) -> None:
-    key = {"MESSAGE_QUEUE_MASTER_KEYS": "k1:" + "A" * 43 + "="}
+    key = K1  # the key of test_kafka_encryption: one keyring for the shared key store
     a = gateway(make_server, kafka_env, **key)
     b = gateway(make_server, kafka_env, **key)
     warm = a.topic(encrypted=True)

@@ -7,6 +7,9 @@ The records are read straight from Kafka to show that the brokers hold ciphertex
 from __future__ import annotations
 
 import base64
+import os
+import subprocess
+import sys
 from typing import Any
 
 from confluent_kafka import Consumer, Producer, TopicPartition
@@ -158,7 +161,7 @@ def test_dead_letters_stay_encrypted_and_redrive_decrypts(
     assert all(b"fails once" not in rec.value() for rec in raw_records(brokers, t, want=2))
 
 
-def test_rotation_old_messages_still_decrypt(
+def test_rotation_old_messages_still_decrypt_then_rewrap_retires_the_old_key(
     replicas: Replicas, cluster_env: dict[str, str]
 ) -> None:
     [old] = replicas(1, **K1)
@@ -171,6 +174,18 @@ def test_rotation_old_messages_still_decrypt(
     assert [m["content"] for m in got] == ["under key one", "under key two"]
     records = raw_records(cluster_env["KAFKA_BROKERS"], t, want=2)
     assert [dict(r.headers() or [])[ENC][:6] for r in records] == [b"v1:k1:", b"v1:k2:"]
+
+    # every replica has k2 active: re-wrap the stored data keys under it, then retire k1
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESSAGE_QUEUE_")}
+    env.update(cluster_env, MESSAGE_QUEUE_ENGINE="kafka", **K12)
+    cmd = [sys.executable, "-m", "mqfast.cli", "rewrap"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    # exit 1 would only say that data keys of other tests sharing this PostgreSQL are under
+    # master keys not given here; this topic's keys are checked by reading below
+    assert r.returncode in (0, 1) and "under master key 'k2'" in r.stdout, r
+    [retired] = replicas(1, MESSAGE_QUEUE_MASTER_KEYS=f"k2:{KEY_2}")
+    got = drain(retired, t, group="after-rewrap", want=2)
+    assert [m["content"] for m in got] == ["under key one", "under key two"]
 
 
 def test_without_a_master_key(replicas: Replicas) -> None:

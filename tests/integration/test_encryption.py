@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -200,7 +203,17 @@ def test_dlq_of_encrypted_topic_decrypts_and_redrives(
     assert not any(k.startswith("mqfast-enc") for k in again["headers"])
 
 
-def test_rotation_old_keys_still_decrypt(make_server: MakeServer, tmp_path: Path) -> None:
+def rewrap(data_dir: Path, keys: str) -> subprocess.CompletedProcess[str]:
+    """``mqfast rewrap`` on ``data_dir`` with ``MESSAGE_QUEUE_MASTER_KEYS=keys``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESSAGE_QUEUE_")}
+    env["MESSAGE_QUEUE_MASTER_KEYS"] = keys
+    cmd = [sys.executable, "-m", "mqfast.cli", "rewrap", "--data-dir", str(data_dir)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_rotation_old_keys_still_decrypt_then_rewrap_retires_them(
+    make_server: MakeServer, tmp_path: Path
+) -> None:
     data = tmp_path / "data"
     create_encrypted(data, "rotating")
     srv = start(make_server, data, **ENV_A)
@@ -212,6 +225,19 @@ def test_rotation_old_keys_still_decrypt(make_server: MakeServer, tmp_path: Path
     assert [m["content"] for m in got] == ["under key one", "under key two"]
     headers = [h[HEADER] for _, h in stored_rows(data, "rotating")]
     assert headers[0].startswith("v1:k1:") and headers[1].startswith("v1:k2:")
+
+    # k1 retired: without it, a data key it wraps is unknown, and rewrap says so (exit 1)
+    only_k2 = f"k2:{KEY_B}"
+    r = rewrap(data, only_k2)
+    assert r.returncode == 1 and "1 unknown_key" in r.stderr, r
+    # with both, while the gateway runs: every data key is wrapped by k2 afterwards
+    r = rewrap(data, ENV_AB["MESSAGE_QUEUE_MASTER_KEYS"])
+    assert r.returncode == 0 and "re-wrapped 1 data key under master key 'k2'" in r.stdout, r
+    assert "re-wrapped 0 data keys" in rewrap(data, only_k2).stdout
+    srv.stop()
+    srv = start(make_server, data, MESSAGE_QUEUE_MASTER_KEYS=only_k2)
+    got = consume(srv, "rotating", group="after-rewrap")
+    assert [m["content"] for m in got] == ["under key one", "under key two"]
 
 
 def test_create_over_http(make_server: MakeServer) -> None:

@@ -834,6 +834,13 @@ class PostgresMeta:
         )
         return None if row is None else (str(row[0]), bytes(row[1]))
 
+    async def data_keys(self) -> list[tuple[str, str, bytes]]:
+        """Every stored ``(data key id, master key id, wrapped key)`` (for ``mqfast rewrap``)."""
+        rows = await self._call(
+            lambda c: c.fetch("SELECT id, master_key_id, wrapped FROM mqfast_data_keys")
+        )
+        return [(str(r[0]), str(r[1]), bytes(r[2])) for r in rows]
+
     # -- audit log -------------------------------------------------------------------------
 
     async def audit(self, entry: dict[str, object]) -> None:
