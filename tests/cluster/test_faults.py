@@ -35,6 +35,14 @@ def gateway(make_server: MakeServer, env: dict[str, str], **extra: str) -> Gatew
     return Gateway(make_server(MESSAGE_QUEUE_ENGINE="kafka", **env, **FAST_ENV, **extra), "kafka")
 
 
+def wait_healthy(gw: Gateway, returned: str) -> None:
+    wait_for(
+        lambda: gw.call("GET", "/health").json()["status"] == "ok",
+        timeout=60,
+        what=f"health ok after {returned} returns",
+    )
+
+
 @dataclass
 class Load:
     """Produces one message after another on its own thread, recording every answer."""
@@ -195,11 +203,7 @@ def test_postgres_stopped_produce_and_consume_go_on_then_recover(
         assert r.status == 503 and "retry-after" in r.headers, r.body
     finally:
         postgres.start()
-    wait_for(
-        lambda: gw.call("GET", "/health").json()["status"] == "ok",
-        timeout=60,
-        what="health ok after PostgreSQL returns",
-    )
+    wait_healthy(gw, "PostgreSQL")
     r = gw.call("POST", CONSUMERS, {"consumer_id": "c9", "group_id": "g", "topics": [t]})
     assert r.status == 201, r.body
 
@@ -225,11 +229,7 @@ def test_postgres_stopped_encrypted_topics_need_it_only_for_keys_not_yet_in_memo
         assert [m["content"] for m in got] == ["before", "during"]
     finally:
         postgres.start()
-    wait_for(
-        lambda: a.call("GET", "/health").json()["status"] == "ok",
-        timeout=60,
-        what="health ok after PostgreSQL returns",
-    )
+    wait_healthy(a, "PostgreSQL")
     # nothing was dead-lettered meanwhile: the messages were not at fault
     got = b.consume_until(warm, "gb", "c", 2)
     assert [m["content"] for m in got] == ["before", "during"]

@@ -301,34 +301,21 @@ def parse_record(msg: Any, sealed: bool = False) -> StoredMessage:
     mid, priority, expires, user = _own_headers(msg)
     key = msg.key()
     value = msg.value()
-    text_key = key.decode("utf-8", "replace") if key is not None else None
+    common = {
+        "message_id": mid,
+        "topic": msg.topic(),
+        "partition": msg.partition(),
+        "offset": msg.offset(),
+        "key": key.decode("utf-8", "replace") if key is not None else None,
+        "headers": user,
+        "priority": priority,
+        "timestamp": msg.timestamp()[1],
+        "expires_at": expires,
+    }
     if sealed:
-        return SealedMessage(
-            message_id=mid,
-            topic=msg.topic(),
-            partition=msg.partition(),
-            offset=msg.offset(),
-            key=text_key,
-            content="",
-            headers=user,
-            priority=priority,
-            timestamp=msg.timestamp()[1],
-            expires_at=expires,
-            raw_key=key,
-            raw_value=value or b"",
-        )
-    return StoredMessage(
-        message_id=mid,
-        topic=msg.topic(),
-        partition=msg.partition(),
-        offset=msg.offset(),
-        key=text_key,
-        content=value.decode("utf-8", "replace") if value is not None else "",
-        headers=user,
-        priority=priority,
-        timestamp=msg.timestamp()[1],
-        expires_at=expires,
-    )
+        return SealedMessage(content="", raw_key=key, raw_value=value or b"", **common)
+    content = value.decode("utf-8", "replace") if value is not None else ""
+    return StoredMessage(content=content, **common)
 
 
 class KafkaSink:
