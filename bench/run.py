@@ -616,24 +616,15 @@ def gen(s: dict[str, Any]) -> str:
     return f"CPU {s['gen_cpu'][0]:.0%}"
 
 
-KAFKA_BEGIN, KAFKA_END = "<!-- kafka:begin -->", "<!-- kafka:end -->"
-
-
-KEPT_SECTIONS = (
-    (KAFKA_BEGIN, KAFKA_END),
-    ("<!-- auth:begin -->", "<!-- auth:end -->"),
-    ("<!-- encryption:begin -->", "<!-- encryption:end -->"),
-)
+# Sections other scripts maintain (bench/kafka.py, bench/auth.py): <!-- name:begin --> ...
+# <!-- name:end -->, kept as they are when this script rewrites the rest of the file.
+_SECTION = re.compile(r"<!-- ([a-z0-9-]+):begin -->.*?<!-- \1:end -->", re.S)
 
 
 def write_results(md: Path, text: str) -> None:
     """Write RESULTS.md, keeping the sections that bench/kafka.py and bench/auth.py maintain."""
     old = md.read_text() if md.exists() else ""
-    keep = ""
-    for begin, end in KEPT_SECTIONS:
-        i, j = old.find(begin), old.find(end)
-        if i != -1 and j > i:
-            keep += "\n" + old[i : j + len(end)] + "\n"
+    keep = "".join("\n" + m.group(0) + "\n" for m in _SECTION.finditer(old))
     md.write_text(text + keep)
 
 
