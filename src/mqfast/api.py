@@ -283,8 +283,7 @@ class App:
         )
         if cfg.encrypted and not getattr(self.sink, "can_encrypt", False):
             raise errors.BadRequest(
-                "encrypted topics need MESSAGE_QUEUE_MASTER_KEYS or MESSAGE_QUEUE_MASTER_KEY_FILE"
-                + ("" if self.settings.engine == "embedded" else " and the embedded engine"),
+                "encrypted topics need MESSAGE_QUEUE_MASTER_KEYS or MESSAGE_QUEUE_MASTER_KEY_FILE",
                 field="encrypted",
             )
         if self.settings.engine == "embedded" and cfg.replication != 1:
@@ -561,7 +560,7 @@ class App:
             "uptime_s": round(time.monotonic() - self.started, 3),
             "checks": checks,
         }
-        if degraded and status == "degraded":
+        if status == "degraded":
             out["degraded"] = degraded
         return _ok(out, 503 if status == "down" else 200)
 

@@ -27,7 +27,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import ipaddress
 import itertools
 import logging
 import math
@@ -48,7 +47,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt.algorithms import Algorithm, ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from mqfast import errors
-from mqfast.config import Settings
+from mqfast.config import Settings, is_loopback
 
 __all__ = [
     "ACTIONS",
@@ -326,13 +325,21 @@ def _key_algs(key: PublicKey) -> tuple[str, ...]:
     return ()
 
 
-def _load_pem(path: str) -> PublicKey:
-    var = "MESSAGE_QUEUE_JWT_PUBLIC_KEY_FILE"
+def _read_key_file(var: str, path: str) -> bytes:
+    """The content of a key file named by ``var``: at most 1 MiB, ConfigError otherwise."""
     try:
         with open(path, "rb") as f:
             data = f.read(_JWKS_MAX_BYTES + 1)
     except OSError as e:
         raise errors.ConfigError(f"{var}={path!r}: cannot read it ({e.strerror})") from None
+    if len(data) > _JWKS_MAX_BYTES:
+        raise errors.ConfigError(f"{var}={path!r}: larger than 1 MiB")
+    return data
+
+
+def _load_pem(path: str) -> PublicKey:
+    var = "MESSAGE_QUEUE_JWT_PUBLIC_KEY_FILE"
+    data = _read_key_file(var, path)
     try:
         if b"-----BEGIN CERTIFICATE-----" in data:
             loaded: object = x509.load_pem_x509_certificate(data).public_key()
@@ -431,21 +438,12 @@ def _parse_jwks(data: bytes, allowed: frozenset[str]) -> tuple[list[_Key], list[
     return keys, skipped
 
 
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _check_jwks_url(url: str) -> None:
     """Raise ``ValueError`` unless ``url`` is https, or http to a loopback address."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme == "https" and parts.hostname:
         return
-    if parts.scheme == "http" and parts.hostname and _loopback(parts.hostname):
+    if parts.scheme == "http" and parts.hostname and is_loopback(parts.hostname):
         return
     raise ValueError(f"{url!r}: expected an https URL (http only to a loopback address)")
 
@@ -467,7 +465,7 @@ class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
 def _fetch_jwks(url: str) -> bytes:
     """GET ``url`` (blocking; run in a thread): at most 1 MiB, about 5 s in all."""
     handlers: list[urllib.request.BaseHandler] = [_CheckedRedirects()]
-    if _loopback(urllib.parse.urlsplit(url).hostname or ""):
+    if is_loopback(urllib.parse.urlsplit(url).hostname or ""):
         handlers.append(urllib.request.ProxyHandler({}))  # a proxy cannot reach our loopback
     opener = urllib.request.build_opener(*handlers)
     request = urllib.request.Request(
@@ -657,13 +655,7 @@ class Authenticator:
     @staticmethod
     def _load_jwks_file(path: str, allowed: frozenset[str]) -> list[_Key]:
         var = "MESSAGE_QUEUE_JWT_JWKS_FILE"
-        try:
-            with open(path, "rb") as f:
-                data = f.read(_JWKS_MAX_BYTES + 1)
-        except OSError as e:
-            raise errors.ConfigError(f"{var}={path!r}: cannot read it ({e.strerror})") from None
-        if len(data) > _JWKS_MAX_BYTES:
-            raise errors.ConfigError(f"{var}={path!r}: larger than 1 MiB")
+        data = _read_key_file(var, path)
         try:
             keys, skipped = _parse_jwks(data, allowed)
         except ValueError as e:

@@ -6,12 +6,26 @@ The variable names of the API contract keep their meaning; every setting mqfast 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
 from mqfast.errors import ConfigError
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (IPv6 in brackets or not); a name that
+    merely looks like one (``127.example.com``) is not."""
+    h = host.strip("[]").lower()
+    if h == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
 
 NS_PER_SECOND = 1_000_000_000
 # Ten years: longer than any sane retention or TTL, short enough to catch unit mistakes
@@ -495,8 +509,7 @@ class Settings:
     @property
     def loopback_only(self) -> bool:
         """True when the HTTP listener is reachable from this machine only."""
-        h = self.host.strip("[]").lower()
-        return h in ("localhost", "::1") or h.startswith("127.")
+        return is_loopback(self.host)
 
     def _validate(self) -> None:
         if not self.auth_enabled and not self.insecure and not self.loopback_only:

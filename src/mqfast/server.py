@@ -54,7 +54,6 @@ class Engine:
         self.recheck_s = float("inf")
         self.dependencies: dict[str, Callable[[], dict[str, object]]] = {}
         self._forget_in_core: Callable[[str], None] | None = None
-        self.can_encrypt = False  # a master key is configured: encrypted topics can be made
         if settings.engine == "kafka":
             self._init_kafka(settings)
         else:
@@ -73,7 +72,6 @@ class Engine:
             keyring=Keyring.from_settings(settings),
         )
         self.sink: Sink = sink
-        self.can_encrypt = sink.can_encrypt
         groups = EmbeddedGroups(
             sink.open_connection,
             write_lock(sink.path),
@@ -97,7 +95,6 @@ class Engine:
         meta = PostgresMeta(postgres_dsn(settings))
         # Encryption at rest: the wrapped data keys live in PostgreSQL beside the topic flags.
         sink = KafkaSink(settings, meta, keyring=Keyring.from_settings(settings))
-        self.can_encrypt = sink.can_encrypt
         groups = KafkaGroups(settings, sink, Policy.from_settings(settings))
         self.sink = sink
         self.groups_store = groups

@@ -88,3 +88,31 @@ def test_env_vars_lists_the_contract_variables() -> None:
         assert name in ENV_VARS
     for name in KAFKA_SECURITY_VARS:
         assert name in ENV_VARS
+
+
+@pytest.mark.parametrize(
+    ("host", "open_without_auth"),
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("localhost", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("10.0.0.5", False),
+        ("127.example.com", False),  # a name, not a loopback address
+        ("myhost", False),
+    ],
+)
+def test_only_a_loopback_listener_may_run_without_authentication(
+    host: str, open_without_auth: bool
+) -> None:
+    if open_without_auth:
+        assert Settings.from_env({"MESSAGE_QUEUE_HOST": host}).loopback_only
+    else:
+        with pytest.raises(ConfigError, match="MESSAGE_QUEUE_INSECURE"):
+            Settings.from_env({"MESSAGE_QUEUE_HOST": host})
+        assert not Settings.from_env(
+            {"MESSAGE_QUEUE_HOST": host, "MESSAGE_QUEUE_INSECURE": "1"}
+        ).loopback_only

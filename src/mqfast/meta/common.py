@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
+from mqfast import groups
 from mqfast.errors import Unavailable
 from mqfast.messages import ConsumerInfo, RegisterConsumerRequest
 
@@ -26,7 +26,6 @@ __all__ = [
     "consumer_from_row",
     "prune_history",
     "prune_quietly",
-    "wall_ms",
 ]
 
 log = logging.getLogger("mqfast.meta")
@@ -38,11 +37,6 @@ PRUNE_CHUNK_ROWS: Final = 5_000
 CONSUMER_COLUMNS: Final = (
     "consumer_id, group_id, topics, max_concurrency, rate_limit, registered_at, last_seen, active"
 )
-
-
-def wall_ms() -> int:
-    """Now, in Unix milliseconds."""
-    return time.time_ns() // 1_000_000
 
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
@@ -95,7 +89,7 @@ async def prune_history(
     before ``cutoff_ms``, in a transaction of its own, and returns how many it deleted. Returns
     the number of points deleted.
     """
-    cutoff_ms = (wall_ms() if now_ms is None else now_ms) - int(retention_s * 1000)
+    cutoff_ms = (groups.now_ms() if now_ms is None else now_ms) - int(retention_s * 1000)
     deleted = 0
     while True:
         n = await delete_chunk(cutoff_ms, PRUNE_CHUNK_ROWS)

@@ -22,9 +22,10 @@ import msgspec
 
 from mqfast._core import topic_name_error
 from mqfast.errors import InvalidQuery
+from mqfast.groups import now_ms
 from mqfast.messages import MetricPoint
 from mqfast.meta import MetaStore
-from mqfast.meta.common import cancel_and_wait, wall_ms
+from mqfast.meta.common import cancel_and_wait
 
 __all__ = [
     "HistoryRecorder",
@@ -319,13 +320,13 @@ class HistoryRecorder:
 
     async def record_now(self) -> None:
         """Take one sample now and record its deltas (the first sample is only the baseline)."""
-        await self._tick(self._bucket_of(wall_ms()))
+        await self._tick(self._bucket_of(now_ms()))
 
     async def _run(self) -> None:
         if self._last is None:
             await self._tick(None)  # baseline
         while not self._stopping:
-            now = wall_ms()
+            now = now_ms()
             boundary = self._bucket_of(now) + self._interval_ms
             # The label is fixed before sleeping, so a wake-up a little early or late (the loop
             # sleeps on the monotonic clock) still names the right interval.

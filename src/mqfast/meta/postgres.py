@@ -39,6 +39,7 @@ import asyncpg  # type: ignore[import-untyped, unused-ignore]
 import msgspec
 
 from mqfast.errors import ConfigError, MqfastError, Unavailable
+from mqfast.groups import now_ms
 from mqfast.messages import ConsumerInfo, MetricPoint, RegisterConsumerRequest, TopicConfig
 from mqfast.meta.common import (
     CONSUMER_COLUMNS,
@@ -47,7 +48,6 @@ from mqfast.meta.common import (
     consumer_from_row,
     prune_history,
     prune_quietly,
-    wall_ms,
 )
 from mqfast.meta.history import point_from_row, point_params
 
@@ -433,7 +433,7 @@ class PostgresMeta:
 
         # Last known reachability, for health() and for logging transitions only.
         self._up = False
-        self._since_ms = wall_ms()
+        self._since_ms = now_ms()
         self._last_error = "not started"
 
         # consumer_id -> latest touch (unix ms) not yet written; only touched on the loop thread.
@@ -503,7 +503,7 @@ class PostgresMeta:
         self._listener = listener
         self._topics = {t.name: t for t in map(_topic_from_row, rows)}
         self._up = True
-        self._since_ms = wall_ms()
+        self._since_ms = now_ms()
         self._last_error = ""
         self._watch_task = self._loop.create_task(self._watch(), name="mqfast-meta-watch")
         self._topics_task = self._loop.create_task(
@@ -781,7 +781,7 @@ class PostgresMeta:
                 cfg.created_at,
                 cfg.dead_letter_expired,
                 cfg.encrypted,
-                wall_ms(),
+                now_ms(),
             )
             # delivered at commit, and only if the transaction commits
             await conn.execute("SELECT pg_notify($1, $2)", TOPICS_CHANNEL, cfg.name)
@@ -821,7 +821,7 @@ class PostgresMeta:
     async def put_data_key(self, data_key_id: str, master_key_id: str, wrapped: bytes) -> None:
         """Store (or replace) a wrapped data key; committed when this returns."""
         await self._call(
-            lambda c: c.execute(_PUT_DATA_KEY, data_key_id, master_key_id, wrapped, wall_ms()),
+            lambda c: c.execute(_PUT_DATA_KEY, data_key_id, master_key_id, wrapped, now_ms()),
             write=True,
         )
 
@@ -855,7 +855,7 @@ class PostgresMeta:
             raise ValueError(f"unknown audit fields: {', '.join(sorted(unknown))}")
         when = entry.get("time_ms")
         if when is None:
-            when = wall_ms()
+            when = now_ms()
         elif not isinstance(when, int):
             raise ValueError("audit time_ms must be an int (unix milliseconds)")
         detail = entry.get("detail")
@@ -956,7 +956,7 @@ class PostgresMeta:
         if not self._up or self._closed:
             return
         self._up = False
-        self._since_ms = wall_ms()
+        self._since_ms = now_ms()
         self._watch_wake.set()  # start probing now, not at the next ping
         log.warning(
             "metadata store: %s is unreachable (%s); metadata requests fail with 503 until it is"
@@ -970,9 +970,9 @@ class PostgresMeta:
     def _set_up(self) -> None:
         if self._up or self._closed:
             return
-        down_s = (wall_ms() - self._since_ms) / 1000
+        down_s = (now_ms() - self._since_ms) / 1000
         self._up = True
-        self._since_ms = wall_ms()
+        self._since_ms = now_ms()
         self._last_error = ""
         log.info(
             "metadata store: %s is reachable again after %.1f s; %d pending consumer touches",
