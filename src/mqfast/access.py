@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 from fnmatch import fnmatchcase
 from typing import Any, Protocol
@@ -37,6 +36,7 @@ import msgspec
 
 from mqfast import errors
 from mqfast.auth import Forbidden, Principal
+from mqfast.groups import now_ms
 
 log = logging.getLogger("mqfast.audit")
 
@@ -187,7 +187,7 @@ class AuditLog:
         detail: dict[str, object] | None = None,
     ) -> None:
         entry: dict[str, object] = {
-            "time_ms": int(time.time() * 1000),
+            "time_ms": now_ms(),
             "actor": actor,
             "action": action,
             "target": target,

@@ -11,7 +11,7 @@ in the database, never only in memory; the one exception is ``touch``, whose in-
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from mqfast.messages import ConsumerInfo, MetricPoint, RegisterConsumerRequest
 
@@ -86,6 +86,16 @@ class MetaStore(Protocol):
         ``(time, topic, worker)`` again merges into the stored point: counters add up, gauges
         take the new value, percentiles take the maximum.
         """
+
+    async def audit(self, entry: dict[str, object]) -> None:
+        """Append one audit record (``meta.common.audit_row`` says which keys)."""
+        ...
+
+    async def query_audit(
+        self, start_ms: int, end_ms: int, limit: int = 1000
+    ) -> list[dict[str, Any]]:
+        """Audit records with ``time_ms`` in ``[start_ms, end_ms)``, oldest first."""
+        ...
 
     async def query_points(
         self, start_ms: int, end_ms: int, topic: str | None

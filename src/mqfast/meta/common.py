@@ -14,13 +14,18 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
+import msgspec
+
 from mqfast import groups
 from mqfast.errors import Unavailable
 from mqfast.messages import ConsumerInfo, RegisterConsumerRequest
 
 __all__ = [
+    "AUDIT_FIELDS",
     "CONSUMER_COLUMNS",
     "PRUNE_CHUNK_ROWS",
+    "audit_from_row",
+    "audit_row",
     "cancel_and_wait",
     "consumer_from_request",
     "consumer_from_row",
@@ -37,6 +42,45 @@ PRUNE_CHUNK_ROWS: Final = 5_000
 CONSUMER_COLUMNS: Final = (
     "consumer_id, group_id, topics, max_concurrency, rate_limit, registered_at, last_seen, active"
 )
+# The columns of an audit record, in this order in both stores.
+AUDIT_FIELDS: Final = ("time_ms", "actor", "action", "target", "outcome", "remote_addr", "detail")
+_detail_encoder = msgspec.json.Encoder()
+_detail_decoder = msgspec.json.Decoder(dict[str, Any])
+
+
+def audit_row(entry: dict[str, object]) -> tuple[int, str, str, str, str, str, str]:
+    """The row of one audit record, in ``AUDIT_FIELDS`` order, ``detail`` as JSON text.
+
+    Keys (all optional): ``time_ms`` (default now), ``actor``, ``action``, ``target``,
+    ``outcome``, ``remote_addr`` (text) and ``detail`` (a JSON-able dict). Raises
+    ``ValueError`` for any other key, so that a misspelt field is not silently lost.
+    """
+    unknown = entry.keys() - set(AUDIT_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown audit fields: {', '.join(sorted(unknown))}")
+    when = entry.get("time_ms")
+    if when is None:
+        when = groups.now_ms()
+    elif not isinstance(when, int):
+        raise ValueError("audit time_ms must be an int (unix milliseconds)")
+    detail = entry.get("detail")
+    if detail is None:
+        detail = {}
+    elif not isinstance(detail, dict):
+        raise ValueError("audit detail must be a dict")
+    actor, action, target, outcome, addr = (
+        "" if t is None else str(t) for t in (entry.get(k) for k in AUDIT_FIELDS[1:6])
+    )
+    return when, actor, action, target, outcome, addr, _detail_encoder.encode(detail).decode()
+
+
+def audit_from_row(row: Any) -> dict[str, Any]:
+    """An audit record read back from a row in ``AUDIT_FIELDS`` order."""
+    return {
+        **dict(zip(AUDIT_FIELDS[:6], row[:6], strict=True)),
+        "time_ms": int(row[0]),
+        "detail": _detail_decoder.decode(row[6]),
+    }
 
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:

@@ -36,13 +36,14 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final, TypeVar
 
 import asyncpg  # type: ignore[import-untyped, unused-ignore]
-import msgspec
 
 from mqfast.errors import ConfigError, MqfastError, Unavailable
 from mqfast.groups import now_ms
 from mqfast.messages import ConsumerInfo, MetricPoint, RegisterConsumerRequest, TopicConfig
 from mqfast.meta.common import (
     CONSUMER_COLUMNS,
+    audit_from_row,
+    audit_row,
     cancel_and_wait,
     consumer_from_request,
     consumer_from_row,
@@ -52,7 +53,6 @@ from mqfast.meta.common import (
 from mqfast.meta.history import point_from_row, point_params
 
 __all__ = [
-    "AUDIT_FIELDS",
     "SCHEMA_COMPONENT",
     "TOPICS_CHANNEL",
     "PostgresMeta",
@@ -77,7 +77,6 @@ MAX_PENDING_TOUCHES: Final = 100_000
 TX_ATTEMPTS: Final = 3
 # Reconnecting the listener and probing a database that is down back off up to this.
 RETRY_BACKOFF_MAX_S: Final = 5.0
-AUDIT_FIELDS: Final = ("time_ms", "actor", "action", "target", "outcome", "remote_addr", "detail")
 
 # Each entry is one schema version (index + 1). Append only; never edit an applied migration.
 # Text keys are COLLATE "C" so that ORDER BY is code-point order, as in SQLite and Python.
@@ -284,10 +283,6 @@ def _quiet_pool_floor_warnings() -> None:
     pool_log = logging.getLogger("asyncpg.pool")
     if not any(isinstance(f, _PoolFloorFilter) for f in pool_log.filters):
         pool_log.addFilter(_PoolFloorFilter())
-
-
-_detail_encoder = msgspec.json.Encoder()
-_detail_decoder = msgspec.json.Decoder(dict[str, Any])
 
 
 def _error_text(e: BaseException) -> str:
@@ -844,51 +839,17 @@ class PostgresMeta:
     # -- audit log -------------------------------------------------------------------------
 
     async def audit(self, entry: dict[str, object]) -> None:
-        """Append one audit record.
-
-        Keys (all optional): ``time_ms`` (default now), ``actor``, ``action``, ``target``,
-        ``outcome``, ``remote_addr`` (text) and ``detail`` (a JSON-able dict). Raises
-        ``ValueError`` for any other key, so that a misspelt field is not silently lost.
-        """
-        unknown = entry.keys() - set(AUDIT_FIELDS)
-        if unknown:
-            raise ValueError(f"unknown audit fields: {', '.join(sorted(unknown))}")
-        when = entry.get("time_ms")
-        if when is None:
-            when = now_ms()
-        elif not isinstance(when, int):
-            raise ValueError("audit time_ms must be an int (unix milliseconds)")
-        detail = entry.get("detail")
-        if detail is None:
-            detail = {}
-        elif not isinstance(detail, dict):
-            raise ValueError("audit detail must be a dict")
-        texts = [entry.get(k) for k in AUDIT_FIELDS[1:6]]
-        args = (
-            when,
-            *("" if t is None else str(t) for t in texts),
-            _detail_encoder.encode(detail).decode(),
-        )
-        await self._call(lambda c: c.execute(_INSERT_AUDIT, *args), write=True)
+        """Append one audit record (see ``meta.common.audit_row``)."""
+        row = audit_row(entry)
+        await self._call(lambda c: c.execute(_INSERT_AUDIT, *row), write=True)
 
     async def query_audit(
         self, start_ms: int, end_ms: int, limit: int = 1000
-    ) -> list[dict[str, object]]:
+    ) -> list[dict[str, Any]]:
         """Audit records with ``time_ms`` in ``[start_ms, end_ms)``, oldest first, at most
         ``limit``; each a dict with the keys of ``AUDIT_FIELDS``."""
         rows = await self._call(lambda c: c.fetch(_QUERY_AUDIT, start_ms, end_ms, limit))
-        return [
-            {
-                "time_ms": int(r[0]),
-                "actor": r[1],
-                "action": r[2],
-                "target": r[3],
-                "outcome": r[4],
-                "remote_addr": r[5],
-                "detail": _detail_decoder.decode(r[6]),
-            }
-            for r in rows
-        ]
+        return [audit_from_row(r) for r in rows]
 
     # -- database calls --------------------------------------------------------------------
 

@@ -31,6 +31,8 @@ from mqfast.errors import Unavailable
 from mqfast.messages import ConsumerInfo, MetricPoint, RegisterConsumerRequest
 from mqfast.meta.common import (
     CONSUMER_COLUMNS,
+    audit_from_row,
+    audit_row,
     cancel_and_wait,
     consumer_from_request,
     consumer_from_row,
@@ -100,7 +102,6 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX meta_audit_time ON meta_audit (time_ms)",
     ),
 )
-AUDIT_FIELDS: Final = ("time_ms", "actor", "action", "target", "outcome", "remote_addr", "detail")
 
 _TOUCH: Final = (
     "UPDATE meta_consumers SET last_seen = MAX(last_seen, ?), active = 1 WHERE consumer_id = ?"
@@ -354,21 +355,12 @@ class SqliteMeta:
         return [point_from_row(r) for r in rows]
 
     async def audit(self, entry: dict[str, object]) -> None:
-        """Append one audit record (the keys of ``AUDIT_FIELDS``; ``detail`` a dict)."""
-        unknown = entry.keys() - set(AUDIT_FIELDS)
-        if unknown:
-            raise ValueError(f"unknown audit fields: {', '.join(sorted(unknown))}")
-        when = entry.get("time_ms")
-        row = (
-            when if isinstance(when, int) else int(time.time() * 1000),
-            *(entry.get(k) for k in AUDIT_FIELDS[1:6]),
-            msgspec.json.encode(entry.get("detail") or {}).decode(),
-        )
-        await self._run(self._write_sync, self._insert_audit, row)
+        """Append one audit record (see ``meta.common.audit_row``)."""
+        await self._run(self._write_sync, self._insert_audit, audit_row(entry))
 
     async def query_audit(
         self, start_ms: int, end_ms: int, limit: int = 1000
-    ) -> list[dict[str, object]]:
+    ) -> list[dict[str, Any]]:
         """Audit records with ``time_ms`` in ``[start_ms, end_ms)``, oldest first."""
         rows = await self._run(
             self._select_sync,
@@ -376,10 +368,7 @@ class SqliteMeta:
             " WHERE time_ms >= ? AND time_ms < ? ORDER BY time_ms, id LIMIT ?",
             (start_ms, end_ms, limit),
         )
-        return [
-            {**dict(zip(AUDIT_FIELDS[:6], r[:6], strict=True)), "detail": msgspec.json.decode(r[6])}
-            for r in rows
-        ]
+        return [audit_from_row(r) for r in rows]
 
     @staticmethod
     def _insert_audit(conn: sqlite3.Connection, row: tuple[Any, ...]) -> None:
