@@ -24,6 +24,7 @@ __all__ = [
     "AUDIT_FIELDS",
     "CONSUMER_COLUMNS",
     "PRUNE_CHUNK_ROWS",
+    "TouchBuffer",
     "audit_from_row",
     "audit_row",
     "cancel_and_wait",
@@ -152,3 +153,142 @@ async def prune_quietly(prune: Callable[[], Awaitable[int]]) -> None:
         await prune()
     except Unavailable as e:
         log.warning("metadata store: pruning metric history failed: %s", e)
+
+
+class TouchBuffer:
+    """Consumer touches (consumer id -> latest unix ms) waiting to be written, and the
+    background task that has them written at most once per ``interval_s``.
+
+    Loop thread only. ``take`` hands the pending touches to a write; until that write is
+    ``done`` they stay visible to ``overlay`` and ``unwritten`` (another connection may read the
+    row before the write commits), and a failed write puts them back. ``flush`` is the store's
+    own write of what ``take`` returns. At most ``max_pending`` consumers are kept (a long
+    outage must not grow memory without bound); touches of further ones are dropped and counted.
+    ``quiet(error)`` says a failed flush was already logged by the store (an outage).
+    """
+
+    def __init__(
+        self,
+        interval_s: float,
+        flush: Callable[[], Awaitable[None]],
+        *,
+        max_pending: int = 100_000,
+        quiet: Callable[[BaseException], bool] = lambda e: False,
+    ) -> None:
+        self.interval_s = interval_s
+        self._flush = flush
+        self.max_pending = max_pending
+        self._quiet = quiet
+        self.pending: dict[str, int] = {}
+        self._writing: list[dict[str, int]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._last_flush = 0.0  # loop.time() of the last flush attempt
+        self._failures = 0  # consecutive failed flushes, so a streak is logged once
+        self._closed = False
+        self.dropped = 0
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Flush in the background from now on (touches made before are kept)."""
+        self._loop = loop
+        # The first touch waits one interval like every later one (the loop's clock is the
+        # machine's uptime, so 0.0 here would make the first flush immediate after an hour).
+        self._last_flush = loop.time()
+        if self.pending:
+            self._schedule()
+
+    async def stop(self) -> None:
+        """No more background flushes (pending touches stay for a last ``take``)."""
+        self._closed = True
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
+
+    def add(self, consumer_id: str, now_ms: int) -> None:
+        if self._closed:
+            return
+        pending = self.pending
+        seen = pending.get(consumer_id)
+        if seen is None:
+            if len(pending) >= self.max_pending:
+                self.dropped += 1
+                if self.dropped == 1:
+                    log.warning(
+                        "metadata store: %d consumers with unwritten touches; touches of further"
+                        " consumers are dropped until they are written",
+                        len(pending),
+                    )
+                return
+            pending[consumer_id] = now_ms
+        elif now_ms > seen:
+            pending[consumer_id] = now_ms
+        if self._task is None and self._loop is not None:
+            self._schedule()
+
+    def discard(self, consumer_id: str) -> None:
+        self.pending.pop(consumer_id, None)
+
+    def take(self) -> dict[str, int]:
+        """The pending touches, to write now; visible to reads until ``done``."""
+        touches, self.pending = self.pending, {}
+        if touches:
+            self._writing.append(touches)
+        return touches
+
+    def done(self, touches: dict[str, int], *, written: bool) -> None:
+        self._writing = [t for t in self._writing if t is not touches]
+        if not written:
+            pending = self.pending
+            for cid, ms in touches.items():
+                if ms > pending.get(cid, -1):
+                    pending[cid] = ms
+        elif self.dropped:
+            log.info(
+                "metadata store: consumer touches written again; %d were dropped meanwhile",
+                self.dropped,
+            )
+            self.dropped = 0
+
+    def overlay(self, info: ConsumerInfo) -> ConsumerInfo:
+        """``info`` with the touches not written yet applied."""
+        cid = info.consumer_id
+        for touches in (self.pending, *self._writing):
+            seen = touches.get(cid)
+            if seen is not None:
+                info.last_seen = max(info.last_seen, seen)
+                info.active = True
+        return info
+
+    def unwritten(self) -> set[str]:
+        """Ids of the consumers with touches not written yet."""
+        return self.pending.keys() | {cid for touches in self._writing for cid in touches}
+
+    def _schedule(self) -> None:
+        assert self._loop is not None
+        self._task = self._loop.create_task(self._later(), name="mqfast-meta-flush")
+
+    async def _later(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.sleep(max(0.0, self._last_flush + self.interval_s - loop.time()))
+            self._last_flush = loop.time()
+            try:
+                await self._flush()
+            except Exception as e:
+                self._failures += 1
+                if self._failures == 1 and not self._quiet(e):
+                    log.warning(
+                        "metadata store: writing consumer last_seen failed, will retry: %s", e
+                    )
+            else:
+                if self._failures:
+                    log.info(
+                        "metadata store: consumer last_seen written again after %d failures",
+                        self._failures,
+                    )
+                self._failures = 0
+        finally:
+            if self._task is asyncio.current_task():
+                self._task = None
+                # Touches that arrived during the write (or a failed write) need another round.
+                if self.pending and not self._closed:
+                    self._schedule()

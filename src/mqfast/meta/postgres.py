@@ -42,6 +42,7 @@ from mqfast.groups import now_ms
 from mqfast.messages import ConsumerInfo, MetricPoint, RegisterConsumerRequest, TopicConfig
 from mqfast.meta.common import (
     CONSUMER_COLUMNS,
+    TouchBuffer,
     audit_from_row,
     audit_row,
     cancel_and_wait,
@@ -431,15 +432,13 @@ class PostgresMeta:
         self._since_ms = now_ms()
         self._last_error = "not started"
 
-        # consumer_id -> latest touch (unix ms) not yet written; only touched on the loop thread.
-        self._pending: dict[str, int] = {}
-        # Batches taken from _pending by a flush or sweep still in progress: reads overlay them
-        # too, since another connection may read the row before that write commits.
-        self._writing: list[dict[str, int]] = []
-        self._flush_task: asyncio.Task[None] | None = None
-        self._last_flush = 0.0  # loop.time() of the last flush attempt
-        self._flush_failures = 0  # consecutive failed flushes, so a streak is logged once
-        self._touches_dropped = 0  # touches of new ids refused while the pending dict was full
+        # An outage is logged once by _set_down: a failed flush then says nothing more.
+        self.touches = TouchBuffer(
+            flush_interval_s,
+            self.flush,
+            max_pending=MAX_PENDING_TOUCHES,
+            quiet=lambda e: isinstance(e.__cause__, _DOWN_ERRORS),
+        )
         self._next_prune = 0.0  # time.monotonic() when record_points next prunes
 
         self._topics: dict[str, TopicConfig] = {}
@@ -473,8 +472,6 @@ class PostgresMeta:
             return
         self._loop = asyncio.get_running_loop()
         _quiet_pool_floor_warnings()
-        # the first touch waits one interval like every later one
-        self._last_flush = self._loop.time()
         pool = asyncpg.create_pool(
             self.dsn,
             min_size=self.pool_min,
@@ -514,8 +511,7 @@ class PostgresMeta:
             len(self._topics),
             extra={"target": self.target},
         )
-        if self._pending:
-            self._schedule_flush()
+        self.touches.start(self._loop)
 
     async def _open(self, pool: Any) -> tuple[int, Any, list[Any]]:
         await pool
@@ -538,9 +534,10 @@ class PostgresMeta:
         if self._closed:
             return
         self._closed = True
-        for task in (self._flush_task, self._topics_task, self._watch_task):
+        await self.touches.stop()
+        for task in (self._topics_task, self._watch_task):
             await cancel_and_wait(task)
-        self._flush_task = self._topics_task = self._watch_task = None
+        self._topics_task = self._watch_task = None
         listener, self._listener = self._listener, None
         if listener is not None:
             listener.terminate()  # LISTEN state dies with it; nothing to say to the server
@@ -552,7 +549,7 @@ class PostgresMeta:
         except Exception as e:
             log.warning(
                 "metadata store: %d consumer touches not written on close: %s",
-                len(self._pending),
+                len(self.touches.pending),
                 e,
             )
         self._pool = None
@@ -577,7 +574,7 @@ class PostgresMeta:
             "target": self.target,
             "since_ms": self._since_ms,
             "listener": "up" if self._listener is not None else "down",
-            "pending_touches": len(self._unwritten()),
+            "pending_touches": len(self.touches.unwritten()),
             "cached_topics": len(self._topics),
         }
         if not self._up or self._closed:
@@ -617,7 +614,7 @@ class PostgresMeta:
                 consumer_id,
             )
         )
-        return self._overlay(_consumer_from_row(row)) if row is not None else None
+        return self.touches.overlay(_consumer_from_row(row)) if row is not None else None
 
     async def list_consumers(self, group_id: str | None = None) -> list[ConsumerInfo]:
         """Every registered consumer (of ``group_id`` when given), sorted by id."""
@@ -635,11 +632,11 @@ class PostgresMeta:
                     group_id,
                 )
             )
-        return [self._overlay(_consumer_from_row(r)) for r in rows]
+        return [self.touches.overlay(_consumer_from_row(r)) for r in rows]
 
     async def delete_consumer(self, consumer_id: str) -> bool:
         """Unregister ``consumer_id``; False when it was not registered."""
-        self._pending.pop(consumer_id, None)
+        self.touches.discard(consumer_id)
         status = await self._call(
             lambda c: c.execute("DELETE FROM mqfast_consumers WHERE consumer_id = $1", consumer_id),
             write=True,
@@ -648,32 +645,13 @@ class PostgresMeta:
 
     def touch(self, consumer_id: str, now_ms: int) -> None:
         """Record activity at ``now_ms``; written in the background (see the module docstring)."""
-        if self._closed:
-            return
-        pending = self._pending
-        seen = pending.get(consumer_id)
-        if seen is None:
-            if len(pending) >= MAX_PENDING_TOUCHES:
-                self._touches_dropped += 1
-                if self._touches_dropped == 1:
-                    log.warning(
-                        "metadata store: %d consumers with unwritten touches, the most kept while"
-                        " %s is unreachable; touches of further consumers are dropped",
-                        len(pending),
-                        self._where,
-                    )
-                return
-            pending[consumer_id] = now_ms
-        elif now_ms > seen:
-            pending[consumer_id] = now_ms
-        if self._flush_task is None and self._pool is not None:
-            self._schedule_flush()
+        self.touches.add(consumer_id, now_ms)
 
     async def flush(self) -> None:
         """Write the pending touches now (the background flush does this within a second)."""
-        if not self._pending:
+        touches = self.touches.take()
+        if not touches:
             return
-        touches = self._take_pending()
 
         async def write(conn: Any) -> None:
             await self._write_touches(conn, touches)
@@ -681,15 +659,9 @@ class PostgresMeta:
         try:
             await self._call(write, write=True)
         except BaseException:
-            self._done_writing(touches, written=False)
+            self.touches.done(touches, written=False)
             raise
-        self._done_writing(touches, written=True)
-        if self._touches_dropped:
-            log.info(
-                "metadata store: consumer touches written again; %d were dropped meanwhile",
-                self._touches_dropped,
-            )
-            self._touches_dropped = 0
+        self.touches.done(touches, written=True)
 
     async def sweep_inactive(self, now_ms: int, timeout_ms: int) -> list[str]:
         """Mark active consumers last seen before ``now_ms - timeout_ms`` inactive.
@@ -697,7 +669,7 @@ class PostgresMeta:
         Pending touches are written in the same transaction first. Returns the ids that became
         inactive in this call, sorted; concurrent sweeps never return the same id twice.
         """
-        touches = self._take_pending()
+        touches = self.touches.take()
         cutoff = now_ms - timeout_ms
 
         async def sweep(conn: Any) -> list[str]:
@@ -709,14 +681,14 @@ class PostgresMeta:
         try:
             swept = await self._call(sweep, write=True)
         except BaseException:
-            self._done_writing(touches, written=False)
+            self.touches.done(touches, written=False)
             raise
-        self._done_writing(touches, written=True)
+        self.touches.done(touches, written=True)
         return swept
 
     async def consumer_counts(self) -> tuple[int, int]:
         """``(active, total)`` registered consumers, counting unflushed touches as activity."""
-        touched = list(self._unwritten())
+        touched = list(self.touches.unwritten())
         row = await self._call(lambda c: c.fetchrow(_COUNTS, touched))
         return int(row[0]), int(row[1])
 
@@ -939,7 +911,7 @@ class PostgresMeta:
             "metadata store: %s is reachable again after %.1f s; %d pending consumer touches",
             self._where,
             down_s,
-            len(self._unwritten()),
+            len(self.touches.unwritten()),
             extra={"target": self.target},
         )
 
@@ -965,62 +937,6 @@ class PostgresMeta:
         ids = list(touches)
         await conn.execute(_LOCK_TOUCHED, ids)
         await conn.execute(_TOUCH, ids, list(touches.values()))
-
-    # -- touches (loop thread) -------------------------------------------------------------
-
-    def _overlay(self, info: ConsumerInfo) -> ConsumerInfo:
-        cid = info.consumer_id
-        for touches in (self._pending, *self._writing):
-            seen = touches.get(cid)
-            if seen is not None:
-                info.last_seen = max(info.last_seen, seen)
-                info.active = True
-        return info
-
-    def _unwritten(self) -> set[str]:
-        return self._pending.keys() | {cid for touches in self._writing for cid in touches}
-
-    def _take_pending(self) -> dict[str, int]:
-        """The pending touches, to write now; they stay visible to reads until written."""
-        touches, self._pending = self._pending, {}
-        self._writing.append(touches)
-        return touches
-
-    def _done_writing(self, touches: dict[str, int], *, written: bool) -> None:
-        self._writing = [t for t in self._writing if t is not touches]
-        if written:
-            return
-        pending = self._pending
-        for cid, ms in touches.items():
-            if ms > pending.get(cid, -1):
-                pending[cid] = ms
-
-    def _schedule_flush(self) -> None:
-        assert self._loop is not None
-        self._flush_task = self._loop.create_task(self._flush_later(), name="mqfast-meta-flush")
-
-    async def _flush_later(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            await asyncio.sleep(max(0.0, self._last_flush + self.flush_interval_s - loop.time()))
-            self._last_flush = loop.time()
-            try:
-                await self.flush()
-            except Exception as e:
-                self._flush_failures += 1
-                # an outage is logged once by _set_down; only other failures are worth a line
-                if self._flush_failures == 1 and not isinstance(e.__cause__, _DOWN_ERRORS):
-                    log.warning(
-                        "metadata store: writing consumer last_seen failed, will retry: %s", e
-                    )
-            else:
-                self._flush_failures = 0
-        finally:
-            if self._flush_task is asyncio.current_task():
-                self._flush_task = None
-                # Touches that arrived during the write (or a failed write) need another round.
-                if self._pending and not self._closed:
-                    self._schedule_flush()
 
     # -- topic cache -----------------------------------------------------------------------
 

@@ -31,9 +31,9 @@ from mqfast.errors import Unavailable
 from mqfast.messages import ConsumerInfo, MetricPoint, RegisterConsumerRequest
 from mqfast.meta.common import (
     CONSUMER_COLUMNS,
+    TouchBuffer,
     audit_from_row,
     audit_row,
-    cancel_and_wait,
     consumer_from_request,
     consumer_from_row,
     prune_history,
@@ -157,6 +157,10 @@ _topics_decoder = msgspec.json.Decoder(list[str])
 _topics_encoder = msgspec.json.Encoder()
 
 
+def _touch_rows(touches: dict[str, int]) -> list[tuple[int, str]]:
+    return [(ms, cid) for cid, ms in touches.items()]
+
+
 def _consumer_from_row(row: tuple[Any, ...]) -> ConsumerInfo:
     return consumer_from_row(row, _topics_decoder.decode(row[2]))
 
@@ -185,11 +189,7 @@ class SqliteMeta:
         self._conn_: sqlite3.Connection | None = None  # used only on the executor thread
         self._closed = False
 
-        # consumer_id -> latest touch (unix ms) not yet written; only touched on the loop thread.
-        self._pending: dict[str, int] = {}
-        self._flush_task: asyncio.Task[None] | None = None
-        self._last_flush = 0.0  # loop.time() of the last flush attempt
-        self._flush_failures = 0  # consecutive failed flushes, so a streak is logged once
+        self.touches = TouchBuffer(flush_interval_s, self.flush)
         self._next_prune = 0.0  # time.monotonic() when record_points next prunes
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -199,9 +199,6 @@ class SqliteMeta:
         if self._closed:
             raise Unavailable("metadata store: closed")
         self._loop = asyncio.get_running_loop()
-        # the first touch waits one interval like every later one (the loop's clock is the
-        # machine's uptime, so 0.0 here would make the first flush immediate after an hour)
-        self._last_flush = self._loop.time()
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="mqfast-meta"
         )
@@ -213,16 +210,14 @@ class SqliteMeta:
             executor.shutdown(wait=False)
             raise
         log.info("metadata store at %s (SQLite, WAL)", self.path, extra={"path": self.path})
-        if self._pending:
-            self._schedule_flush()
+        self.touches.start(self._loop)
 
     async def close(self) -> None:
         """Write pending touches, close the connection and stop the thread; idempotent."""
         if self._closed:
             return
         self._closed = True
-        task, self._flush_task = self._flush_task, None
-        await cancel_and_wait(task)
+        await self.touches.stop()
         if self._executor is None:
             return
         try:
@@ -230,7 +225,7 @@ class SqliteMeta:
         except Exception as e:
             log.warning(
                 "metadata store: %d consumer touches not written on close: %s",
-                len(self._pending),
+                len(self.touches.pending),
                 e,
             )
         try:
@@ -258,7 +253,7 @@ class SqliteMeta:
             f"SELECT {CONSUMER_COLUMNS} FROM meta_consumers WHERE consumer_id = ?",
             (consumer_id,),
         )
-        return self._overlay(_consumer_from_row(rows[0])) if rows else None
+        return self.touches.overlay(_consumer_from_row(rows[0])) if rows else None
 
     async def list_consumers(self, group_id: str | None = None) -> list[ConsumerInfo]:
         """Every registered consumer (of ``group_id`` when given), sorted by id."""
@@ -272,33 +267,28 @@ class SqliteMeta:
             )
             params = (group_id,)
         rows = await self._run(self._select_sync, sql, params)
-        return [self._overlay(_consumer_from_row(r)) for r in rows]
+        return [self.touches.overlay(_consumer_from_row(r)) for r in rows]
 
     async def delete_consumer(self, consumer_id: str) -> bool:
         """Unregister ``consumer_id``; False when it was not registered."""
-        self._pending.pop(consumer_id, None)
+        self.touches.discard(consumer_id)
         return await self._run(self._delete_sync, consumer_id)
 
     def touch(self, consumer_id: str, now_ms: int) -> None:
         """Record activity at ``now_ms``; written in the background (see the module docstring)."""
-        if self._closed:
-            return
-        pending = self._pending
-        if now_ms > pending.get(consumer_id, -1):
-            pending[consumer_id] = now_ms
-        if self._flush_task is None and self._executor is not None:
-            self._schedule_flush()
+        self.touches.add(consumer_id, now_ms)
 
     async def flush(self) -> None:
         """Write the pending touches now (the background flush does this within a second)."""
-        touches = self._take_pending()
+        touches = self.touches.take()
         if not touches:
             return
         try:
-            await self._run(self._write_sync, self._apply_touches, touches)
+            await self._run(self._write_sync, self._apply_touches, _touch_rows(touches))
         except BaseException:
-            self._restore_pending(touches)
+            self.touches.done(touches, written=False)
             raise
+        self.touches.done(touches, written=True)
 
     async def sweep_inactive(self, now_ms: int, timeout_ms: int) -> list[str]:
         """Mark active consumers last seen before ``now_ms - timeout_ms`` inactive.
@@ -306,16 +296,18 @@ class SqliteMeta:
         Pending touches are written in the same transaction first. Returns the ids that became
         inactive in this call, sorted; concurrent sweeps never return the same id twice.
         """
-        touches = self._take_pending()
+        touches = self.touches.take()
         try:
-            return await self._run(self._sweep_sync, touches, now_ms - timeout_ms)
+            swept = await self._run(self._sweep_sync, _touch_rows(touches), now_ms - timeout_ms)
         except BaseException:
-            self._restore_pending(touches)
+            self.touches.done(touches, written=False)
             raise
+        self.touches.done(touches, written=True)
+        return swept
 
     async def consumer_counts(self) -> tuple[int, int]:
         """``(active, total)`` registered consumers, counting unflushed touches as activity."""
-        touched = _topics_encoder.encode(list(self._pending)).decode()
+        touched = _topics_encoder.encode(list(self.touches.unwritten())).decode()
         rows = await self._run(
             self._select_sync,
             "SELECT COALESCE(SUM(active OR consumer_id IN (SELECT value FROM json_each(?))), 0),"
@@ -387,56 +379,6 @@ class SqliteMeta:
 
     async def _delete_points_chunk(self, cutoff_ms: int, limit: int) -> int:
         return await self._run(self._write_sync, self._prune_chunk, (cutoff_ms, limit))
-
-    # -- touches (loop thread) -------------------------------------------------------------
-
-    def _overlay(self, info: ConsumerInfo) -> ConsumerInfo:
-        seen = self._pending.get(info.consumer_id)
-        if seen is not None:
-            info.last_seen = max(info.last_seen, seen)
-            info.active = True
-        return info
-
-    def _take_pending(self) -> list[tuple[int, str]]:
-        pending, self._pending = self._pending, {}
-        return [(ms, cid) for cid, ms in pending.items()]
-
-    def _restore_pending(self, touches: list[tuple[int, str]]) -> None:
-        pending = self._pending
-        for ms, cid in touches:
-            if ms > pending.get(cid, -1):
-                pending[cid] = ms
-
-    def _schedule_flush(self) -> None:
-        assert self._loop is not None
-        self._flush_task = self._loop.create_task(self._flush_later(), name="mqfast-meta-flush")
-
-    async def _flush_later(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            await asyncio.sleep(max(0.0, self._last_flush + self.flush_interval_s - loop.time()))
-            self._last_flush = loop.time()
-            try:
-                await self.flush()
-            except Exception as e:
-                self._flush_failures += 1
-                if self._flush_failures == 1:
-                    log.warning(
-                        "metadata store: writing consumer last_seen failed, will retry: %s", e
-                    )
-            else:
-                if self._flush_failures:
-                    log.info(
-                        "metadata store: consumer last_seen written again after %d failures",
-                        self._flush_failures,
-                    )
-                    self._flush_failures = 0
-        finally:
-            if self._flush_task is asyncio.current_task():
-                self._flush_task = None
-                # Touches that arrived during the write (or a failed write) need another round.
-                if self._pending and not self._closed:
-                    self._schedule_flush()
 
     # -- executor thread -------------------------------------------------------------------
 
