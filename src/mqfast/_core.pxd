@@ -170,6 +170,8 @@ cdef class HttpProtocol:
     cdef _fail(self, Pending p, object exc)
     cdef _produce(self, Pending p)
     cdef _produce_batch(self, Pending p)
+    cdef bint _within_quota(self, Pending p, object req, bint batch, bint prefer_async,
+                            Py_ssize_t messages, Py_ssize_t nbytes)
     cdef Delivery _delivery(self, TopicState ts, str content, object key, object headers,
                             int priority, object ttl, str where, Pending p)
     cdef _call_app(self, Pending p)

@@ -18,7 +18,6 @@ import collections
 import logging
 import os
 import time
-from time import time as _time
 
 import httptools
 import msgspec

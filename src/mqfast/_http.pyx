@@ -25,12 +25,8 @@ cdef object _HttpParserUpgrade = httptools.HttpParserUpgrade
 cdef object _DecodeError = msgspec.DecodeError
 cdef object _MqfastError = _errors.MqfastError
 cdef bytes _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-cdef bytes _RETRY_AFTER = b"retry-after: 1\r\n"
 
 
-cdef Py_ssize_t _utf8_len(str text):
-    # Quotas count bytes; ASCII text (the common case) needs no encoding to know its size.
-    return len(text) if text.isascii() else len((<str>text).encode("utf-8"))
 cdef object _iscoroutine = __import__("inspect").isawaitable
 
 
@@ -494,7 +490,7 @@ cdef class HttpProtocol:
         if hdr is not None:
             principal = server.principals.get(hdr)
             if principal is not None:
-                if principal.expires_at > _time():
+                if principal.expires_at > wall_ms() * 0.001:
                     p.principal = principal
                     return True
                 del server.principals[hdr]
@@ -520,7 +516,6 @@ cdef class HttpProtocol:
         p.params = None
 
     cdef _fail(self, Pending p, object exc):
-        cdef bytes extra = None
         if not isinstance(exc, _MqfastError):
             _log.error("internal error handling a request", exc_info=exc)
             exc = _errors.MqfastError("internal error")
@@ -528,11 +523,7 @@ cdef class HttpProtocol:
             # refused on the hot path (produce): the audit log records every refusal
             self.server.app.forbidden(exc, p.principal, self.server.router.templates[p.route],
                                       self.peer)
-        extra = getattr(exc, "extra_headers", None)  # WWW-Authenticate, Retry-After, outcome
-        if (exc.status == 503 or exc.status == 429) and (
-                extra is None or b"retry-after" not in extra):
-            extra = _RETRY_AFTER if extra is None else extra + _RETRY_AFTER
-        self._respond_now(p, exc.status, exc.to_body(), extra)
+        self._respond_now(p, exc.status, exc.to_body(), exc.extra_headers)
 
     def _answer(self, Pending p, object result):
         status, body, extra = result
@@ -589,11 +580,12 @@ cdef class HttpProtocol:
             task = server.loop.create_task(server.app.resolve_topics([req.topic]))
             task.add_done_callback(_Resume(self, p, req, False, prefer_async))
             return
-        if server.quotas is not None and p.principal is not None and not self._within_quota(
-                p, req, False, prefer_async, 1, _utf8_len(req.content)):
-            return  # decided on the slow path
         cdef Delivery d = self._delivery(ts, req.content, req.key, req.headers, req.priority,
                                          req.ttl, "", p)
+        # After validation: a request refused as bad input spends none of the allowance.
+        if server.quotas is not None and p.principal is not None and not self._within_quota(
+                p, req, False, prefer_async, 1, len(d.value)):
+            return  # decided on the slow path (the delivery is made again then)
         if prefer_async:
             d.owner = None
             server.enqueue(d)
@@ -606,8 +598,8 @@ cdef class HttpProtocol:
         p.waiting = 1
         server.enqueue(d)
 
-    def _within_quota(self, Pending p, object req, bint batch, bint prefer_async,
-                      Py_ssize_t messages, Py_ssize_t nbytes):
+    cdef bint _within_quota(self, Pending p, object req, bint batch, bint prefer_async,
+                            Py_ssize_t messages, Py_ssize_t nbytes):
         """True when the subject's local allowance covers the request; else the slow path asks
         for more (one Redis round trip per refill, not per request) and resumes or answers
         429."""
@@ -714,18 +706,19 @@ cdef class HttpProtocol:
             task = server.loop.create_task(server.app.resolve_topics(missing))
             task.add_done_callback(_Resume(self, p, req, True, prefer_async))
             return
-        if server.quotas is not None and p.principal is not None and not self._within_quota(
-                p, req, True, prefer_async, len(req.messages),
-                sum([_utf8_len(m.content) for m in req.messages])):
-            return  # decided on the slow path
         # Build every delivery before enqueuing any: a bad message rejects the whole batch and
-        # nothing of it is written.
+        # nothing of it is written (nor any of the subject's allowance spent).
+        cdef Py_ssize_t nbytes = 0
         for i, m in enumerate(req.messages):
             topic = m.topic if m.topic is not None else default_topic
             ts = server.topic_state(topic)
             d = self._delivery(ts, m.content, m.key, m.headers, m.priority, m.ttl,
                                f"messages[{i}].", None if prefer_async else p)
+            nbytes += len(d.value)
             deliveries.append(d)
+        if server.quotas is not None and p.principal is not None and not self._within_quota(
+                p, req, True, prefer_async, len(deliveries), nbytes):
+            return  # decided on the slow path (the deliveries are made again then)
         cdef Py_ssize_t failed = 0
         if prefer_async:
             for d in deliveries:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import re
+from typing import Final
 
 import msgspec
 
@@ -43,6 +44,8 @@ class MqfastError(Exception):
 
     status: int = 500
     code: ErrorCode = ErrorCode.INTERNAL
+    # Header lines sent with the error, each ending in CRLF (WWW-Authenticate, Retry-After).
+    extra_headers: bytes | None = None
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
@@ -113,9 +116,14 @@ class RequestTimeout(MqfastError):
     code = ErrorCode.REQUEST_TIMEOUT
 
 
+# A client told to come back says when; 1 s unless the error knows better.
+RETRY_AFTER_1S: Final = b"retry-after: 1\r\n"
+
+
 class RateLimited(MqfastError):
     status = 429
     code = ErrorCode.RATE_LIMITED
+    extra_headers = RETRY_AFTER_1S
 
 
 class HeadersTooLarge(MqfastError):
@@ -128,6 +136,7 @@ class Unavailable(MqfastError):
 
     status = 503
     code = ErrorCode.ENGINE_UNAVAILABLE
+    extra_headers = RETRY_AFTER_1S
 
 
 class ShuttingDown(Unavailable):

@@ -189,3 +189,14 @@ def test_produce_quota_per_subject_answers_429_with_retry_after(make_server: Mak
     # a batch counts every message
     batch = {"messages": [{"topic": "q", "content": "x"}] * 10}
     assert call(srv, "POST", "/api/v1/messages/batch", batch, tok=b).status == 429
+    # a request refused as bad input spends none of the allowance
+    c = token("svc-c", ["producer"])
+    bad = {"topic": "q", "content": "x", "ttl": "soon"}
+    bad_batch = {"messages": [{"topic": "q", "content": "x"}] * 3 + [bad]}
+    for _ in range(5):
+        assert call(srv, "POST", "/api/v1/messages", bad, tok=c).status == 400
+        assert call(srv, "POST", "/api/v1/messages/batch", bad_batch, tok=c).status == 400
+    good = {"topic": "q", "content": "x"}
+    assert [call(srv, "POST", "/api/v1/messages", good, tok=c).status for _ in range(3)] == [
+        200
+    ] * 3

@@ -384,8 +384,6 @@ class EmbeddedSink:
             if keyring is None
             else Encryptor(keyring, SqliteKeyStore(self._connect, self._write_lock))
         )
-        # topic -> encrypted, as seen by the writer thread (dropped on delete)
-        self._encrypted_topics: dict[str, bool] = {}
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_done: DoneCallback | None = None
@@ -895,9 +893,10 @@ class EmbeddedSink:
         """Encrypt the deliveries to encrypted topics (writer thread, outside a transaction).
 
         Returns ``id(delivery) -> (ciphertext, headers)`` and the deliveries refused because
-        their topic is encrypted and no master key is configured.
+        their topic is encrypted and no master key is configured. The flag is read for each
+        write, not cached: another worker may have recreated the topic with another setting.
         """
-        known = self._encrypted_topics
+        known: dict[str, bool] = {}
         sealed: _Sealed = _NO_SEALED
         refused: dict[int, Delivery] = {}
         enc = self.encryptor
@@ -1039,7 +1038,6 @@ class EmbeddedSink:
         return [_topic_from_row(r) for r in rows]
 
     def _delete_topic_sync(self, name: str) -> None:
-        self._encrypted_topics.pop(name, None)
         conn = self._conn()
         with immediate(conn, self._write_lock):
             cur = conn.execute("DELETE FROM topics WHERE name = ?", (name,))

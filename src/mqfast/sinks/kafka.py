@@ -88,7 +88,7 @@ _headers_decoder = msgspec.json.Decoder(dict[str, str])
 class OutcomeUnknown(errors.Unavailable):
     """The broker did not confirm in time: the message may or may not have been written."""
 
-    extra_headers = b"x-mqfast-outcome: unknown\r\n"
+    extra_headers = errors.RETRY_AFTER_1S + b"x-mqfast-outcome: unknown\r\n"
 
 
 class TopicRegistry(AsyncWrappedKeyStore, Protocol):
