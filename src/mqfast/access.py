@@ -30,7 +30,7 @@ import asyncio
 import logging
 from collections import deque
 from fnmatch import fnmatchcase
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import msgspec
 
@@ -40,7 +40,19 @@ from mqfast.groups import now_ms
 
 log = logging.getLogger("mqfast.audit")
 
-_any = msgspec.json.Decoder()
+class _Fields(msgspec.Struct, gc=False):
+    """The fields of a request body that decide permissions (and name an audit target);
+    everything else is skipped unparsed into objects (an acknowledgement batch's list)."""
+
+    topic: Any = None
+    group_id: Any = None
+    name: Any = None
+    consumer_id: Any = None
+    topics: Any = None
+
+
+_NO_FIELDS: Final = _Fields()
+_fields_decoder = msgspec.json.Decoder(_Fields)
 
 # Routes whose every call is an administrative action, recorded in the audit log.
 AUDITED = frozenset(
@@ -62,14 +74,13 @@ ACK_ROUTES = frozenset(
 )
 
 
-def _fields(body: bytes) -> dict[str, Any]:
+def _fields(body: bytes) -> _Fields:
     # Only the fields that decide permissions; the handler validates the request fully. A body
     # that is not a JSON object gives no fields: the handler answers it with a 400.
     try:
-        value = _any.decode(body) if body else {}
+        return _fields_decoder.decode(body) if body else _NO_FIELDS
     except (msgspec.DecodeError, UnicodeDecodeError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
+        return _NO_FIELDS
 
 
 def _str(value: Any) -> str | None:
@@ -104,26 +115,23 @@ def authorize(
         return
     if template == "/api/v1/messages/consume":
         f = _fields(body)
-        topic = _str(f.get("topic"))
+        topic = _str(f.topic)
         if topic is not None:
-            principal.require("consume", topic, _str(f.get("group_id")))
+            principal.require("consume", topic, _str(f.group_id))
         return
     if template in ACK_ROUTES:
+        # Acknowledgements of a batch name no topic (AckItem has none): the group decides.
         f = _fields(body)
-        group = _str(f.get("group_id"))
-        topics = {_str(f.get("topic"))}
-        for item in f.get("acks") or ():
-            if isinstance(item, dict) and _str(item.get("topic")):
-                topics.add(_str(item.get("topic")))
-        for topic in topics:
-            if topic is None:
-                _may_use_group(principal, group)
-            else:
-                principal.require("consume", topic, group)
+        group = _str(f.group_id)
+        topic = _str(f.topic)
+        if topic is None:
+            _may_use_group(principal, group)
+        else:
+            principal.require("consume", topic, group)
         return
     if template == "/api/v1/topics":
         if method == "POST":
-            name = _str(_fields(body).get("name"))
+            name = _str(_fields(body).name)
             if name is not None:
                 principal.require("admin", name)
         return
@@ -138,7 +146,7 @@ def authorize(
         principal.require("admin", params[0])
         return
     if template == "/api/v1/consumers" and method == "POST":
-        wanted = _fields(body).get("topics")
+        wanted = _fields(body).topics
         for topic in wanted if isinstance(wanted, list) else ():
             if isinstance(topic, str):
                 principal.require("admin", topic)
@@ -154,8 +162,7 @@ def authorize(
 def target_of(body: bytes) -> str:
     """What an administrative request acts on, for the audit log (never message content)."""
     f = _fields(body)
-    for name in ("name", "consumer_id", "topic"):
-        value = _str(f.get(name))
+    for value in (_str(f.name), _str(f.consumer_id), _str(f.topic)):
         if value:
             return value[:256]
     return ""

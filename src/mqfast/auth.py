@@ -2,8 +2,9 @@
 
 ``Authenticator`` turns a bearer token into a ``Principal`` (the subject, its roles and grants),
 ``Principal.require`` says whether that subject may produce to, consume from or administer a
-topic. Verification is the slow path: the compiled core asks ``cached`` first (a dict lookup) and
-awaits ``verify`` only for a token it has not seen.
+topic. Verification is the slow path: the compiled core keeps the principals of the
+``Authorization`` headers it has seen (a dict lookup per request, dropped by ``on_keys_changed``)
+and awaits ``verify`` only for a header it has not; ``verify`` keeps its own cache by token.
 
 Rules, all enforced here rather than left to defaults of the library:
 
@@ -552,7 +553,7 @@ class Authenticator:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._stats: dict[str, int] = {"verified": 0, "failures": 0}
-        self._hits = 0  # an attribute, not a dict item: cached() runs per request
+        self._hits = 0  # verifications answered from the cache
         self.on_keys_changed: Callable[[], None] | None = None
         self._cache: dict[str, Principal] = {}
         self._secret = settings.jwt_secret.encode("utf-8") if settings.jwt_secret else b""
