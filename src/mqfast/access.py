@@ -40,6 +40,7 @@ from mqfast.groups import now_ms
 
 log = logging.getLogger("mqfast.audit")
 
+
 class _Fields(msgspec.Struct, gc=False):
     """The fields of a request body that decide permissions (and name an audit target);
     everything else is skipped unparsed into objects (an acknowledgement batch's list)."""

@@ -145,12 +145,9 @@ async def _rewrap_store(settings: Settings, keyring: Keyring) -> tuple[int, dict
     await sink.start()
     try:
         assert sink.encryptor is not None
-        rows, skipped = sink.encryptor.rewrapped(sink.encryptor.store.items())
-        for row in rows:
-            sink.encryptor.store.put(*row)
+        return sink.encryptor.rewrap()
     finally:
         await sink.close(5.0)
-    return len(rows), skipped
 
 
 def main(argv: list[str] | None = None) -> int:

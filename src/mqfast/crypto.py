@@ -464,8 +464,9 @@ class Encryptor:
                 "tampered", "authentication failed: ciphertext, topic, key or message id altered"
             ) from None
 
-    def rewrap(self) -> int:
-        """Re-wrap every stored data key under the active master key; returns how many.
+    def rewrap(self) -> tuple[int, dict[str, int]]:
+        """Re-wrap every stored data key under the active master key: (how many, how many
+        could not be, by reason).
 
         Run it after making a new master key active; once every replica runs with the new
         keyring and ``rewrap`` has returned, the old master key can be removed. Data keys whose
@@ -484,7 +485,7 @@ class Encryptor:
                     "skipped": skipped,
                 },
             )
-        return len(rows)
+        return len(rows), skipped
 
     def rewrapped(
         self, rows: Iterable[tuple[str, str, bytes]]

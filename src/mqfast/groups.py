@@ -491,3 +491,32 @@ class ConsumerLookup(Protocol):
 
 def dlq_name(topic: str) -> str:
     return topic + DLQ_SUFFIX
+
+
+DLQ_HEADER_PREFIX = "x-mqfast-dlq-"
+
+
+def dlq_headers(
+    topic: str,
+    partition: int,
+    offset: int,
+    message_id: str,
+    group: str,
+    delivery_count: int,
+    error: str,
+    reason: str,
+    now: int,
+) -> dict[str, str]:
+    """The headers a dead letter carries besides its own: where it came from and why."""
+    p = DLQ_HEADER_PREFIX
+    return {
+        p + "topic": topic,
+        p + "partition": str(partition),
+        p + "offset": str(offset),
+        p + "message-id": message_id,
+        p + "group": group,
+        p + "delivery-count": str(delivery_count),
+        p + "error": error[:1024],
+        p + "reason": reason,
+        p + "time": str(now),
+    }

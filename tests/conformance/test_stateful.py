@@ -32,11 +32,18 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from mqfast import errors
-from mqfast.groups import LeaseOutcome, Policy, PriorityPicker, SettleItem, SettleResult
+from mqfast.groups import (
+    DLQ_HEADER_PREFIX,
+    LeaseOutcome,
+    Policy,
+    PriorityPicker,
+    SettleItem,
+    SettleResult,
+)
 from mqfast.messages import TopicConfig
 from mqfast.sinks import Delivery
 from mqfast.sinks.embedded import EmbeddedSink, write_lock
-from mqfast.sinks.embedded_groups import DLQ_HEADER_PREFIX, EmbeddedGroups
+from mqfast.sinks.embedded_groups import EmbeddedGroups
 
 T = TypeVar("T")
 

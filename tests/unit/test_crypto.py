@@ -262,9 +262,9 @@ def test_rotation_old_messages_decrypt_new_ones_use_the_new_master_key() -> None
         Encryptor(ring("b"), store).decrypt("t0", None, "id0", *before[0])
     assert reason(exc) == "unknown_key"
 
-    assert new.rewrap() == 3  # the three data keys under A; B's are already there
+    assert new.rewrap() == (3, {})  # the three data keys under A; B's are already there
     assert {mk for _, mk, _ in store.items()} == {"b"}
-    assert new.rewrap() == 0
+    assert new.rewrap() == (0, {})
 
     only_b = Encryptor(ring("b"), store)
     for i, (ct, h) in enumerate(before):
@@ -279,7 +279,7 @@ def test_rewrap_leaves_keys_it_cannot_unwrap_and_counts_the_rest() -> None:
     Encryptor(ring("c"), store).encrypt("t", None, "id", b"x")
     ct, h = Encryptor(ring("a"), store).encrypt("u", None, "id", b"y")
     enc = Encryptor(ring("a", "b"), store)  # c is unknown here
-    assert enc.rewrap() == 1
+    assert enc.rewrap() == (1, {"unknown_key": 1})
     assert sorted(mk for _, mk, _ in store.items()) == ["b", "c"]
     assert Encryptor(ring("b"), store).decrypt("u", None, "id", ct, h) == b"y"
 

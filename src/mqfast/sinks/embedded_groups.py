@@ -33,12 +33,14 @@ from mqfast.crypto import (
 )
 from mqfast.crypto import HEADER as ENC_HEADER
 from mqfast.groups import (
+    DLQ_HEADER_PREFIX,
     PRIORITY_LEVELS,
     LeaseOutcome,
     Policy,
     PriorityPicker,
     SettleItem,
     SettleResult,
+    dlq_headers,
     dlq_name,
 )
 from mqfast.messages import LeasedMessage
@@ -50,7 +52,6 @@ LEASED: Final = 1
 RETRY: Final = 2
 DONE: Final = 3
 
-DLQ_HEADER_PREFIX: Final = "x-mqfast-dlq-"
 _headers_decoder = msgspec.json.Decoder(dict[str, str])
 _headers_encoder = msgspec.json.Encoder()
 
@@ -529,19 +530,7 @@ class EmbeddedGroups:
             return  # removed by retention meanwhile: nothing left to keep
         mid, key, value, headers, priority = msg
         h = _headers_decoder.decode(headers) if headers else {}
-        h.update(
-            {
-                DLQ_HEADER_PREFIX + "topic": topic,
-                DLQ_HEADER_PREFIX + "partition": str(partition),
-                DLQ_HEADER_PREFIX + "offset": str(offset),
-                DLQ_HEADER_PREFIX + "message-id": mid,
-                DLQ_HEADER_PREFIX + "group": group,
-                DLQ_HEADER_PREFIX + "delivery-count": str(count),
-                DLQ_HEADER_PREFIX + "error": error[:1024],
-                DLQ_HEADER_PREFIX + "reason": reason,
-                DLQ_HEADER_PREFIX + "time": str(now),
-            }
-        )
+        h.update(dlq_headers(topic, partition, offset, mid, group, count, error, reason, now))
         dlq = dlq_name(topic)
         self._ensure_topic(conn, dlq, topic, now)
         self._append(conn, dlq, 0, key, value, _headers_encoder.encode(h), priority, now)

@@ -43,7 +43,6 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import (  # type: ignore[attr-defined]
     AdminClient,
-    ConfigResource,
     NewTopic,
     OffsetSpec,
 )
@@ -105,7 +104,8 @@ class TopicRegistry(AsyncWrappedKeyStore, Protocol):
 
 
 def client_config(settings: Settings) -> dict[str, Any]:
-    """Settings shared by every Kafka client: brokers, security, then ``KAFKA_OPT_*``."""
+    """Settings shared by every Kafka client (each kind adds its own, then its share of
+    ``settings.kafka_options``: security and ``KAFKA_OPT_*``)."""
     conf: dict[str, Any] = {
         "bootstrap.servers": settings.kafka_brokers,
         "client.id": f"mqfast-{os.uname().nodename}-{os.getpid()}",
@@ -135,7 +135,7 @@ def producer_config(settings: Settings) -> dict[str, Any]:
             "message.max.bytes": max(1_048_576, settings.max_batch_bytes + 65_536),
         }
     )
-    conf.update(_filtered(settings.kafka_options, consumer_only=True))
+    conf.update(_filtered(settings.kafka_options, skip=_CONSUMER_ONLY))
     return conf
 
 
@@ -153,7 +153,7 @@ def consumer_config(settings: Settings, group: str | None) -> dict[str, Any]:
             "queued.max.messages.kbytes": 16_384,
         }
     )
-    conf.update(_filtered(settings.kafka_options, consumer_only=False))
+    conf.update(_filtered(settings.kafka_options, skip=_PRODUCER_ONLY))
     return conf
 
 
@@ -191,9 +191,9 @@ _CONSUMER_ONLY = (
 )
 
 
-def _filtered(options: Mapping[str, str], consumer_only: bool) -> dict[str, str]:
-    """``KAFKA_OPT_*`` for one kind of client: librdkafka warns about the other kind's keys."""
-    skip = _CONSUMER_ONLY if consumer_only else _PRODUCER_ONLY
+def _filtered(options: Mapping[str, str], skip: tuple[str, ...]) -> dict[str, str]:
+    """``KAFKA_OPT_*`` (and the security settings) without ``skip``: librdkafka warns about
+    keys of another kind of client."""
     return {k: v for k, v in options.items() if k not in skip}
 
 
@@ -334,8 +334,9 @@ class KafkaSink:
             None if keyring is None else Encryptor(keyring, PreparedOnly())
         )
         self._preparing: dict[str, asyncio.Future[None]] = {}
-        # Names of the topics whose content is encrypted, as far as this process ever learnt:
-        # never forgotten by a cache refresh, so a message in flight is never sent in clear.
+        # Names of the topics whose content is encrypted: from the registry at each refresh (kept
+        # as they were while it cannot be read) and kept when a name leaves the topic cache
+        # (forget_topic), so a message already batched for it is never sent in clear.
         self._encrypted: set[str] = set()
         # Topics seen while the registry could not be read and unknown to its last copy: their
         # settings (encrypted or not) are unknown, so they are not served until it answers.
@@ -381,8 +382,9 @@ class KafkaSink:
         conf["error_cb"] = self._error_cb
         self._producer = Producer(conf)
         admin_conf = client_config(self.settings)
-        admin_conf.update(_filtered(self.settings.kafka_options, consumer_only=True))
-        admin_conf.update(_filtered(self.settings.kafka_options, consumer_only=False))
+        admin_conf.update(
+            _filtered(self.settings.kafka_options, skip=_PRODUCER_ONLY + _CONSUMER_ONLY)
+        )
         self._admin = AdminClient(admin_conf)
         self._util = Consumer(consumer_config(self.settings, None))
         self._running = True
@@ -491,7 +493,6 @@ class KafkaSink:
                 q = self._queue(topic, partition, sealed)  # a batch is mostly one partition
                 last_topic, last_partition = topic, partition
             value = d.value
-            headers = headers_of(d)
             if sealed:
                 enc = self.encryptor
                 if enc is None or not enc.ready(topic):
@@ -502,7 +503,10 @@ class KafkaSink:
                         d.error = errors.Unavailable(f"topic {topic!r} is encrypted and {what}")
                     continue
                 value, hv = enc.encrypt(topic, d.key, d.message_id, value)
+                headers = headers_of(d)
                 headers.append((ENC_HEADER, hv.encode()))
+            else:
+                headers = headers_of(d)
             # Queued before produce(): the report may come before it returns.
             q.deliveries.append(d)
             q.trackers.append(tracker)
@@ -1056,13 +1060,6 @@ class KafkaSink:
                 except DecryptError:
                     pass  # returned as stored: the caller dead-letters or copies it
         return result
-
-    async def topic_configs(self, name: str) -> dict[str, str]:
-        """Kafka's configuration of a topic (tests and operators check retention here)."""
-        res = ConfigResource(ConfigResource.Type.TOPIC, name)
-        futs = self._admin.describe_configs([res], request_timeout=ADMIN_TIMEOUT_S)
-        entries = await self._wait(futs[res])
-        return {k: v.value for k, v in entries.items()}
 
     def health(self) -> dict[str, object]:
         if self._down_since:

@@ -43,17 +43,21 @@ from mqfast.crypto import (
     bound_to,
 )
 from mqfast.groups import (
+    DLQ_HEADER_PREFIX,
     PRIORITY_LEVELS,
     LeaseOutcome,
     Policy,
     PriorityPicker,
     SettleItem,
     SettleResult,
+    dlq_headers,
     dlq_name,
 )
 from mqfast.messages import GroupLag, LeasedMessage, StoredMessage, TopicConfig
 from mqfast.quota import connect as redis_client
 from mqfast.sinks.kafka import (
+    H_ID,
+    H_PRIORITY,
     KafkaSink,
     SealedMessage,
     consumer_config,
@@ -67,7 +71,6 @@ WINDOW = 2000  # messages read ahead per partition, per group and topic
 IDLE_WINDOW_S = 300.0  # a window nobody consumed through for this long is closed
 LOW_REFRESH_S = 5.0
 COMMIT_EVERY_S = 1.0
-DLQ_HEADER_PREFIX = "x-mqfast-dlq-"
 
 _json = msgspec.json.Decoder()
 
@@ -426,7 +429,9 @@ class KafkaGroups:
         max_leased: int | None,
         now: int,
     ) -> dict[str, Any]:
-        lows = await self._reading(w.refresh_lows)
+        lows = w.lows
+        if not lows or time.monotonic() - w.lows_at > LOW_REFRESH_S:
+            lows = await self._reading(w.refresh_lows)  # a hop to the reader thread, not always
         args = [w.group, cfg.name, now, cfg.partitions, "[]", msgspec.json.encode(lows).decode()]
         tail = [consumer, want, "1" if max_leased is not None else "0"]
         res: dict[str, Any] = await self._call("prepare", *args, *tail, *self._policy_args())
@@ -584,18 +589,13 @@ class KafkaGroups:
             if rec is not None:
                 headers = [(k, v.encode()) for k, v in rec.headers.items()]
                 headers += [
-                    ("mqfast-priority", str(rec.priority).encode()),
-                    (DLQ_HEADER_PREFIX + "topic", cfg.name.encode()),
-                    (DLQ_HEADER_PREFIX + "partition", str(part).encode()),
-                    (DLQ_HEADER_PREFIX + "offset", str(off).encode()),
-                    (DLQ_HEADER_PREFIX + "message-id", str(mid).encode()),
-                    (DLQ_HEADER_PREFIX + "group", group.encode()),
-                    (DLQ_HEADER_PREFIX + "delivery-count", str(count).encode()),
-                    (DLQ_HEADER_PREFIX + "error", str(error)[:1024].encode()),
-                    (DLQ_HEADER_PREFIX + "reason", str(reason).encode()),
-                    (DLQ_HEADER_PREFIX + "time", str(now).encode()),
+                    (H_PRIORITY, str(rec.priority).encode()),
                 ]
-                headers.insert(0, ("mqfast-id", message_id_at(now).encode()))
+                why = dlq_headers(
+                    cfg.name, part, off, str(mid), group, count, str(error), str(reason), now
+                )
+                headers += [(k, v.encode()) for k, v in why.items()]
+                headers.insert(0, (H_ID, message_id_at(now).encode()))
                 if isinstance(rec, SealedMessage):
                     key, value = rec.raw_key, rec.raw_value
                 else:
@@ -639,9 +639,9 @@ class KafkaGroups:
                         if not k.startswith(DLQ_HEADER_PREFIX)
                     ]
                     headers.append(("x-mqfast-redriven-from", dlq.encode()))
-                    headers.insert(0, ("mqfast-id", message_id_at(now).encode()))
+                    headers.insert(0, (H_ID, message_id_at(now).encode()))
                     if m.priority:
-                        headers.append(("mqfast-priority", str(m.priority).encode()))
+                        headers.append((H_PRIORITY, str(m.priority).encode()))
                     key = m.key.encode() if m.key is not None else None
                     value = m.content.encode()
                     stored = m.headers.get(DLQ_ENCODING_HEADER) == "base64"
