@@ -139,8 +139,28 @@ class SettleResult:
     error: errors.MqfastError | None = None
 
 
+class RateLimits(Protocol):
+    """Registered consumers' ``rate_limit`` (deliveries per second) as token buckets."""
+
+    async def take_tokens(self, consumer: str, rate: float, want: int) -> tuple[int, float]:
+        """Up to ``want`` deliveries ``consumer`` may take now; with none, the seconds until
+        the next one."""
+        ...
+
+    async def return_tokens(self, consumer: str, n: int) -> None:
+        """Give back ``n`` taken but not delivered."""
+        ...
+
+    def forget_consumer(self, consumer: str) -> None:
+        """``consumer`` was unregistered."""
+        ...
+
+
 class GroupStore(Protocol):
     """Storage primitives of consumer groups; each call is one atomic transaction."""
+
+    # Per process (embedded) or shared by every replica (Kafka: Redis, on Redis's clock).
+    rate_limits: RateLimits
 
     async def lease(
         self,
@@ -228,6 +248,29 @@ class _Bucket:
         return max(0.0, (1.0 - self.tokens) / self.rate)
 
 
+class LocalRateLimits:
+    """``RateLimits`` of one process: a token bucket per consumer, burst of one second."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[str, _Bucket] = {}
+
+    async def take_tokens(self, consumer: str, rate: float, want: int) -> tuple[int, float]:
+        bucket = self._buckets.get(consumer)
+        now = time.monotonic()
+        if bucket is None or bucket.rate != rate:
+            bucket = self._buckets[consumer] = _Bucket(rate, max(rate, 1.0), now)
+        got = bucket.take(want, now)
+        return got, bucket.wait_s() if got == 0 else 0.0
+
+    async def return_tokens(self, consumer: str, n: int) -> None:
+        bucket = self._buckets.get(consumer)
+        if bucket is not None:
+            bucket.tokens += n
+
+    def forget_consumer(self, consumer: str) -> None:
+        self._buckets.pop(consumer, None)
+
+
 @dataclass(slots=True)
 class TopicCounters:
     """Cumulative per-topic counters of this worker (metrics and history)."""
@@ -252,7 +295,6 @@ class Groups:
         self.max_visibility_ms = 12 * 3600 * 1000
         self._pickers: dict[tuple[str, str], PriorityPicker] = {}
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
-        self._buckets: dict[str, _Bucket] = {}
         self._consumers: dict[str, tuple[float, ConsumerInfo | None]] = {}
         self.lookup_consumer: ConsumerLookup | None = None
         self.topics: dict[str, TopicCounters] = {}
@@ -324,7 +366,7 @@ class Groups:
 
     def forget_consumer(self, consumer_id: str) -> None:
         self._consumers.pop(consumer_id, None)
-        self._buckets.pop(consumer_id, None)
+        self.store.rate_limits.forget_consumer(consumer_id)
 
     def _counters(self, topic: str) -> TopicCounters:
         c = self.topics.get(topic)
@@ -372,19 +414,9 @@ class Groups:
         while True:
             want = max_messages
             bucket_wait = 0.0
-            shared = getattr(self.store, "take_tokens", None)
-            if info is not None and info.rate_limit and shared is not None:
-                # the store keeps one bucket for every replica (Redis)
-                want, bucket_wait = await shared(consumer, info.rate_limit, want)
-            elif info is not None and info.rate_limit:
-                bucket = self._buckets.get(consumer)
-                if bucket is None or bucket.rate != info.rate_limit:
-                    bucket = self._buckets[consumer] = _Bucket(
-                        info.rate_limit, max(info.rate_limit, 1.0), time.monotonic()
-                    )
-                want = bucket.take(want, time.monotonic())
-                if want == 0:
-                    bucket_wait = bucket.wait_s()
+            rates = self.store.rate_limits
+            if info is not None and info.rate_limit:
+                want, bucket_wait = await rates.take_tokens(consumer, info.rate_limit, want)
             out = LeaseOutcome([])
             if want > 0:
                 out = await self.store.lease(
@@ -398,12 +430,7 @@ class Groups:
                     info.max_concurrency if info is not None else None,
                 )
                 if info is not None and info.rate_limit and len(out.messages) < want:
-                    if shared is not None:
-                        await self.store.return_tokens(  # type: ignore[attr-defined]
-                            consumer, want - len(out.messages)
-                        )
-                    else:
-                        self._buckets[consumer].tokens += want - len(out.messages)
+                    await rates.return_tokens(consumer, want - len(out.messages))
             if counters is None:
                 counters = self._counters(topic)
             counters.expired += out.expired

@@ -36,8 +36,10 @@ from mqfast.groups import (
     DLQ_HEADER_PREFIX,
     PRIORITY_LEVELS,
     LeaseOutcome,
+    LocalRateLimits,
     Policy,
     PriorityPicker,
+    RateLimits,
     SettleItem,
     SettleResult,
     dlq_headers,
@@ -82,6 +84,7 @@ class EmbeddedGroups:
         self._lock = lock
         self.policy = policy
         self.encryptor = encryptor  # decrypts messages of encrypted topics as they are leased
+        self.rate_limits: RateLimits = LocalRateLimits()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
 

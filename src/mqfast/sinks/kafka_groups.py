@@ -48,6 +48,7 @@ from mqfast.groups import (
     LeaseOutcome,
     Policy,
     PriorityPicker,
+    RateLimits,
     SettleItem,
     SettleResult,
     dlq_headers,
@@ -252,6 +253,7 @@ class KafkaGroups:
         self.policy = policy
         # Scripts over a group's state may take longer than a quota grant: a wider timeout.
         self.redis = redis_client(settings, timeout_s=2.0)
+        self.rate_limits: RateLimits = self  # take_tokens/return_tokens below, in Redis
         self._scripts = {n: self.redis.register_script(s) for n, s in _load_scripts().items()}
         self._windows: dict[tuple[str, str], _Window] = {}
         self._reader = concurrent.futures.ThreadPoolExecutor(
@@ -776,6 +778,9 @@ class KafkaGroups:
 
     async def return_tokens(self, consumer: str, n: int) -> None:
         await self._call("give", "", "", consumer, n)
+
+    def forget_consumer(self, consumer: str) -> None:
+        """Nothing to drop here: the bucket is in Redis, shared by every replica."""
 
     # ---- housekeeping ---------------------------------------------------------------------
 
