@@ -35,7 +35,7 @@ from typing import Any, Final, Protocol
 import msgspec
 
 from mqfast import errors
-from mqfast.auth import Forbidden, Principal
+from mqfast.auth import ROLES, Forbidden, Principal
 from mqfast.groups import now_ms
 
 log = logging.getLogger("mqfast.audit")
@@ -53,6 +53,7 @@ class _Fields(msgspec.Struct, gc=False):
 
 
 _NO_FIELDS: Final = _Fields()
+_ROLES: Final = frozenset(ROLES)
 _fields_decoder = msgspec.json.Decoder(_Fields)
 
 # Routes whose every call is an administrative action, recorded in the audit log.
@@ -93,8 +94,9 @@ def _forbidden(principal: Principal, what: str) -> errors.MqfastError:
 
 
 def _may_use_group(principal: Principal, group: str | None) -> None:
-    """Acknowledge without a topic: some grant must let the caller consume with ``group``."""
-    if principal.allows("consume", "*", group):
+    """Acknowledge without a topic: the consumer role, or some grant that lets the caller
+    consume with ``group`` (on any topic)."""
+    if principal.allows("consume", "*", group):  # the roles, and grants on every topic
         return
     for g in principal.grants:
         if "consume" in g.actions and (g.groups is None or group in g.groups):
@@ -103,7 +105,7 @@ def _may_use_group(principal: Principal, group: str | None) -> None:
 
 
 def _any_permission(principal: Principal, topic: str) -> bool:
-    if principal.roles & {"admin", "producer", "consumer"}:
+    if principal.roles & _ROLES:
         return True
     return any(g.actions and fnmatchcase(topic, g.topics) for g in principal.grants)
 
