@@ -1114,42 +1114,24 @@ class EmbeddedSink:
             (topic, partition, offset, max(limit, 0)),
         ).fetchall()
         cfg = self._get_topic_sync(topic)
-        if cfg is None:
-            if not rows:
-                raise UnknownTopicError(f"topic {topic!r} does not exist")
-        elif cfg.encrypted:
-            return self._read_encrypted(topic, partition, rows)
-        return [
-            StoredMessage(
-                message_id=mid,
-                topic=topic,
-                partition=partition,
-                offset=off,
-                key=None if k is None else k.decode("utf-8", "replace"),
-                content=v.decode("utf-8", "replace"),
-                headers={} if h is None else _headers_decoder.decode(h),
-                priority=prio,
-                timestamp=ts,
-                expires_at=exp,
-            )
-            for mid, off, k, v, h, prio, ts, exp in rows
-        ]
-
-    def _read_encrypted(self, topic: str, partition: int, rows: list[Any]) -> list[StoredMessage]:
+        if cfg is None and not rows:
+            raise UnknownTopicError(f"topic {topic!r} does not exist")
+        encrypted = cfg is not None and cfg.encrypted
         out = []
         for mid, off, k, v, h, prio, ts, exp in rows:
             headers = {} if h is None else _headers_decoder.decode(h)
-            try:
-                plain = open_message(self.encryptor, topic, k, mid, v, headers)
-            except DecryptError as e:
-                # Never returned: consuming dead-letters it (see embedded_groups).
-                log.warning(
-                    "message not returned: %s",
-                    e,
-                    extra={"topic": topic, "partition": partition, "offset": off,
-                           "reason": e.reason, "detail": e.detail},
-                )  # fmt: skip
-                continue
+            if encrypted:
+                try:
+                    v = open_message(self.encryptor, topic, k, mid, v, headers)
+                except DecryptError as e:
+                    # Never returned: consuming dead-letters it (see embedded_groups).
+                    log.warning(
+                        "message not returned: %s",
+                        e,
+                        extra={"topic": topic, "partition": partition, "offset": off,
+                               "reason": e.reason, "detail": e.detail},
+                    )  # fmt: skip
+                    continue
             out.append(
                 StoredMessage(
                     message_id=mid,
@@ -1157,7 +1139,7 @@ class EmbeddedSink:
                     partition=partition,
                     offset=off,
                     key=None if k is None else k.decode("utf-8", "replace"),
-                    content=plain.decode("utf-8", "replace"),
+                    content=v.decode("utf-8", "replace"),
                     headers=headers,
                     priority=prio,
                     timestamp=ts,
