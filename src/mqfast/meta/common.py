@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import msgspec
 
@@ -35,6 +35,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("mqfast.meta")
+_T = TypeVar("_T")
 
 # Pruning deletes in chunks, each its own transaction, so that a backlog of expired history (a
 # process that was down for days) never holds the write lock or bloats one transaction for long.
@@ -159,10 +160,10 @@ class TouchBuffer:
     """Consumer touches (consumer id -> latest unix ms) waiting to be written, and the
     background task that has them written at most once per ``interval_s``.
 
-    Loop thread only. ``take`` hands the pending touches to a write; until that write is
-    ``done`` they stay visible to ``overlay`` and ``unwritten`` (another connection may read the
+    Loop thread only. ``write(op)`` hands the pending touches to the store's ``op``; until it
+    returns they stay visible to ``overlay`` and ``unwritten`` (another connection may read the
     row before the write commits), and a failed write puts them back. ``flush`` is the store's
-    own write of what ``take`` returns. At most ``max_pending`` consumers are kept (a long
+    method that calls ``write``. At most ``max_pending`` consumers are kept (a long
     outage must not grow memory without bound); touches of further ones are dropped and counted.
     ``quiet(error)`` says a failed flush was already logged by the store (an outage).
     """
@@ -198,7 +199,7 @@ class TouchBuffer:
             self._schedule()
 
     async def stop(self) -> None:
-        """No more background flushes (pending touches stay for a last ``take``)."""
+        """No more background flushes (pending touches stay for a last ``write``)."""
         self._closed = True
         task, self._task = self._task, None
         await cancel_and_wait(task)
@@ -227,14 +228,26 @@ class TouchBuffer:
     def discard(self, consumer_id: str) -> None:
         self.pending.pop(consumer_id, None)
 
-    def take(self) -> dict[str, int]:
-        """The pending touches, to write now; visible to reads until ``done``."""
+    async def write(self, op: Callable[[dict[str, int]], Awaitable[_T]]) -> _T:
+        """Hand the pending touches to ``op``, which writes them (in its transaction); they
+        stay visible to reads until it returns, and are pending again if it fails."""
+        touches = self._take()
+        try:
+            result = await op(touches)
+        except BaseException:
+            self._done(touches, written=False)
+            raise
+        self._done(touches, written=True)
+        return result
+
+    def _take(self) -> dict[str, int]:
+        """The pending touches, to write now; visible to reads until ``_done``."""
         touches, self.pending = self.pending, {}
         if touches:
             self._writing.append(touches)
         return touches
 
-    def done(self, touches: dict[str, int], *, written: bool) -> None:
+    def _done(self, touches: dict[str, int], *, written: bool) -> None:
         self._writing = [t for t in self._writing if t is not touches]
         if not written:
             pending = self.pending

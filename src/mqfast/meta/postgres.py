@@ -649,19 +649,13 @@ class PostgresMeta:
 
     async def flush(self) -> None:
         """Write the pending touches now (the background flush does this within a second)."""
-        touches = self.touches.take()
-        if not touches:
+        if not self.touches.pending:
             return
 
-        async def write(conn: Any) -> None:
-            await self._write_touches(conn, touches)
+        async def write(touches: dict[str, int]) -> None:
+            await self._call(lambda conn: self._write_touches(conn, touches), write=True)
 
-        try:
-            await self._call(write, write=True)
-        except BaseException:
-            self.touches.done(touches, written=False)
-            raise
-        self.touches.done(touches, written=True)
+        await self.touches.write(write)
 
     async def sweep_inactive(self, now_ms: int, timeout_ms: int) -> list[str]:
         """Mark active consumers last seen before ``now_ms - timeout_ms`` inactive.
@@ -669,22 +663,18 @@ class PostgresMeta:
         Pending touches are written in the same transaction first. Returns the ids that became
         inactive in this call, sorted; concurrent sweeps never return the same id twice.
         """
-        touches = self.touches.take()
         cutoff = now_ms - timeout_ms
 
-        async def sweep(conn: Any) -> list[str]:
-            if touches:
-                await self._write_touches(conn, touches)
-            rows = await conn.fetch(_SWEEP, cutoff)
-            return sorted(str(r[0]) for r in rows)
+        async def sweep(touches: dict[str, int]) -> list[str]:
+            async def txn(conn: Any) -> list[str]:
+                if touches:
+                    await self._write_touches(conn, touches)
+                rows = await conn.fetch(_SWEEP, cutoff)
+                return sorted(str(r[0]) for r in rows)
 
-        try:
-            swept = await self._call(sweep, write=True)
-        except BaseException:
-            self.touches.done(touches, written=False)
-            raise
-        self.touches.done(touches, written=True)
-        return swept
+            return await self._call(txn, write=True)
+
+        return await self.touches.write(sweep)
 
     async def consumer_counts(self) -> tuple[int, int]:
         """``(active, total)`` registered consumers, counting unflushed touches as activity."""

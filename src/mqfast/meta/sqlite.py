@@ -280,15 +280,11 @@ class SqliteMeta:
 
     async def flush(self) -> None:
         """Write the pending touches now (the background flush does this within a second)."""
-        touches = self.touches.take()
-        if not touches:
+        if not self.touches.pending:
             return
-        try:
-            await self._run(self._write_sync, self._apply_touches, _touch_rows(touches))
-        except BaseException:
-            self.touches.done(touches, written=False)
-            raise
-        self.touches.done(touches, written=True)
+        await self.touches.write(
+            lambda t: self._run(self._write_sync, self._apply_touches, _touch_rows(t))
+        )
 
     async def sweep_inactive(self, now_ms: int, timeout_ms: int) -> list[str]:
         """Mark active consumers last seen before ``now_ms - timeout_ms`` inactive.
@@ -296,14 +292,10 @@ class SqliteMeta:
         Pending touches are written in the same transaction first. Returns the ids that became
         inactive in this call, sorted; concurrent sweeps never return the same id twice.
         """
-        touches = self.touches.take()
-        try:
-            swept = await self._run(self._sweep_sync, _touch_rows(touches), now_ms - timeout_ms)
-        except BaseException:
-            self.touches.done(touches, written=False)
-            raise
-        self.touches.done(touches, written=True)
-        return swept
+        cutoff = now_ms - timeout_ms
+        return await self.touches.write(
+            lambda t: self._run(self._sweep_sync, _touch_rows(t), cutoff)
+        )
 
     async def consumer_counts(self) -> tuple[int, int]:
         """``(active, total)`` registered consumers, counting unflushed touches as activity."""
