@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import msgspec
 import pytest
 
+from mqfast.crypto import HEADER, Keyring
 from mqfast.errors import MqfastError, ShuttingDown, TopicExists, Unavailable, UnknownTopic
 from mqfast.messages import TopicConfig
 from mqfast.sinks import Delivery
@@ -285,6 +286,41 @@ def test_two_sinks_on_one_file_get_distinct_offsets(tmp_path: Path) -> None:
             assert [m.offset for m in stored] == list(range(600))
             by_id = {d.message_id: d.offset for d in sent if d.partition == 0}
             assert all(by_id[m.message_id] == m.offset for m in stored)
+
+    run(main())
+
+
+def test_a_topic_recreated_by_another_worker_with_encryption_is_written_encrypted(
+    tmp_path: Path,
+) -> None:
+    """Worker A knows ``t`` as plain; worker B deletes it and creates it encrypted: A's next
+    write is encrypted (the transaction checks the flag A assumed), and the other way round."""
+
+    def stored(path: Path) -> list[tuple[bytes, dict[str, str]]]:
+        conn = sqlite3.connect(path / "mqfast.db")
+        try:
+            rows = conn.execute("SELECT value, headers FROM messages ORDER BY offset").fetchall()
+        finally:
+            conn.close()
+        return [(bytes(v), msgspec.json.decode(h) if h else {}) for v, h in rows]
+
+    async def main() -> None:
+        keyring = Keyring({"k1": bytes(range(32))})
+        async with Harness(tmp_path, keyring=keyring) as a, Harness(tmp_path, keyring=keyring) as b:
+            await a.sink.create_topic(cfg("t"))
+            [d] = await a.produce([D("t", value=b"plain one", message_id="m1")])
+            assert d.error is None
+            await b.sink.delete_topic("t")
+            await b.sink.create_topic(msgspec.structs.replace(cfg("t"), encrypted=True))
+            [d] = await a.produce([D("t", value=b"secret two", message_id="m2")])
+            assert d.error is None
+            [(value, headers)] = stored(tmp_path)
+            assert b"secret" not in value and HEADER in headers
+            await b.sink.delete_topic("t")
+            await b.sink.create_topic(cfg("t"))
+            [d] = await a.produce([D("t", value=b"plain three", message_id="m3")])
+            assert d.error is None
+            assert stored(tmp_path) == [(b"plain three", {})]
 
     run(main())
 

@@ -181,7 +181,11 @@ _INSERT_MESSAGE: Final = (
     "INSERT INTO messages (topic, partition, offset, message_id, key, value, headers, priority,"
     " timestamp_ms, expires_ms, size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_SELECT_NEXT: Final = "SELECT next_offset FROM partitions WHERE topic = ? AND partition = ?"
+# With the topic's encryption flag: the transaction checks what _seal assumed before it wrote.
+_SELECT_NEXT: Final = (
+    "SELECT p.next_offset, t.encrypted FROM partitions p JOIN topics t ON t.name = p.topic"
+    " WHERE p.topic = ? AND p.partition = ?"
+)
 _UPDATE_PARTITION: Final = (
     "UPDATE partitions SET next_offset = ?, messages = messages + ?, bytes = bytes + ?"
     " WHERE topic = ? AND partition = ?"
@@ -191,6 +195,16 @@ _TOPIC_COLUMNS: Final = (
 )
 
 _STOP: Final = object()
+
+
+class _TopicChanged(Exception):
+    """A topic's encryption setting is not the one a write was prepared with."""
+
+    def __init__(self, topic: str) -> None:
+        super().__init__(topic)
+        self.topic = topic
+
+
 # topic, partition, offset, message_id, key, value, headers, priority, timestamp, expires, size
 _Row = tuple[str, int, int, str, bytes | None, bytes, bytes | None, int, int, int, int]
 _headers_decoder = msgspec.json.Decoder(dict[str, str])
@@ -384,6 +398,8 @@ class EmbeddedSink:
             if keyring is None
             else Encryptor(keyring, SqliteKeyStore(self._connect, self._write_lock))
         )
+        # topic -> encrypted, as _seal last read it (writer thread; checked by each write)
+        self._encrypted_topics: dict[str, bool] = {}
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_done: DoneCallback | None = None
@@ -802,7 +818,9 @@ class EmbeddedSink:
         finally:
             conn.close()
 
-    def _write(self, conn: sqlite3.Connection, batches: list[list[Delivery]]) -> None:
+    def _write(
+        self, conn: sqlite3.Connection, batches: list[list[Delivery]], again: bool = False
+    ) -> None:
         """Write ``batches`` in one transaction, then complete them on the loop."""
         written: list[Delivery] = []
         offsets: list[int] = []
@@ -833,7 +851,10 @@ class EmbeddedSink:
                             if row is None:
                                 absent.add(tp)
                                 missing.append(d)
+                                self._encrypted_topics.pop(d.topic, None)
                                 continue
+                            if bool(row[1]) != self._encrypted_topics.get(d.topic, False):
+                                raise _TopicChanged(d.topic)
                             st = parts[tp] = [row[0], row[0], 0]
                         off = st[1]
                         st[1] = off + 1
@@ -863,6 +884,15 @@ class EmbeddedSink:
                             if s[1] != s[0]
                         ],
                     )
+        except _TopicChanged as e:
+            # Recreated by another worker with the other encryption setting since _seal read
+            # it: nothing was written; seal again with the flag as it is now.
+            self._encrypted_topics.pop(e.topic, None)
+            if not again:
+                self._write(conn, batches, again=True)
+                return
+            self._complete_failed(batches, Unavailable(f"topic {e.topic!r} changed; retry"))
+            return
         except Exception as e:
             self._note_failure(e, sum(len(b) for b in batches))
             self._complete_failed(batches, Unavailable(f"embedded engine: {e}"))
@@ -893,10 +923,10 @@ class EmbeddedSink:
         """Encrypt the deliveries to encrypted topics (writer thread, outside a transaction).
 
         Returns ``id(delivery) -> (ciphertext, headers)`` and the deliveries refused because
-        their topic is encrypted and no master key is configured. The flag is read for each
-        write, not cached: another worker may have recreated the topic with another setting.
+        their topic is encrypted and no master key is configured. The flags are cached; the
+        transaction checks them (another worker may have recreated a topic with another one).
         """
-        known: dict[str, bool] = {}
+        known = self._encrypted_topics
         sealed: _Sealed = _NO_SEALED
         refused: dict[int, Delivery] = {}
         enc = self.encryptor
@@ -1038,6 +1068,7 @@ class EmbeddedSink:
         return [_topic_from_row(r) for r in rows]
 
     def _delete_topic_sync(self, name: str) -> None:
+        self._encrypted_topics.pop(name, None)
         conn = self._conn()
         with immediate(conn, self._write_lock):
             cur = conn.execute("DELETE FROM topics WHERE name = ?", (name,))
