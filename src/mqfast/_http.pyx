@@ -125,6 +125,19 @@ cpdef object decode_json(object decoder, object body):
         raise _errors.MalformedJson("request body is not valid UTF-8") from None
 
 
+cdef object _parse_failure(object exc):
+    """The error to answer for what httptools' ``feed_data`` raised."""
+    if isinstance(exc, _HttpParserCallbackError):
+        ctx = exc.__context__
+        if isinstance(ctx, _MqfastError):
+            return ctx  # one of the checks of the callbacks
+        _log.error("internal error while parsing a request", exc_info=ctx or exc)
+        return _errors.MqfastError("internal error")
+    if isinstance(exc, _HttpParserUpgrade):
+        return _errors.MalformedHttp("protocol upgrade is not supported")
+    return _errors.MalformedHttp(f"malformed HTTP request: {exc}")
+
+
 cdef bytes http_response(Server server, int status, bytes body, bint close, bytes extra,
                          bint http10_keepalive, bint head=False):
     # ``head``: the answer to a HEAD request, its Content-Length that of the body it omits
@@ -410,14 +423,8 @@ cpdef tuple parse_request_head(bytes head, Py_ssize_t max_header):
     parser = httptools.HttpRequestParser(h)
     try:
         parser.feed_data(head)
-    except _HttpParserCallbackError as e:
-        if isinstance(e.__context__, _MqfastError):
-            raise e.__context__ from None
-        raise
-    except _HttpParserUpgrade:
-        raise _errors.MalformedHttp("protocol upgrade is not supported") from None
-    except _HttpParserError as e:
-        raise _errors.MalformedHttp(f"malformed HTTP request: {e}") from None
+    except (_HttpParserError, _HttpParserUpgrade) as e:
+        raise _parse_failure(e) from None
     if not h.complete:
         raise _errors.MalformedHttp("incomplete request head")
     h._check_head(parser)
@@ -511,17 +518,8 @@ cdef class HttpProtocol(RequestHead):
                 return
         try:
             self.parser.feed_data(data)
-        except _HttpParserCallbackError as e:
-            ctx = e.__context__
-            if isinstance(ctx, _MqfastError):
-                self._abort_with(ctx)
-            else:
-                _log.error("internal error while parsing a request", exc_info=ctx or e)
-                self._abort_with(_errors.MqfastError("internal error"))
-        except _HttpParserUpgrade:
-            self._abort_with(_errors.MalformedHttp("protocol upgrade is not supported"))
-        except _HttpParserError as e:
-            self._abort_with(_errors.MalformedHttp(f"malformed HTTP request: {e}"))
+        except (_HttpParserError, _HttpParserUpgrade) as e:
+            self._abort_with(_parse_failure(e))
         self._write_ready()
 
     def eof_received(self):
