@@ -60,7 +60,9 @@ cdef class Server:
         self.inflight = 0
         self.max_inflight = max_inflight
         self.max_size = settings.max_size
-        self.max_body = settings.max_size + 65536
+        # The content's limit applies to the decoded content; the body may be up to six times
+        # as large (JSON writes a control character as a six-byte \u escape) plus the envelope.
+        self.max_body = BODY_ESCAPE_FACTOR * settings.max_size + BODY_ENVELOPE
         self.max_batch_body = settings.max_batch_bytes
         self.max_batch_messages = settings.max_batch_messages
         self.max_header = settings.max_header_bytes

@@ -16,6 +16,10 @@ cdef enum:
     # resume when it drains below the low-water mark.
     PIPELINE_HIGH = 256
     PIPELINE_LOW = 64
+    # A produce body may be this many times MESSAGE_QUEUE_MAX_SIZE plus BODY_ENVELOPE bytes: the
+    # limit is on the decoded content, and "\u0001" is six bytes of JSON for one of content.
+    BODY_ESCAPE_FACTOR = 6
+    BODY_ENVELOPE = 65536
 
 
 cdef class TopicState:
@@ -37,6 +41,7 @@ cdef class Pending:
     cdef bint barrier       # not a produce: runs alone, after earlier answers, before later requests
     cdef bint close_after
     cdef bint http10
+    cdef bint head          # a HEAD request: its answer carries no body
     cdef bint prefer_async
     cdef int route
     cdef int status
@@ -82,6 +87,7 @@ cdef class Router:
     cdef list templated
     cdef list templates
     cdef list methods
+    cdef list allow         # the Allow header of each route ("GET, HEAD, POST")
     cdef list masks
     cdef readonly int produce_route
     cdef readonly int batch_route
@@ -130,31 +136,42 @@ cdef class Server:
     cdef void _schedule_flush(self)
 
 
-cdef class HttpProtocol:
-    cdef Server server
-    cdef object transport
-    cdef object parser
-    cdef object pending
+cdef class RequestHead:
+    cdef Py_ssize_t max_header
     cdef bytes url
-    cdef object body
-    cdef int state
-    cdef int64_t state_since_ns
-    cdef int64_t t0_ns
     cdef Py_ssize_t header_bytes
-    cdef Py_ssize_t coarse_header_bytes
-    cdef Py_ssize_t body_len
     cdef Py_ssize_t content_length
-    cdef Py_ssize_t body_limit
-    cdef int route
-    cdef int method
     cdef bint has_content_length
     cdef bint has_transfer_encoding
     cdef bint has_host
     cdef bint expect_continue
     cdef bint prefer_async
     cdef bytes authorization
-    cdef str peer             # "ip:port" of the client, for the audit log
+    cdef bytes content_type   # the raw Content-Type header, None when absent
+    cdef bint json_body       # Content-Type is application/json or application/*+json
+    cdef bytes content_coding # a Content-Encoding other than identity, None when absent
     cdef bint http10
+
+    cdef _reset_head(self)
+    cdef _check_head(self, object parser)
+    cdef object _media_error(self)
+
+
+cdef class HttpProtocol(RequestHead):
+    cdef Server server
+    cdef object transport
+    cdef object parser
+    cdef object pending
+    cdef object body
+    cdef int state
+    cdef int64_t state_since_ns
+    cdef int64_t t0_ns
+    cdef Py_ssize_t coarse_header_bytes
+    cdef Py_ssize_t body_len          # while lingering: the bytes discarded
+    cdef Py_ssize_t body_limit
+    cdef int route
+    cdef int method
+    cdef str peer             # "ip:port" of the client, for the audit log
     cdef bint closing
     cdef bint reading_paused
     cdef bint writing_paused
@@ -179,3 +196,4 @@ cdef class HttpProtocol:
     cdef _complete(self, Pending p)
     cdef _write_ready(self)
     cdef _abort_with(self, object exc)
+    cdef _linger(self)

@@ -35,6 +35,10 @@ def partition_for_key(key: bytes, partitions: int) -> int:
 def decode_json(decoder: Any, body: bytes | bytearray | None) -> Any:
     """Decode a request body with ``decoder``; every failure is a 400 naming the field."""
 
+def parse_request_head(head: bytes, max_header: int) -> tuple[bytes, bytes]:
+    """Check a side listener's request head (up to its blank line) by the main listener's
+    rules: ``(method, target)``, or an ``MqfastError`` (400, 431, 501, 505)."""
+
 def topic_name_error(name: str) -> str | None:
     """None when ``name`` is a valid topic name (Kafka's rules), else the reason."""
 

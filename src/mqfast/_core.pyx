@@ -17,6 +17,7 @@ from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 import collections
 import logging
 import os
+import re
 import time
 
 import httptools

@@ -6,9 +6,20 @@ cdef enum:
     ST_HEADERS = 1
     ST_BODY = 2
     ST_CLOSED = 3
+    ST_LINGER = 4   # answered and shut down for writing; discarding input until the client closes
 
 cdef enum:
+    METHOD_POST = 2     # the bits of _METHOD_BITS
+    METHOD_HEAD = 16
     METHOD_OTHER = 128
+
+cdef enum:
+    # Lingering close (nginx's lingering_close): after an answer that closes the connection,
+    # read and discard what the client still sends, so that closing with unread input does not
+    # reset the connection and destroy the answer; bounded in time and in bytes (enough for an
+    # oversized head or a refused body that the client sends anyway).
+    LINGER_BYTES = 1048576
+    LINGER_SECONDS = 2
 
 cdef dict _REASONS = {
     100: b"Continue", 200: b"OK", 201: b"Created", 202: b"Accepted", 204: b"No Content",
@@ -16,7 +27,7 @@ cdef dict _REASONS = {
     405: b"Method Not Allowed", 408: b"Request Timeout", 409: b"Conflict",
     413: b"Content Too Large", 415: b"Unsupported Media Type", 429: b"Too Many Requests",
     431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
-    501: b"Not Implemented", 503: b"Service Unavailable",
+    501: b"Not Implemented", 503: b"Service Unavailable", 505: b"HTTP Version Not Supported",
 }
 
 cdef object _HttpParserCallbackError = httptools.HttpParserCallbackError
@@ -28,6 +39,71 @@ cdef bytes _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 cdef object _iscoroutine = __import__("inspect").isawaitable
+# A \uD800-\uDBFF escape (after an even run of backslashes) not followed by a \uDC00-\uDFFF one.
+cdef object _LONE_SURROGATE = re.compile(
+    rb"(?<!\\)(?:\\\\)*(\\u[dD][89abAB][0-9a-fA-F]{2})(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})")
+
+
+cdef extern from "strings.h":
+    int strncasecmp(const char* a, const char* b, size_t n) nogil
+
+
+cdef extern from *:
+    """
+    /* httptools keeps no accessor for the size of the chunk being read. Its parser object
+       (a Cython class: the vtable pointer first) holds its llhttp_t pointer first, and
+       llhttp_t begins with these fields (httptools' parser/parser.pyx and cparser.pxd);
+       llhttp_t.data points back at the object, which tells whether the layout is still the
+       one expected (if not, a chunk is only refused once its bytes pass the limit). */
+    typedef struct {
+        int32_t _index; void* _span_pos0; void* _span_cb0; int32_t error;
+        const char* reason; const char* error_pos; void* data; void* _current;
+        uint64_t content_length;
+    } mq_llhttp_head;
+    typedef struct { PyObject_HEAD void* vtab; mq_llhttp_head* llhttp; } mq_httptools_parser;
+    static int mq_llhttp_remaining(PyObject* parser, uint64_t* out) {
+        mq_llhttp_head* h = ((mq_httptools_parser*)parser)->llhttp;
+        if (h == NULL || h->data != (void*)parser) return 0;
+        *out = h->content_length;
+        return 1;
+    }
+    """
+    bint mq_llhttp_remaining(object parser, uint64_t* out)
+
+
+cdef inline bint _is_space(char c) noexcept nogil:
+    return c == 32 or c == 9
+
+
+cdef bint _is_json_media(bytes value):
+    # application/json or application/<x>+json, in any case, optionally with parameters
+    cdef const char* s = PyBytes_AS_STRING(value)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(value), i = 0, j
+    while i < n and _is_space(s[i]):
+        i += 1
+    if n - i < 16 or strncasecmp(s + i, b"application/", 12) != 0:
+        return False
+    i += 12
+    j = i
+    while j < n and s[j] != 59 and not _is_space(s[j]):  # 59: ';'
+        j += 1
+    if j - i < 4 or strncasecmp(s + j - 4, b"json", 4) != 0 or (j - i > 4 and s[j - 5] != 43):
+        return False  # 43: '+'
+    while j < n and _is_space(s[j]):
+        j += 1
+    return j == n or s[j] == 59
+
+
+cdef bint _is_token(bytes value, const char* token, Py_ssize_t size):
+    # ``value`` is ``token`` (any case) with optional surrounding whitespace
+    cdef const char* s = PyBytes_AS_STRING(value)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(value)
+    while n and _is_space(s[n - 1]):
+        n -= 1
+    while n and _is_space(s[0]):
+        s += 1
+        n -= 1
+    return n == size and strncasecmp(s, token, size) == 0
 
 
 cpdef object decode_json(object decoder, object body):
@@ -37,13 +113,34 @@ cpdef object decode_json(object decoder, object body):
     try:
         return decoder.decode(body)
     except _DecodeError as e:
+        m = _LONE_SURROGATE.search(body)
+        if m is not None and not isinstance(e, msgspec.ValidationError):
+            # msgspec reports a high surrogate without its low half as "truncated"
+            raise _errors.MalformedJson(
+                f"request body is not valid JSON: {m.group(1).decode()} at byte "
+                f"{m.start(1)} is a lone UTF-16 surrogate; a \\uD800-\\uDBFF escape "
+                "must be followed by a \\uDC00-\\uDFFF escape") from None
         raise _errors.from_decode_error(e) from None
     except UnicodeDecodeError:
         raise _errors.MalformedJson("request body is not valid UTF-8") from None
 
 
+cdef object _parse_failure(object exc):
+    """The error to answer for what httptools' ``feed_data`` raised."""
+    if isinstance(exc, _HttpParserCallbackError):
+        ctx = exc.__context__
+        if isinstance(ctx, _MqfastError):
+            return ctx  # one of the checks of the callbacks
+        _log.error("internal error while parsing a request", exc_info=ctx or exc)
+        return _errors.MqfastError("internal error")
+    if isinstance(exc, _HttpParserUpgrade):
+        return _errors.MalformedHttp("protocol upgrade is not supported")
+    return _errors.MalformedHttp(f"malformed HTTP request: {exc}")
+
+
 cdef bytes http_response(Server server, int status, bytes body, bint close, bytes extra,
-                         bint http10_keepalive):
+                         bint http10_keepalive, bint head=False):
+    # ``head``: the answer to a HEAD request, its Content-Length that of the body it omits
     reason = _REASONS.get(status, b"Unknown")
     conn = b"connection: close\r\n" if close else (
         b"connection: keep-alive\r\n" if http10_keepalive else b"")
@@ -54,7 +151,7 @@ cdef bytes http_response(Server server, int status, bytes body, bint close, byte
         conn,
         extra if extra is not None else b"",
         b"\r\n",
-        body,
+        b"" if head else body,
     ))
 
 
@@ -200,11 +297,146 @@ cdef class _Resume:
         conn._write_ready()
 
 
-cdef class HttpProtocol:
+cdef class RequestHead:
+    """The rules for a request's head, one copy for the main listener (``HttpProtocol``) and the
+    side listeners (``parse_request_head``): size, framing headers, codings, version, Host."""
+
+    cdef _reset_head(self):
+        self.url = None
+        self.header_bytes = 0
+        self.content_length = 0
+        self.has_content_length = False
+        self.has_transfer_encoding = False
+        self.has_host = False
+        self.expect_continue = False
+        self.prefer_async = False
+        self.authorization = None
+        self.content_type = None
+        self.json_body = False
+        self.content_coding = None
+        self.http10 = False
+
+    def on_url(self, bytes url):
+        self.url = url if self.url is None else self.url + url
+        self.header_bytes += len(url)
+        if self.header_bytes > self.max_header:
+            raise _errors.HeadersTooLarge(
+                f"request line and headers exceed {self.max_header} bytes")
+
+    def on_header(self, bytes name, bytes value):
+        # Names are compared in C, without a lowered copy: this runs for every header.
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(name)
+        cdef const char* s = PyBytes_AS_STRING(name)
+        self.header_bytes += n + PyBytes_GET_SIZE(value) + 4
+        if self.header_bytes > self.max_header:
+            raise _errors.HeadersTooLarge(
+                f"request line and headers exceed {self.max_header} bytes")
+        if n == 4:
+            if strncasecmp(s, b"host", 4) == 0:
+                if self.has_host:
+                    raise _errors.MalformedHttp("duplicate Host header")
+                self.has_host = True
+        elif n == 12:
+            if strncasecmp(s, b"content-type", 12) == 0:
+                if self.content_type is not None:
+                    raise _errors.MalformedHttp("duplicate Content-Type header")
+                self.content_type = value
+                self.json_body = _is_json_media(value)
+        elif n == 14:
+            if strncasecmp(s, b"content-length", 14) == 0:
+                if self.has_content_length:
+                    raise _errors.MalformedHttp("duplicate Content-Length header")
+                if self.has_transfer_encoding:
+                    raise _errors.MalformedHttp(
+                        "both Content-Length and Transfer-Encoding are present")
+                self.has_content_length = True
+                v = value.strip()
+                if not v.isdigit() or len(v) > 18:
+                    raise _errors.MalformedHttp("invalid Content-Length header")
+                self.content_length = int(v)  # checked against the route's limit when routed
+        elif n == 17:
+            if strncasecmp(s, b"transfer-encoding", 17) == 0:
+                if self.has_content_length:
+                    raise _errors.MalformedHttp(
+                        "both Content-Length and Transfer-Encoding are present")
+                if self.has_transfer_encoding:
+                    raise _errors.MalformedHttp("duplicate Transfer-Encoding header")
+                if not _is_token(value, b"chunked", 7):
+                    raise _errors.TransferCodingNotImplemented(
+                        f"Transfer-Encoding {value.decode('latin-1')!r} is not supported; "
+                        "send the body with Content-Length or Transfer-Encoding: chunked")
+                self.has_transfer_encoding = True
+        elif n == 16:
+            if strncasecmp(s, b"content-encoding", 16) == 0 and not _is_token(
+                    value, b"identity", 8):
+                self.content_coding = value  # refused once the body is read (keeps framing)
+        elif n == 13:
+            if strncasecmp(s, b"authorization", 13) == 0:
+                self.authorization = value
+        elif n == 6:
+            if strncasecmp(s, b"expect", 6) == 0:
+                if _is_token(value, b"100-continue", 12):
+                    self.expect_continue = True
+            elif strncasecmp(s, b"prefer", 6) == 0:
+                if b"respond-async" in value.lower():
+                    self.prefer_async = True
+
+    cdef _check_head(self, object parser):
+        """The checks that need the whole head: the version, then the Host header."""
+        version = parser.get_http_version()
+        self.http10 = version == "1.0"
+        if not self.http10 and version != "1.1":
+            raise _errors.VersionNotSupported(
+                f"HTTP/{version} is not supported; use HTTP/1.1 (or HTTP/1.0)")
+        if not self.has_host and not self.http10:
+            raise _errors.MalformedHttp("missing Host header")
+
+    cdef object _media_error(self):
+        """Why the body may not be read as JSON (415), or None."""
+        if self.content_coding is not None:
+            return _errors.UnsupportedMediaType(
+                f"Content-Encoding {self.content_coding.decode('latin-1')!r} is not supported; "
+                "send the body uncompressed (identity)")
+        if self.content_type is None:
+            return _errors.UnsupportedMediaType(
+                "the Content-Type header is missing; send Content-Type: application/json")
+        return _errors.UnsupportedMediaType(
+            f"Content-Type {self.content_type.decode('latin-1')!r} is not supported; "
+            "send Content-Type: application/json")
+
+
+@cython.final
+cdef class _SideHead(RequestHead):
+    """A request head checked for a side listener, which reads no body."""
+    cdef bint complete
+
+    def on_headers_complete(self):
+        self.complete = True
+
+
+cpdef tuple parse_request_head(bytes head, Py_ssize_t max_header):
+    """Check a side listener's request head (up to its blank line) by the main listener's
+    rules: ``(method, target)``, or an ``MqfastError`` (400, 431, 501, 505)."""
+    cdef _SideHead h = _SideHead()
+    h.max_header = max_header
+    h._reset_head()
+    parser = httptools.HttpRequestParser(h)
+    try:
+        parser.feed_data(head)
+    except (_HttpParserError, _HttpParserUpgrade) as e:
+        raise _parse_failure(e) from None
+    if not h.complete:
+        raise _errors.MalformedHttp("incomplete request head")
+    h._check_head(parser)
+    return parser.get_method(), h.url or b"/"
+
+
+cdef class HttpProtocol(RequestHead):
     """One client connection (asyncio.Protocol)."""
 
     def __init__(self, Server server):
         self.server = server
+        self.max_header = server.max_header
         self.transport = None
         self.parser = httptools.HttpRequestParser(self)
         self.pending = collections.deque()
@@ -217,22 +449,13 @@ cdef class HttpProtocol:
         self._reset_request()
 
     cdef _reset_request(self):
-        self.url = None
+        self._reset_head()
         self.body = None
-        self.header_bytes = 0
         self.coarse_header_bytes = 0
         self.body_len = 0
-        self.content_length = 0
         self.body_limit = self.server.max_body
         self.route = -1
         self.method = METHOD_OTHER
-        self.has_content_length = False
-        self.has_transfer_encoding = False
-        self.has_host = False
-        self.expect_continue = False
-        self.prefer_async = False
-        self.authorization = None
-        self.http10 = False
         if self.params:
             self.params = []
 
@@ -264,7 +487,8 @@ cdef class HttpProtocol:
         self._maybe_resume_reading()
 
     def _pause_reading(self):
-        if not self.reading_paused and self.transport is not None:
+        # never while lingering: that would leave the client's bytes unread at the close
+        if not self.reading_paused and self.transport is not None and self.state != ST_LINGER:
             self.reading_paused = True
             self.transport.pause_reading()
 
@@ -276,6 +500,11 @@ cdef class HttpProtocol:
             self.transport.resume_reading()
 
     def data_received(self, data):
+        if self.state == ST_LINGER:
+            self.body_len += len(data)
+            if self.body_len > LINGER_BYTES:
+                self.transport.close()
+            return
         if self.closing or self.state == ST_CLOSED:
             return
         if self.state == ST_HEADERS:
@@ -289,17 +518,8 @@ cdef class HttpProtocol:
                 return
         try:
             self.parser.feed_data(data)
-        except _HttpParserCallbackError as e:
-            ctx = e.__context__
-            if isinstance(ctx, _MqfastError):
-                self._abort_with(ctx)
-            else:
-                _log.error("internal error while parsing a request", exc_info=ctx or e)
-                self._abort_with(_errors.MqfastError("internal error"))
-        except _HttpParserUpgrade:
-            self._abort_with(_errors.MalformedHttp("protocol upgrade is not supported"))
-        except _HttpParserError as e:
-            self._abort_with(_errors.MalformedHttp(f"malformed HTTP request: {e}"))
+        except (_HttpParserError, _HttpParserUpgrade) as e:
+            self._abort_with(_parse_failure(e))
         self._write_ready()
 
     def eof_received(self):
@@ -313,61 +533,13 @@ cdef class HttpProtocol:
         self.t0_ns = now_ns()
         self.state_since_ns = self.t0_ns
 
-    def on_url(self, bytes url):
-        self.url = url if self.url is None else self.url + url
-        self.header_bytes += len(url)
-        if self.header_bytes > self.server.max_header:
-            raise _errors.HeadersTooLarge(
-                f"request line and headers exceed {self.server.max_header} bytes")
-
-    def on_header(self, bytes name, bytes value):
-        cdef Py_ssize_t n = len(name)
-        self.header_bytes += n + len(value) + 4
-        if self.header_bytes > self.server.max_header:
-            raise _errors.HeadersTooLarge(
-                f"request line and headers exceed {self.server.max_header} bytes")
-        if n == 4:
-            if name.lower() == b"host":
-                self.has_host = True
-        elif n == 14:
-            if name.lower() == b"content-length":
-                if self.has_content_length:
-                    raise _errors.MalformedHttp("duplicate Content-Length header")
-                if self.has_transfer_encoding:
-                    raise _errors.MalformedHttp(
-                        "both Content-Length and Transfer-Encoding are present")
-                self.has_content_length = True
-                v = value.strip()
-                if not v.isdigit() or len(v) > 18:
-                    raise _errors.MalformedHttp("invalid Content-Length header")
-                self.content_length = int(v)  # checked against the route's limit when routed
-        elif n == 17:
-            if name.lower() == b"transfer-encoding":
-                if self.has_content_length:
-                    raise _errors.MalformedHttp(
-                        "both Content-Length and Transfer-Encoding are present")
-                self.has_transfer_encoding = True
-        elif n == 13:
-            if name.lower() == b"authorization":
-                self.authorization = value
-        elif n == 6:
-            lname = name.lower()
-            if lname == b"expect":
-                if value.strip().lower() == b"100-continue":
-                    self.expect_continue = True
-            elif lname == b"prefer":
-                if b"respond-async" in value.lower():
-                    self.prefer_async = True
-
     def on_headers_complete(self):
         cdef Server server = self.server
         cdef Py_ssize_t declared = self.content_length if self.has_content_length else 0
         self.state = ST_BODY
         self.state_since_ns = now_ns()
         self.method = _METHOD_BITS.get(self.parser.get_method(), METHOD_OTHER)
-        self.http10 = self.parser.get_http_version() == "1.0"
-        if not self.has_host and not self.http10:
-            raise _errors.MalformedHttp("missing Host header")
+        self._check_head(self.parser)
         url = self.url or b"/"
         q = url.find(b"?")
         path = url if q < 0 else url[:q]
@@ -386,12 +558,21 @@ cdef class HttpProtocol:
             else:
                 self.transport.write(_CONTINUE)
 
+    def on_chunk_header(self):
+        # Refuse a chunk that cannot fit at once, not after waiting for its bytes.
+        cdef uint64_t size
+        if (mq_llhttp_remaining(self.parser, &size)
+                and size > <uint64_t>(self.body_limit - self.body_len)):
+            raise _errors.PayloadTooLarge(
+                f"a chunk of {size} bytes exceeds the request body limit of "
+                f"{self.body_limit} bytes")
+
     def on_body(self, bytes chunk):
+        # The body's deadline runs from the end of the headers: a trickle does not extend it.
         self.body_len += len(chunk)
         if self.body_len > self.body_limit:
             raise _errors.PayloadTooLarge(
                 f"request body exceeds the limit of {self.body_limit} bytes")
-        self.state_since_ns = now_ns()
         if self.body is None:
             self.body = chunk
         elif type(self.body) is bytes:
@@ -422,6 +603,7 @@ cdef class HttpProtocol:
         if not self.parser.should_keep_alive() or server.shutting_down:
             p.close_after = True
         p.http10 = self.http10
+        p.head = self.method == METHOD_HEAD
         p.prefer_async = self.prefer_async
         p.authorization = self.authorization
         p.url = self.url or b"/"
@@ -436,13 +618,19 @@ cdef class HttpProtocol:
                 raise _errors.NotFound(
                     f"no such endpoint: {p.url.split(b'?')[0].decode('latin-1')}")
             if not (self.method & <int>server.router.masks[route]):
-                allowed = server.router.methods[route]
+                allowed = server.router.allow[route]
                 self._respond_now(
                     p, 405,
                     _errors.MethodNotAllowed(
-                        f"method not allowed here; allowed: {', '.join(allowed)}").to_body(),
-                    b"allow: %s\r\n" % ", ".join(allowed).encode())
+                        f"method not allowed here; allowed: {allowed}").to_body(),
+                    b"allow: %s\r\n" % allowed.encode())
                 return
+            # Every body is JSON (415 otherwise): a web page cannot POST to the API as a
+            # "simple" cross-site request (text/plain, a form), and nothing coded is stored.
+            if (self.content_coding is not None or self.method == METHOD_POST
+                    and not self.json_body and (p.body is not None
+                                                or self.content_type is not None)):
+                raise self._media_error()
         except BaseException as exc:
             self._fail(p, exc)
             return
@@ -509,7 +697,7 @@ cdef class HttpProtocol:
     cdef _respond_now(self, Pending p, int status, bytes body, bytes extra):
         p.status = status
         p.payload = http_response(self.server, status, body, p.close_after, extra,
-                                  p.http10 and not p.close_after)
+                                  p.http10 and not p.close_after, p.head)
         p.done = True
         p.started = True
         p.body = None
@@ -543,7 +731,9 @@ cdef class HttpProtocol:
         q = url.find(b"?")
         query = b"" if q < 0 else url[q + 1:]
         body = bytes(p.body) if p.body is not None else b""
-        result = server.app.handle(server.router.templates[p.route], p.method.decode(),
+        # HEAD runs the GET handler; the answer drops the body (_respond_now)
+        result = server.app.handle(server.router.templates[p.route],
+                                   "GET" if p.head else p.method.decode(),
                                    p.params or [], query, body, p.principal, self.peer)
         if _iscoroutine(result):
             task = server.loop.create_task(result)
@@ -803,12 +993,10 @@ cdef class HttpProtocol:
             return
         self.transport.write(first if chunks is None else b"".join(chunks))
         if close:
-            self.closing = True
-            self.state = ST_CLOSED
             for p in pending:
                 p.conn = None
             pending.clear()
-            self.transport.close()
+            self._linger()
             return
         if not pending:
             self.state_since_ns = now_ns()
@@ -817,16 +1005,36 @@ cdef class HttpProtocol:
 
     # ---- timeouts and shutdown ------------------------------------------------------------
 
+    cdef _linger(self):
+        """Close after the answer: shut down writing once it is flushed, then discard input until
+        the client closes, LINGER_BYTES arrived or LINGER_SECONDS passed (the sweeper)."""
+        cdef object transport = self.transport
+        self.closing = True
+        if not transport.can_write_eof():  # TLS: close_notify instead
+            self.state = ST_CLOSED
+            transport.close()
+            return
+        self.state = ST_LINGER
+        self.state_since_ns = now_ns()
+        self.body_len = 0  # counts the discarded bytes now
+        transport.write_eof()
+        if self.reading_paused:
+            self.reading_paused = False
+            transport.resume_reading()
+
     def _check_timeout(self, int64_t now):
         if self.transport is None:
             return
         if self.state == ST_HEADERS or self.state == ST_BODY:
+            # One deadline for the head, then one for the whole body: a trickle does not
+            # extend either (slowloris).
             if now - self.state_since_ns > self.server.header_timeout_ns:
-                # Slow or stalled client (slowloris): say so and close.
-                self.closing = True
                 body = _errors.RequestTimeout(
                     "request not received in time; closing the connection").to_body()
                 self.transport.write(http_response(self.server, 408, body, True, None, False))
+                self._linger()
+        elif self.state == ST_LINGER:
+            if now - self.state_since_ns > LINGER_SECONDS * 1000000000:
                 self.transport.close()
         elif self.state == ST_IDLE and not self.pending:
             if now - self.state_since_ns > self.server.idle_timeout_ns:
@@ -836,7 +1044,7 @@ cdef class HttpProtocol:
         cdef Pending last
         if self.transport is None:
             return
-        if self.state == ST_IDLE and not self.pending:
+        if self.state == ST_LINGER or self.state == ST_IDLE and not self.pending:
             self.transport.close()
         elif self.pending:
             last = self.pending[len(self.pending) - 1]  # wraparound is off in the core

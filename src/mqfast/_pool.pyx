@@ -55,6 +55,7 @@ cdef class Pending:
         p.barrier = False
         p.close_after = False
         p.http10 = False
+        p.head = False
         p.prefer_async = False
         p.waiting = 0
         p.status = 0

@@ -20,13 +20,17 @@ cdef class Router:
         self.templated = []
         self.templates = []
         self.methods = []
+        self.allow = []
         self.masks = []
         self.produce_route = -1
         self.batch_route = -1
         for i, (template, methods) in enumerate(routes):
             self.templates.append(template)
             self.methods.append(tuple(methods))
-            self.masks.append(sum(_METHOD_BITS[m.encode()] for m in methods))
+            # HEAD is GET without the body (RFC 9110 §9.3.2) wherever GET is served
+            served = list(methods) + (["HEAD"] if "GET" in methods else [])
+            self.allow.append(", ".join(served))
+            self.masks.append(sum(_METHOD_BITS[m.encode()] for m in served))
             if "{" in template:
                 segs = template.encode().strip(b"/").split(b"/")
                 self.templated.append((i, [None if s.startswith(b"{") else s for s in segs]))

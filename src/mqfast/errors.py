@@ -32,6 +32,9 @@ class ErrorCode(enum.StrEnum):
     CONFLICT = "conflict"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     HEADERS_TOO_LARGE = "headers_too_large"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    NOT_IMPLEMENTED = "not_implemented"
+    HTTP_VERSION_NOT_SUPPORTED = "http_version_not_supported"
     REQUEST_TIMEOUT = "request_timeout"
     RATE_LIMITED = "rate_limited"
     ENGINE_UNAVAILABLE = "engine_unavailable"
@@ -109,6 +112,13 @@ class PayloadTooLarge(MqfastError):
     code = ErrorCode.PAYLOAD_TOO_LARGE
 
 
+class UnsupportedMediaType(MqfastError):
+    """A body that is not JSON (Content-Type) or is content-coded (Content-Encoding)."""
+
+    status = 415
+    code = ErrorCode.UNSUPPORTED_MEDIA_TYPE
+
+
 class RequestTimeout(MqfastError):
     """The client did not send its request in time (slow or stalled: slowloris)."""
 
@@ -129,6 +139,18 @@ class RateLimited(MqfastError):
 class HeadersTooLarge(MqfastError):
     status = 431
     code = ErrorCode.HEADERS_TOO_LARGE
+
+
+class TransferCodingNotImplemented(MqfastError):
+    """A Transfer-Encoding other than chunked: the body's framing cannot be read."""
+
+    status = 501
+    code = ErrorCode.NOT_IMPLEMENTED
+
+
+class VersionNotSupported(MqfastError):
+    status = 505
+    code = ErrorCode.HTTP_VERSION_NOT_SUPPORTED
 
 
 class Unavailable(MqfastError):

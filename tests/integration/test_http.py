@@ -224,7 +224,8 @@ def test_chunked_batch_body(srv: MqfastProcess) -> None:
     body = json.dumps({"topic": "chunked-batch", "messages": [{"content": "a"}] * 3}).encode()
     chunked = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
     head = (
-        f"POST {BATCH} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        f"POST {BATCH} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        "Transfer-Encoding: chunked\r\n"
         "Connection: close\r\n\r\n"
     ).encode()
     with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
@@ -260,7 +261,8 @@ def test_expect_100_continue_is_ordered_after_earlier_pipelined_answers(
     # The interim 100 belongs to the second request: it must not overtake the first's answer.
     body = json.dumps({"topic": "expect-order", "content": "second"}).encode()
     second = (
-        f"POST {PRODUCE} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+        f"POST {PRODUCE} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
         "Expect: 100-continue\r\n\r\n"
     ).encode()
     first = req("POST", PRODUCE, {"topic": "expect-order", "content": "first"})
@@ -294,7 +296,8 @@ def test_expect_100_continue_with_body_sent_anyway(srv: MqfastProcess) -> None:
     # curl sends the body after a short wait even without the interim answer.
     body = json.dumps({"topic": "expect", "content": "z" * 1500}).encode()
     head = (
-        f"POST {PRODUCE} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+        f"POST {PRODUCE} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
         "Expect: 100-continue\r\n\r\n"
     ).encode()
     with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s, s.makefile("rb") as f:

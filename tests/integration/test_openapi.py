@@ -528,7 +528,10 @@ COVERS: dict[str, set[Key]] = {
             (AU, "GET"),
         )
     },
-    "framing": {(p, m.upper(), s) for p, m in _operations() for s in (400, 405, 413, 431)},
+    "framing": {
+        (p, m.upper(), s) for p, m in _operations() for s in (400, 405, 413, 431, 501, 505)
+    },
+    "media": {(p, m.upper(), 415) for p, m in _operations() if m == "post"},
     "timeout": {(p, m.upper(), 408) for p, m in _operations()},
 }
 
@@ -979,7 +982,9 @@ def test_framing_errors_on_every_route(server: MqfastProcess) -> None:
         r = server.request("PATCH", url, {})
         for m in methods:
             seen.add(check(r, path, m, 405))
-        assert set(r.headers["allow"].split(", ")) == set(methods)
+        # HEAD is served wherever GET is (the document describes it, not as an operation)
+        head = {"HEAD"} if "GET" in methods else set()
+        assert set(r.headers["allow"].split(", ")) == set(methods) | head
         for method in methods:
             r = raw(server, f"{method} {url} HTTP/1.1\r\nContent-Length: 0\r\n\r\n".encode())
             seen.add(check(r, path, method, 400))
@@ -992,7 +997,26 @@ def test_framing_errors_on_every_route(server: MqfastProcess) -> None:
             big = "a" * 20_000
             r = raw(server, f"{method} {url} HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n".encode())
             seen.add(check(r, path, method, 431))
+            r = raw(
+                server,
+                f"{method} {url} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n"
+                "\r\n0\r\n\r\n".encode(),
+            )
+            seen.add(check(r, path, method, 501))
+            r = raw(server, f"{method} {url} HTTP/2.0\r\nHost: x\r\n\r\n".encode())
+            seen.add(check(r, path, method, 505))
     assert seen == COVERS["framing"]
+
+
+def test_media_type_errors_on_every_post_route(server: MqfastProcess) -> None:
+    seen: set[Key] = set()
+    for path, method in _operations():
+        if method != "post":
+            continue
+        r = server.request("POST", concrete(path), "{}", headers={"Content-Type": "text/plain"})
+        seen.add(check(r, path, "POST", 415))
+        assert r.json()["error"]["code"] == "unsupported_media_type"
+    assert seen == COVERS["media"]
 
 
 def test_request_timeout_on_every_route(make_server: MakeServer) -> None:

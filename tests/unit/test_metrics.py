@@ -167,7 +167,7 @@ def test_metrics_server_over_http() -> None:
             assert status == 404
             status, headers, _ = await get(port, "/metrics", method="POST")
             assert status == 405
-            assert headers["allow"] == "GET"
+            assert headers["allow"] == "GET, HEAD"
         finally:
             server.close()
             await server.wait_closed()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -114,6 +115,9 @@ class FakeTransport(asyncio.Transport):
 
     def is_closing(self) -> bool:
         return self.closed
+
+    def can_write_eof(self) -> bool:
+        return False  # as TLS: an answer that ends the connection closes it at once
 
     def pause_reading(self) -> None:
         self.paused = True
@@ -252,8 +256,8 @@ def test_chunked_body(loop: asyncio.AbstractEventLoop) -> None:
         parts = (body[:10], body[10:])
         chunks = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in parts) + b"0\r\n\r\n"
         proto.data_received(
-            b"POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-            + chunks
+            b"POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + chunks
         )
         await h.settle()
         assert [r[0] for r in responses(tr.data)] == [200]
@@ -505,3 +509,401 @@ def test_router() -> None:
     assert r.template(route) == "/api/v1/topics/{name}" and params == [b"user-events"]
     assert r.lookup(b"/api/v1/topics/a/b")[0] == -1
     assert r.lookup(b"/nope")[0] == -1
+
+
+# ---- HTTP conformance (issue 10) ---------------------------------------------------------------
+
+
+def raw_post(path: str, body: bytes, headers: str) -> bytes:
+    """A POST with exactly ``headers`` (each line ending in CRLF) besides Host and framing."""
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\n{headers}Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+PRODUCE_BODY = json.dumps({"topic": "t", "content": "x"}).encode()
+
+
+Answers = list[tuple[int, dict[str, str], bytes]]
+
+
+async def feed(h: Harness, *raws: bytes, rounds: int = 5) -> tuple[Answers, FakeTransport]:
+    """Feed ``raws`` on a new connection; the answers once the loop has settled, the transport."""
+    proto, tr = h.connect()
+    for raw in raws:
+        proto.data_received(raw)
+    await h.settle(rounds)
+    return responses(tr.data), tr
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        None,
+        "application/jsonx",
+        "application/json-seq",
+        "text/json",
+        "",
+    ],
+)
+@pytest.mark.parametrize(
+    "path",
+    ["/api/v1/messages", "/api/v1/messages/batch", "/api/v1/messages/consume", "/api/v1/topics"],
+)
+def test_a_body_that_is_not_declared_json_is_415(
+    loop: asyncio.AbstractEventLoop, content_type: str | None, path: str
+) -> None:
+    async def go() -> None:
+        h = Harness(loop)
+        header = "" if content_type is None else f"Content-Type: {content_type}\r\n"
+        [(status, headers, body), (after, _, _)], tr = await feed(
+            h,
+            raw_post(path, PRODUCE_BODY, header),
+            post("/api/v1/messages", {"topic": "t", "content": "after"}),
+        )
+        err = json.loads(body)["error"]
+        assert status == 415 and err["code"] == "unsupported_media_type"
+        assert "Content-Type" in err["message"] and headers["content-type"] == "application/json"
+        # the body was read and dropped: the connection stays usable
+        assert after == 200 and not tr.closed
+        assert [d.value for d in h.sink.log[("t", 0)]] == [b"after"]
+
+    run(loop, go())
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/json",
+        "application/json; charset=utf-8",
+        "Application/JSON;charset=UTF-8",
+        "  application/json  ",
+        "application/vnd.mqfast+json",
+    ],
+)
+def test_json_media_types_are_accepted(loop: asyncio.AbstractEventLoop, content_type: str) -> None:
+    async def go() -> None:
+        h = Harness(loop)
+        answers, _ = await feed(
+            h, raw_post("/api/v1/messages", PRODUCE_BODY, f"Content-Type: {content_type}\r\n")
+        )
+        assert [r[0] for r in answers] == [200]
+
+    run(loop, go())
+
+
+def test_a_post_without_a_body_needs_no_content_type(loop: asyncio.AbstractEventLoop) -> None:
+    async def go() -> None:
+        h = Harness(loop)
+        # the route's own answer (an empty body is not JSON), not 415
+        [(status, _, body)], _ = await feed(h, b"POST /api/v1/messages HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 400 and json.loads(body)["error"]["code"] == "malformed_json"
+
+    run(loop, go())
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "br", "gzip, identity"])
+def test_a_content_coded_body_is_415(loop: asyncio.AbstractEventLoop, coding: str) -> None:
+    async def go() -> None:
+        h = Harness(loop)
+        [(status, _, body), (after, _, _)], tr = await feed(
+            h,
+            raw_post(
+                "/api/v1/messages",
+                PRODUCE_BODY,
+                f"Content-Type: application/json\r\nContent-Encoding: {coding}\r\n",
+            ),
+            raw_post(
+                "/api/v1/messages",
+                PRODUCE_BODY,
+                "Content-Type: application/json\r\nContent-Encoding: identity\r\n",
+            ),
+        )
+        err = json.loads(body)["error"]
+        assert status == 415 and "Content-Encoding" in err["message"] and after == 200
+        assert len(h.sink.log[("t", 0)]) == 1 and not tr.closed
+
+    run(loop, go())
+
+
+def chunked_post(path: str, body: bytes, transfer_encoding: str = "chunked") -> bytes:
+    return (
+        (
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Transfer-Encoding: {transfer_encoding}\r\n\r\n%x\r\n"
+        ).encode()
+        % len(body)
+        + body
+        + b"\r\n0\r\n\r\n"
+    )
+
+
+@pytest.mark.parametrize("coding", ["gzip, chunked", "gzip", "deflate, chunked", "identity"])
+def test_an_unknown_transfer_coding_is_501(loop: asyncio.AbstractEventLoop, coding: str) -> None:
+    async def go() -> None:
+        h = Harness(loop)
+        [(status, headers, body)], tr = await feed(
+            h, chunked_post("/api/v1/messages", PRODUCE_BODY, coding)
+        )
+        err = json.loads(body)["error"]
+        assert status == 501 and err["code"] == "not_implemented"
+        assert "Transfer-Encoding" in err["message"]
+        assert headers["connection"] == "close" and tr.closed
+        assert h.sink.log == {}
+
+    run(loop, go())
+
+
+def test_chunked_in_any_case_is_accepted(loop: asyncio.AbstractEventLoop) -> None:
+    async def go() -> None:
+        h = Harness(loop)
+        answers, _ = await feed(h, chunked_post("/api/v1/messages", PRODUCE_BODY, "Chunked"))
+        assert [r[0] for r in answers] == [200]
+
+    run(loop, go())
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "code"),
+    [
+        (b"GET /health HTTP/2.0\r\nHost: x\r\n\r\n", 505, "http_version_not_supported"),
+        (b"GET /health HTTP/1.2\r\nHost: x\r\n\r\n", 400, "malformed_http"),  # llhttp
+        (b"GET /health HTTP/0.9\r\nHost: x\r\n\r\n", 505, "http_version_not_supported"),
+        (b"GET /health HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", 400, "malformed_http"),
+        (b"GET /health HTTP/1.1\r\nHost: x\r\nhost: x\r\n\r\n", 400, "malformed_http"),
+        (
+            b"POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Type: text/plain\r\nContent-Length: 2\r\n\r\n{}",
+            400,
+            "malformed_http",
+        ),
+    ],
+)
+def test_unsupported_versions_and_duplicate_hosts(
+    loop: asyncio.AbstractEventLoop, raw: bytes, status: int, code: str
+) -> None:
+    async def go() -> None:
+        h = Harness(loop)
+        [(got, headers, body)], tr = await feed(h, raw)
+        assert got == status and json.loads(body)["error"]["code"] == code, body
+        assert headers["connection"] == "close" and tr.closed
+
+    run(loop, go())
+
+
+def test_a_chunk_over_the_body_limit_is_413_at_once(loop: asyncio.AbstractEventLoop) -> None:
+    async def go() -> None:
+        h = Harness(loop)
+        # the size line only: the answer must not wait for the chunk's bytes
+        [(status, headers, body)], tr = await feed(
+            h,
+            b"POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n%x\r\n{" % (100 * 1_048_576),
+        )
+        assert status == 413 and json.loads(body)["error"]["code"] == "payload_too_large"
+        assert headers["connection"] == "close" and tr.closed
+
+    run(loop, go())
+
+
+def test_chunks_within_the_limit_add_up_against_it(loop: asyncio.AbstractEventLoop) -> None:
+    async def go() -> None:
+        h = Harness(loop, max_size=1024)
+        limit = 6 * 1024 + 65536
+        head = (
+            b"POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        chunk = b"%x\r\n%s\r\n" % (limit // 2, b" " * (limit // 2))
+        # the third chunk passes the limit
+        [(status, _, _)], tr = await feed(h, head + chunk + chunk + b"2\r\n")
+        assert status == 413 and tr.closed
+
+    run(loop, go())
+
+
+def split_answers(
+    data: bytes | bytearray, heads: set[int]
+) -> list[tuple[int, dict[str, str], bytes]]:
+    """Like ``responses``, but the answers at the indexes ``heads`` (to HEAD) carry no body."""
+    out = []
+    buf = bytes(data)
+    while buf:
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        headers = {k.lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:])}
+        n = 0 if len(out) in heads else int(headers["content-length"])
+        out.append((int(lines[0].split()[1]), headers, rest[:n]))
+        buf = rest[n:]
+    return out
+
+
+def test_head_answers_like_get_without_a_body(loop: asyncio.AbstractEventLoop) -> None:
+    async def go() -> None:
+        h = Harness(loop)
+        proto, tr = h.connect()
+        for path in ("/health", "/health/live", "/health/ready"):
+            proto.data_received(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            proto.data_received(f"HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            await h.settle(20)
+        proto.data_received(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        await h.settle(20)
+        rs = split_answers(tr.data, {1, 3, 5})
+        assert [r[0] for r in rs] == [200] * 7
+        for (_, get_headers, get_body), (_, head_headers, head_body) in zip(
+            rs[0:6:2], rs[1:6:2], strict=True
+        ):
+            assert head_body == b"" and get_body
+            assert head_headers["content-type"] == get_headers["content-type"]
+        assert int(rs[3][1]["content-length"]) == len(rs[2][2])  # /health/live: a fixed body
+        assert json.loads(rs[6][2])["status"], "the keep-alive stream stays in sync after HEAD"
+        assert not tr.closed
+
+    run(loop, go())
+
+
+@pytest.mark.parametrize("path", ["/api/v1/messages", "/api/v1/messages/batch", "/nope"])
+def test_head_errors_have_no_body(loop: asyncio.AbstractEventLoop, path: str) -> None:
+    async def go() -> None:
+        h = Harness(loop)
+        proto, tr = h.connect()
+        proto.data_received(f"HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        proto.data_received(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        await h.settle(20)
+        (status, headers, body), (after, _, after_body) = split_answers(tr.data, {0})
+        assert status == (404 if path == "/nope" else 405) and body == b""
+        assert int(headers["content-length"]) > 0 and headers["content-type"] == "application/json"
+        if status == 405:
+            assert headers["allow"] == "POST"
+        assert after == 200 and json.loads(after_body)
+        assert not tr.closed
+
+    run(loop, go())
+
+
+def test_a_trickled_body_has_one_deadline(loop: asyncio.AbstractEventLoop) -> None:
+    async def go() -> None:
+        h = Harness(loop, header_timeout_s=5.0)
+        proto, tr = h.connect()
+        proto.data_received(
+            b"POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{"
+        )
+        headers_done = time.monotonic_ns()
+        await asyncio.sleep(0.01)
+        proto.data_received(b'"')  # a byte later: it must not move the deadline
+        proto._check_timeout(headers_done + 5 * 10**9 + 10**6)
+        [(status, headers, body)] = responses(tr.data)
+        assert status == 408 and json.loads(body)["error"]["code"] == "request_timeout"
+        assert headers["connection"] == "close" and tr.closed
+        assert h.sink.log == {}
+
+    run(loop, go())
+
+
+class LingeringTransport(FakeTransport):
+    """A TCP-like transport: writing can be shut down while reading goes on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.eof = False
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof = True
+
+
+def lingering(h: Harness) -> tuple[HttpProtocol, LingeringTransport]:
+    proto = h.core.protocol()
+    tr = LingeringTransport()
+    tr.proto = proto
+    proto.connection_made(tr)
+    return proto, tr
+
+
+def test_an_answer_that_closes_lingers_then_closes(loop: asyncio.AbstractEventLoop) -> None:
+    async def go() -> None:
+        h = Harness(loop)
+        proto, tr = lingering(h)
+        proto._pause_reading()  # as under pipelining: the drain must resume reading
+        proto.data_received(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000)
+        proto.data_received(b"a" * 20_000)
+        [(status, headers, _)] = responses(tr.data)
+        assert status == 431 and headers["connection"] == "close"
+        assert tr.eof and not tr.closed and not tr.paused
+        answered = len(tr.data)
+        proto.data_received(b"a" * 500_000)  # what the client still sends is dropped
+        assert len(tr.data) == answered and not tr.closed
+        proto.data_received(b"a" * 600_000)  # ... up to a bound
+        assert tr.closed
+
+    run(loop, go())
+
+
+def test_lingering_ends_at_eof_or_after_two_seconds(loop: asyncio.AbstractEventLoop) -> None:
+    async def go() -> None:
+        h = Harness(loop)
+        proto, tr = lingering(h)
+        proto.data_received(b"GET /health HTTP/1.0\r\n\r\n")
+        await h.settle(20)
+        assert tr.eof and not tr.closed
+        assert not proto.eof_received()  # falsy: the transport closes itself
+        proto2, tr2 = lingering(h)
+        proto2.data_received(b"\x16\x03\x01garbage\r\n\r\n")
+        start = time.monotonic_ns()
+        proto2._check_timeout(start + 10**9)
+        assert tr2.eof and not tr2.closed
+        proto2._check_timeout(start + 3 * 10**9)
+        assert tr2.closed
+
+    run(loop, go())
+
+
+@pytest.mark.parametrize("content", [rb"\ud800", rb"\udbff x", rb"\ud800\u0041", rb"ok \\\ud83d"])
+def test_a_lone_surrogate_is_named(loop: asyncio.AbstractEventLoop, content: bytes) -> None:
+    async def go() -> None:
+        h = Harness(loop)
+        [(status, _, body)], _ = await feed(
+            h, post("/api/v1/messages", b'{"topic":"t","content":"' + content + b'"}')
+        )
+        err = json.loads(body)["error"]
+        assert status == 400 and err["code"] == "malformed_json"
+        assert "surrogate" in err["message"] and "truncated" not in err["message"], err
+
+    run(loop, go())
+
+
+def test_a_truncated_body_is_still_called_truncated(loop: asyncio.AbstractEventLoop) -> None:
+    async def go() -> None:
+        h = Harness(loop)
+        [(status, _, body)], _ = await feed(
+            h, post("/api/v1/messages", b'{"topic":"t","content":"\\\\ud800')
+        )
+        assert status == 400 and "truncated" in json.loads(body)["error"]["message"]
+
+    run(loop, go())
+
+
+@pytest.mark.parametrize("char", ["\x01", '"', "\n"])
+def test_the_size_limit_is_on_the_decoded_content(
+    loop: asyncio.AbstractEventLoop, char: str
+) -> None:
+    async def go() -> None:
+        h = Harness(loop, max_size=65_536)
+        # escaped to two or six times the limit, yet the content is within it
+        [(ok, _, _), (too_big, _, body)], tr = await feed(
+            h,
+            post("/api/v1/messages", {"topic": "t", "content": char * 65_536}),
+            post("/api/v1/messages", {"topic": "t", "content": char * 65_537}),
+        )
+        assert ok == 200 and h.sink.log[("t", 0)][0].value == char.encode() * 65_536
+        err = json.loads(body)["error"]
+        assert too_big == 413 and err["field"] == "content", err
+        assert not tr.closed
+
+    run(loop, go())
