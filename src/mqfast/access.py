@@ -10,6 +10,7 @@ route                                              permission
 POST /api/v1/messages (and batch), to a topic      ``produce`` on the topic; ``admin`` on it as
                                                    well when it does not exist (auto-creation)
 POST /api/v1/messages/consume                      ``consume`` on the topic, with that group
+                                                   (a heartbeat only of a consumer of that group)
 POST /api/v1/messages/acknowledge[/batch], extend  ``consume`` with that group on the topic each
                                                    message really belongs to (checked per item
                                                    once the store found it: a refused item of a

@@ -380,7 +380,11 @@ class App:
         groups = self._groups()
         if self.meta is not None:
             check_id(req.consumer_id, "consumer_id")
-            self.meta.touch(req.consumer_id, now_ms())  # any consume is a heartbeat
+            info = await groups.registered(req.consumer_id)
+            if info is None or info.group_id == req.group_id:
+                # Any consume is a heartbeat, but only of a consumer of the group consuming:
+                # another group's consume (refused below) must not keep it alive.
+                self.meta.touch(req.consumer_id, now_ms())
         msgs = await groups.consume(
             req.topic,
             req.group_id,

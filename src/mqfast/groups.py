@@ -374,6 +374,11 @@ class Groups:
                 del self._consumers[k]
         return info
 
+    async def registered(self, consumer_id: str) -> ConsumerInfo | None:
+        """The registered settings of ``consumer_id`` (None: not registered), as consume sees
+        them (read through the same one-second cache)."""
+        return await self._consumer(consumer_id)
+
     def forget_consumer(self, consumer_id: str) -> None:
         self._consumers.pop(consumer_id, None)
         self.store.rate_limits.forget_consumer(consumer_id)

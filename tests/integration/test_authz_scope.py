@@ -188,3 +188,18 @@ def test_a_consumer_registers_for_at_most_100_topics(secured: MqfastProcess) -> 
     body = {"consumer_id": "c-two", "group_id": "billing", "topics": ["orders.eu", "secret"]}
     r = call(secured, "POST", "/api/v1/consumers", body, tok=orders_admin)
     assert r.status == 403 and "'secret'" in r.json()["error"]["message"], r.body
+
+
+def test_a_consume_in_another_group_is_no_heartbeat_of_its_consumer(
+    secured: MqfastProcess,
+) -> None:
+    body = {"consumer_id": "c-analytics", "group_id": "analytics", "topics": ["orders.eu"]}
+    before = ok(secured, "POST", "/api/v1/consumers", body)["last_seen"]
+    time.sleep(0.05)
+    ask = {"topic": "orders.eu", "group_id": "billing", "consumer_id": "c-analytics"}
+    r = call(secured, "POST", "/api/v1/messages/consume", ask, tok=ORDERS)
+    assert r.status == 409, r.body
+    assert ok(secured, "GET", "/api/v1/consumers/c-analytics")["last_seen"] == before
+    # its own group's consume is a heartbeat, as before
+    ok(secured, "POST", "/api/v1/messages/consume", {**ask, "group_id": "analytics"})
+    assert ok(secured, "GET", "/api/v1/consumers/c-analytics")["last_seen"] > before
