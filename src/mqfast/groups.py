@@ -157,6 +157,8 @@ class RateLimits(Protocol):
 
 
 # Whether the caller may settle messages of a topic: None if it may, else the error to answer.
+# A store may call it on its own thread, inside its transaction: it must be quick and touch
+# nothing but the principal (whose permission memo is a dict, safe under the GIL).
 Authorize = Callable[[str], errors.MqfastError | None]
 
 
