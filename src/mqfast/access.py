@@ -34,9 +34,10 @@ GET /api/v1/audit                                  ``admin`` (cluster-wide)
 
 Without authentication every caller may do and see everything.
 
-The audit log: one JSON line per administrative action and per refused request (who, what,
-when, from where, outcome; never message content) on the ``mqfast.audit`` logger, also stored in
-the metadata store when it keeps one (``audit``/``query_audit``) and queryable by admins.
+The audit log: one JSON line per administrative action and per refused request, a batch
+acknowledgement with refused items included (who, what, when, from where, outcome; never message
+content) on the ``mqfast.audit`` logger, also stored in the metadata store when it keeps one
+(``audit``/``query_audit``) and queryable by admins.
 """
 
 from __future__ import annotations

@@ -49,9 +49,9 @@ from mqfast.sinks import Sink
 
 Response = tuple[int, bytes, bytes | None]
 Handler = Callable[[list[str], bytes, bytes], Response | Coroutine[Any, Any, Response]]
-# A handler whose answer depends on who asks (what the caller may see or settle).
+# A handler whose answer depends on who asks (what the caller may see or settle), and from where.
 ScopedHandler = Callable[
-    [list[str], bytes, bytes, Principal | None], Response | Coroutine[Any, Any, Response]
+    [list[str], bytes, bytes, Principal | None, str], Response | Coroutine[Any, Any, Response]
 ]
 
 log = logging.getLogger("mqfast.api")
@@ -188,7 +188,7 @@ class App:
         if principal is not None:
             authorize(template, method, args, body, principal)
         if scoped is not None:
-            return scoped(args, query, body, principal)
+            return scoped(args, query, body, principal, peer)
         assert handler is not None
         if (method, template) in AUDITED:
             return self._audited(handler, template, method, args, query, body, principal, peer)
@@ -334,7 +334,12 @@ class App:
         return _ok(stored, 201 if created else 200)
 
     async def list_topics(
-        self, params: list[str], query: bytes, body: bytes, principal: Principal | None
+        self,
+        params: list[str],
+        query: bytes,
+        body: bytes,
+        principal: Principal | None,
+        peer: str,
     ) -> Response:
         topics = await self.sink.list_topics()
         return _ok({"topics": [t for t in topics if may_see_topic(principal, t.name)]})
@@ -410,7 +415,12 @@ class App:
         return out
 
     async def acknowledge(
-        self, params: list[str], query: bytes, body: bytes, principal: Principal | None
+        self,
+        params: list[str],
+        query: bytes,
+        body: bytes,
+        principal: Principal | None,
+        peer: str,
     ) -> Response:
         req: AcknowledgeRequest = decode_json(_ack, body)
         groups = self._groups()
@@ -432,7 +442,12 @@ class App:
         return _ok(self._result(r))
 
     async def acknowledge_batch(
-        self, params: list[str], query: bytes, body: bytes, principal: Principal | None
+        self,
+        params: list[str],
+        query: bytes,
+        body: bytes,
+        principal: Principal | None,
+        peer: str,
     ) -> Response:
         req: BatchAcknowledgeRequest = decode_json(_ack_batch, body)
         groups = self._groups()
@@ -472,10 +487,23 @@ class App:
                     }
                 )
         failed = sum(1 for r in results if r.error is not None)
+        refused = [r.error for r in results if isinstance(r.error, Forbidden)]
+        if refused and principal is not None:
+            # Answered 200, but a refusal all the same: the audit log records every one.
+            self.audit.record(
+                actor=principal.subject, action="/api/v1/messages/acknowledge/batch",
+                target=refused[0].target, outcome="denied", peer=peer,
+                detail={"status": 403, "refused": len(refused), "reason": refused[0].message},
+            )  # fmt: skip
         return _ok({"results": out, "succeeded": len(results) - failed, "failed": failed})
 
     async def extend(
-        self, params: list[str], query: bytes, body: bytes, principal: Principal | None
+        self,
+        params: list[str],
+        query: bytes,
+        body: bytes,
+        principal: Principal | None,
+        peer: str,
     ) -> Response:
         req: ExtendRequest = decode_json(_extend, body)
         groups = self._groups()
@@ -516,7 +544,12 @@ class App:
         return _ok(info, 201 if created else 200)
 
     async def list_consumers(
-        self, params: list[str], query: bytes, body: bytes, principal: Principal | None
+        self,
+        params: list[str],
+        query: bytes,
+        body: bytes,
+        principal: Principal | None,
+        peer: str,
     ) -> Response:
         group = None
         if query:
@@ -532,7 +565,12 @@ class App:
         return _ok({"consumers": [c for c in consumers if may_see_consumer(principal, c)]})
 
     async def get_consumer(
-        self, params: list[str], query: bytes, body: bytes, principal: Principal | None
+        self,
+        params: list[str],
+        query: bytes,
+        body: bytes,
+        principal: Principal | None,
+        peer: str,
     ) -> Response:
         info = await self._meta().get_consumer(params[0])
         if info is None:
@@ -551,7 +589,12 @@ class App:
         return _ok({"consumer_id": params[0], "deleted": True, "released": released})
 
     async def heartbeat(
-        self, params: list[str], query: bytes, body: bytes, principal: Principal | None
+        self,
+        params: list[str],
+        query: bytes,
+        body: bytes,
+        principal: Principal | None,
+        peer: str,
     ) -> Response:
         meta = self._meta()
         info = await meta.get_consumer(params[0])
@@ -563,7 +606,12 @@ class App:
         return _ok({"consumer_id": params[0], "active": True, "last_seen": now})
 
     async def metric_history(
-        self, params: list[str], query: bytes, body: bytes, principal: Principal | None
+        self,
+        params: list[str],
+        query: bytes,
+        body: bytes,
+        principal: Principal | None,
+        peer: str,
     ) -> Response:
         start, end, topic = parse_metrics_query(query, now_ms())
         if topic is not None:

@@ -203,3 +203,19 @@ def test_a_consume_in_another_group_is_no_heartbeat_of_its_consumer(
     # its own group's consume is a heartbeat, as before
     ok(secured, "POST", "/api/v1/messages/consume", {**ask, "group_id": "analytics"})
     assert ok(secured, "GET", "/api/v1/consumers/c-analytics")["last_seen"] > before
+
+
+def test_refused_items_of_a_batch_acknowledgement_are_audited(secured: MqfastProcess) -> None:
+    ok(secured, "POST", "/api/v1/messages", {"topic": "secret", "content": "x"})
+    ask = {"topic": "secret", "group_id": "billing", "consumer_id": "c1", "timeout": "5s"}
+    [m] = ok(secured, "POST", "/api/v1/messages/consume", ask)["messages"]
+    batch = {"group_id": "billing", "acks": [{"message_id": m["message_id"]}]}
+    out = ok(secured, "POST", "/api/v1/messages/acknowledge/batch", batch, tok=ORDERS)
+    assert out["results"][0]["error"]["code"] == "forbidden"
+    [line] = [x for x in audit_lines(secured) if x.get("outcome") == "denied"]
+    assert (line["actor"], line["action"], line["target"]) == (
+        "svc-orders",
+        "/api/v1/messages/acknowledge/batch",
+        "secret",
+    )
+    assert line["detail"]["refused"] == 1
