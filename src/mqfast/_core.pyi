@@ -4,6 +4,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
+from mqfast.auth import Principal
 from mqfast.config import Settings
 from mqfast.sinks import Sink
 
@@ -18,7 +19,8 @@ class _App(Protocol):
     def handle(
         self, template: str, method: str, params: list[bytes], query: bytes, body: bytes
     ) -> tuple[int, bytes, bytes | None] | Awaitable[tuple[int, bytes, bytes | None]]: ...
-    async def resolve_topics(self, names: list[str]) -> None: ...
+    async def resolve_topics(self, names: list[str], principal: Principal | None = None) -> None:
+        """Make unknown topics known (found, or auto-created when ``principal`` may)."""
 
 def debug_counters() -> dict[str, int]:
     """Pooled objects alive now; zero when every request has been answered and released."""

@@ -767,7 +767,7 @@ cdef class HttpProtocol(RequestHead):
                 raise _errors.UnknownTopic(f"unknown topic {req.topic!r}", field="topic")
             # Validate before the topic is created: a rejected request leaves no trace.
             self._prevalidate(req.topic, req.content, req.ttl, "")
-            task = server.loop.create_task(server.app.resolve_topics([req.topic]))
+            task = server.loop.create_task(server.app.resolve_topics([req.topic], principal))
             task.add_done_callback(_Resume(self, p, req, False, prefer_async))
             return
         cdef Delivery d = self._delivery(ts, req.content, req.key, req.headers, req.priority,
@@ -893,7 +893,7 @@ cdef class HttpProtocol(RequestHead):
         if missing is not None:
             if not may_resolve:
                 raise _errors.UnknownTopic(f"unknown topic {missing[0]!r}", field="topic")
-            task = server.loop.create_task(server.app.resolve_topics(missing))
+            task = server.loop.create_task(server.app.resolve_topics(missing, principal))
             task.add_done_callback(_Resume(self, p, req, True, prefer_async))
             return
         # Build every delivery before enqueuing any: a bad message rejects the whole batch and

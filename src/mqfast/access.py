@@ -7,21 +7,37 @@ request body. The rules:
 =================================================  =============================================
 route                                              permission
 =================================================  =============================================
+POST /api/v1/messages (and batch), to a topic      ``produce`` on the topic; ``admin`` on it as
+                                                   well when it does not exist (auto-creation)
 POST /api/v1/messages/consume                      ``consume`` on the topic, with that group
-POST /api/v1/messages/acknowledge[/batch], extend  ``consume`` on the topic named (any topic when
-                                                   none is named) with that group
-GET /api/v1/topics, GET /api/v1/metrics            any authenticated caller
+                                                   (a heartbeat only of a consumer of that group)
+POST /api/v1/messages/acknowledge[/batch], extend  ``consume`` with that group on the topic each
+                                                   message really belongs to (checked per item
+                                                   once the store found it: a refused item of a
+                                                   batch is a 403 item, left as it was); the
+                                                   topic named, if any, is checked first
+GET /api/v1/topics                                 any caller; lists the topics it has any
+                                                   permission on
 GET /api/v1/topics/{name}                          any permission on that topic
+GET /api/v1/metrics                                any permission on ``topic`` when given; without
+                                                   it, the points of the topics the caller has
+                                                   any permission on
 POST /api/v1/topics, DELETE, redrive               ``admin`` on that topic
 POST /api/v1/consumers                             ``admin`` on each of its topics
 DELETE /api/v1/consumers/{id}                      ``admin`` (cluster-wide)
-GET /api/v1/consumers[/{id}], heartbeat            any authenticated caller
+GET /api/v1/consumers[/{id}], heartbeat            a consumer is visible to a caller that may
+                                                   ``consume`` one of its topics with its group,
+                                                   or ``admin`` one of them: the list shows
+                                                   those, the others are 403
 GET /api/v1/audit                                  ``admin`` (cluster-wide)
 =================================================  =============================================
 
-The audit log: one JSON line per administrative action and per refused request (who, what,
-when, from where, outcome; never message content) on the ``mqfast.audit`` logger, also stored in
-the metadata store when it keeps one (``audit``/``query_audit``) and queryable by admins.
+Without authentication every caller may do and see everything.
+
+The audit log: one JSON line per administrative action and per refused request, a batch
+acknowledgement with refused items included (who, what, when, from where, outcome; never message
+content) on the ``mqfast.audit`` logger, also stored in the metadata store when it keeps one
+(``audit``/``query_audit``) and queryable by admins.
 """
 
 from __future__ import annotations
@@ -36,7 +52,8 @@ import msgspec
 
 from mqfast import errors
 from mqfast.auth import ROLES, Forbidden, Principal
-from mqfast.groups import now_ms
+from mqfast.groups import Authorize, now_ms
+from mqfast.messages import MAX_CONSUMER_TOPICS, ConsumerInfo
 
 log = logging.getLogger("mqfast.audit")
 
@@ -89,8 +106,10 @@ def _str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _forbidden(principal: Principal, what: str) -> errors.MqfastError:
-    return Forbidden(f"subject {principal.subject!r} may not {what}")
+def _forbidden(
+    principal: Principal, what: str, target: str = "", field: str | None = None
+) -> errors.MqfastError:
+    return Forbidden(f"subject {principal.subject!r} may not {what}", field=field, target=target)
 
 
 def _may_use_group(principal: Principal, group: str | None) -> None:
@@ -110,6 +129,61 @@ def _any_permission(principal: Principal, topic: str) -> bool:
     return any(g.actions and fnmatchcase(topic, g.topics) for g in principal.grants)
 
 
+def may_see_topic(principal: Principal | None, topic: str) -> bool:
+    """Whether the caller may learn that ``topic`` exists and read its figures."""
+    return principal is None or _any_permission(principal, topic)
+
+
+def require_see_topic(principal: Principal | None, topic: str) -> None:
+    if not may_see_topic(principal, topic):
+        assert principal is not None
+        raise _forbidden(principal, f"see topic {topic!r} (needs any permission on it)", topic)
+
+
+def may_see_consumer(principal: Principal | None, info: ConsumerInfo) -> bool:
+    """A registered consumer belongs to its group's grants: visible to a caller that may
+    consume one of its topics with its group, or administer one of them."""
+    if principal is None:
+        return True
+    return any(
+        principal.allows("consume", t, info.group_id) or principal.allows("admin", t)
+        for t in info.topics
+    )
+
+
+def require_see_consumer(principal: Principal | None, info: ConsumerInfo) -> None:
+    if not may_see_consumer(principal, info):
+        assert principal is not None
+        raise _forbidden(
+            principal,
+            f"see consumer {info.consumer_id!r} (needs 'consume' on one of its topics for "
+            f"group {info.group_id!r}, or 'admin' on one of them)",
+            info.consumer_id,
+        )
+
+
+def settle_authorizer(principal: Principal | None, group: str) -> Authorize | None:
+    """The per-message check of acknowledge, nack and extend (``GroupStore.settle``):
+    ``consume`` with ``group`` on the topic the message really belongs to. The refusal does
+    not name that topic: the caller may not know it exists."""
+    if principal is None:
+        return None
+
+    def check(topic: str) -> errors.MqfastError | None:
+        if principal.allows("consume", topic, group):
+            return None
+        return _forbidden(
+            principal,
+            f"settle this message in group {group!r}: it is on a topic the subject may not "
+            f"consume from (needs 'consume' on a pattern matching that topic, for group "
+            f"{group!r})",
+            topic,
+            "message_id",
+        )
+
+    return check
+
+
 def authorize(
     template: str, method: str, params: list[str], body: bytes, principal: Principal
 ) -> None:
@@ -123,7 +197,8 @@ def authorize(
             principal.require("consume", topic, _str(f.group_id))
         return
     if template in ACK_ROUTES:
-        # Acknowledgements of a batch name no topic (AckItem has none): the group decides.
+        # The group first; each message's own topic is checked once the store has found it
+        # (settle_authorizer), since an acknowledgement need not name its topic.
         f = _fields(body)
         group = _str(f.group_id)
         topic = _str(f.topic)
@@ -142,17 +217,20 @@ def authorize(
         name = params[0]
         if method == "DELETE":
             principal.require("admin", name)
-        elif not _any_permission(principal, name):
-            raise _forbidden(principal, f"see topic {name!r} (needs any permission on it)")
+        else:
+            require_see_topic(principal, name)
         return
     if template == "/api/v1/topics/{name}/redrive":
         principal.require("admin", params[0])
         return
     if template == "/api/v1/consumers" and method == "POST":
         wanted = _fields(body).topics
-        for topic in wanted if isinstance(wanted, list) else ():
-            if isinstance(topic, str):
-                principal.require("admin", topic)
+        # A longer list is refused (400) by the handler before anything is done: not worth
+        # a permission check per topic.
+        if isinstance(wanted, list) and len(wanted) <= MAX_CONSUMER_TOPICS:
+            for topic in wanted:
+                if isinstance(topic, str):
+                    principal.require("admin", topic)
         return
     if template == "/api/v1/consumers/{consumer_id}" and method == "DELETE":
         principal.require("admin")

@@ -19,8 +19,18 @@ import msgspec
 
 from mqfast import __version__, errors
 from mqfast._core import Server, decode_json, topic_name_error
-from mqfast.access import AUDITED, AuditLog, authorize, target_of
-from mqfast.auth import Authenticator, Principal
+from mqfast.access import (
+    AUDITED,
+    AuditLog,
+    authorize,
+    may_see_consumer,
+    may_see_topic,
+    require_see_consumer,
+    require_see_topic,
+    settle_authorizer,
+    target_of,
+)
+from mqfast.auth import Authenticator, Forbidden, Principal
 from mqfast.config import Settings, parse_duration
 from mqfast.groups import Groups, SettleItem, SettleResult, check_id, now_ms
 from mqfast.messages import (
@@ -39,6 +49,10 @@ from mqfast.sinks import Sink
 
 Response = tuple[int, bytes, bytes | None]
 Handler = Callable[[list[str], bytes, bytes], Response | Coroutine[Any, Any, Response]]
+# A handler whose answer depends on who asks (what the caller may see or settle), and from where.
+ScopedHandler = Callable[
+    [list[str], bytes, bytes, Principal | None, str], Response | Coroutine[Any, Any, Response]
+]
 
 log = logging.getLogger("mqfast.api")
 
@@ -125,26 +139,28 @@ class App:
         # Cluster dependencies besides the engine (name -> cheap health check), e.g. postgres.
         self.dependencies: dict[str, Callable[[], dict[str, object]]] = {}
         self._handlers: dict[tuple[str, str], Handler] = {
-            ("/api/v1/topics", "GET"): self.list_topics,
             ("/api/v1/topics", "POST"): self.create_topic,
             ("/api/v1/topics/{name}", "GET"): self.get_topic,
             ("/api/v1/topics/{name}", "DELETE"): self.delete_topic,
             ("/api/v1/topics/{name}/redrive", "POST"): self.redrive,
             ("/api/v1/messages/consume", "POST"): self.consume,
-            ("/api/v1/messages/acknowledge", "POST"): self.acknowledge,
-            ("/api/v1/messages/acknowledge/batch", "POST"): self.acknowledge_batch,
-            ("/api/v1/messages/extend", "POST"): self.extend,
-            ("/api/v1/consumers", "GET"): self.list_consumers,
             ("/api/v1/consumers", "POST"): self.register_consumer,
-            ("/api/v1/consumers/{consumer_id}", "GET"): self.get_consumer,
             ("/api/v1/consumers/{consumer_id}", "DELETE"): self.delete_consumer,
-            ("/api/v1/consumers/{consumer_id}/heartbeat", "POST"): self.heartbeat,
-            ("/api/v1/metrics", "GET"): self.metric_history,
             ("/api/v1/audit", "GET"): self.audit_log,
             ("/health", "GET"): self.health,
             ("/health/live", "GET"): self.live,
             ("/health/ready", "GET"): self.ready_check,
             ("/openapi.json", "GET"): self.openapi,
+        }
+        self._scoped: dict[tuple[str, str], ScopedHandler] = {
+            ("/api/v1/topics", "GET"): self.list_topics,
+            ("/api/v1/messages/acknowledge", "POST"): self.acknowledge,
+            ("/api/v1/messages/acknowledge/batch", "POST"): self.acknowledge_batch,
+            ("/api/v1/messages/extend", "POST"): self.extend,
+            ("/api/v1/consumers", "GET"): self.list_consumers,
+            ("/api/v1/consumers/{consumer_id}", "GET"): self.get_consumer,
+            ("/api/v1/consumers/{consumer_id}/heartbeat", "POST"): self.heartbeat,
+            ("/api/v1/metrics", "GET"): self.metric_history,
         }
         self._openapi: bytes | None = None
 
@@ -164,11 +180,16 @@ class App:
     ) -> Response | Awaitable[Response]:
         """Entry point from the core for every route it does not answer itself."""
         handler = self._handlers.get((template, method))
-        if handler is None:  # the router checked the method; a missing handler is our bug
+        scoped = self._scoped.get((template, method))
+        if handler is None and scoped is None:
+            # the router checked the method; a missing handler is our bug
             raise errors.MqfastError(f"no handler for {method} {template}")
         args = [unquote(p.decode("latin-1")) for p in params]
         if principal is not None:
             authorize(template, method, args, body, principal)
+        if scoped is not None:
+            return scoped(args, query, body, principal, peer)
+        assert handler is not None
         if (method, template) in AUDITED:
             return self._audited(handler, template, method, args, query, body, principal, peer)
         return handler(args, query, body)
@@ -192,8 +213,9 @@ class App:
         self, exc: errors.MqfastError, principal: Principal, template: str, peer: str
     ) -> None:
         """The core refused a request with 403: one audit entry."""
+        target = exc.target if isinstance(exc, Forbidden) else ""
         self.audit.record(
-            actor=principal.subject, action=template, target="", outcome="denied", peer=peer,
+            actor=principal.subject, action=template, target=target, outcome="denied", peer=peer,
             detail={"status": exc.status, "reason": exc.message},
         )  # fmt: skip
 
@@ -230,20 +252,32 @@ class App:
 
     # ---- topics ---------------------------------------------------------------------------
 
-    async def resolve_topics(self, names: list[str]) -> None:
-        """Make unknown topics known to the hot path: found in the engine, or auto-created."""
+    async def resolve_topics(self, names: list[str], principal: Principal | None = None) -> None:
+        """Make unknown topics known to the hot path: found in the engine, or auto-created
+        (with authentication on, only for a ``principal`` that may create them: ``admin``)."""
         assert self.core is not None
         for name in names:
             _check_topic_name(name, "topic")
-            cfg = await self.sink.get_topic(name)
+        found = [await self.sink.get_topic(name) for name in names]
+        missing = [name for name, cfg in zip(names, found, strict=True) if cfg is None]
+        if missing and not self.settings.auto_create_topics:
+            raise errors.UnknownTopic(
+                f"unknown topic {missing[0]!r} (automatic creation is off: "
+                "MESSAGE_QUEUE_AUTO_CREATE_TOPICS=false); "
+                "create it with POST /api/v1/topics",
+                field="topic",
+            )
+        for name in missing:
+            if principal is not None and not principal.allows("admin", name):
+                raise Forbidden(
+                    f"topic {name!r} does not exist and subject {principal.subject!r} may not "
+                    "create it by producing to it (creating a topic needs 'admin' on a pattern "
+                    "matching it)",
+                    field="topic",
+                    target=name,
+                )
+        for name, cfg in zip(names, found, strict=True):
             if cfg is None:
-                if not self.settings.auto_create_topics:
-                    raise errors.UnknownTopic(
-                        f"unknown topic {name!r} (automatic creation is off: "
-                        "MESSAGE_QUEUE_AUTO_CREATE_TOPICS=false); "
-                        "create it with POST /api/v1/topics",
-                        field="topic",
-                    )
                 cfg, created = await self.sink.create_topic(self._default_topic(name))
                 if created:
                     log.info("topic created automatically", extra={"topic": name})
@@ -299,8 +333,16 @@ class App:
             log.info("topic created", extra={"topic": stored.name, "partitions": stored.partitions})
         return _ok(stored, 201 if created else 200)
 
-    async def list_topics(self, params: list[str], query: bytes, body: bytes) -> Response:
-        return _ok({"topics": await self.sink.list_topics()})
+    async def list_topics(
+        self,
+        params: list[str],
+        query: bytes,
+        body: bytes,
+        principal: Principal | None,
+        peer: str,
+    ) -> Response:
+        topics = await self.sink.list_topics()
+        return _ok({"topics": [t for t in topics if may_see_topic(principal, t.name)]})
 
     async def get_topic(self, params: list[str], query: bytes, body: bytes) -> Response:
         _check_topic_name(params[0])
@@ -343,7 +385,11 @@ class App:
         groups = self._groups()
         if self.meta is not None:
             check_id(req.consumer_id, "consumer_id")
-            self.meta.touch(req.consumer_id, now_ms())  # any consume is a heartbeat
+            info = await groups.registered(req.consumer_id)
+            if info is None or info.group_id == req.group_id:
+                # Any consume is a heartbeat, but only of a consumer of the group consuming:
+                # another group's consume (refused below) must not keep it alive.
+                self.meta.touch(req.consumer_id, now_ms())
         msgs = await groups.consume(
             req.topic,
             req.group_id,
@@ -368,7 +414,14 @@ class App:
             out["lease_deadline"] = r.lease_deadline
         return out
 
-    async def acknowledge(self, params: list[str], query: bytes, body: bytes) -> Response:
+    async def acknowledge(
+        self,
+        params: list[str],
+        query: bytes,
+        body: bytes,
+        principal: Principal | None,
+        peer: str,
+    ) -> Response:
         req: AcknowledgeRequest = decode_json(_ack, body)
         groups = self._groups()
         item = SettleItem(
@@ -377,12 +430,25 @@ class App:
             error=req.error,
             delay_ms=groups.nack_delay_ms(req.requeue_delay, "requeue_delay"),
         )
-        [r] = await groups.settle(req.group_id, req.topic, req.consumer_id, [item])
+        [r] = await groups.settle(
+            req.group_id,
+            req.topic,
+            req.consumer_id,
+            [item],
+            authorize=settle_authorizer(principal, req.group_id),
+        )
         if r.error is not None:
             raise r.error
         return _ok(self._result(r))
 
-    async def acknowledge_batch(self, params: list[str], query: bytes, body: bytes) -> Response:
+    async def acknowledge_batch(
+        self,
+        params: list[str],
+        query: bytes,
+        body: bytes,
+        principal: Principal | None,
+        peer: str,
+    ) -> Response:
         req: BatchAcknowledgeRequest = decode_json(_ack_batch, body)
         groups = self._groups()
         if not req.acks:
@@ -402,7 +468,13 @@ class App:
             )
             for i, a in enumerate(req.acks)
         ]
-        results = await groups.settle(req.group_id, req.topic, req.consumer_id, items)
+        results = await groups.settle(
+            req.group_id,
+            req.topic,
+            req.consumer_id,
+            items,
+            authorize=settle_authorizer(principal, req.group_id),
+        )
         out: list[dict[str, object]] = []
         for r in results:
             if r.error is None:
@@ -415,9 +487,24 @@ class App:
                     }
                 )
         failed = sum(1 for r in results if r.error is not None)
+        refused = [r.error for r in results if isinstance(r.error, Forbidden)]
+        if refused and principal is not None:
+            # Answered 200, but a refusal all the same: the audit log records every one.
+            self.audit.record(
+                actor=principal.subject, action="/api/v1/messages/acknowledge/batch",
+                target=refused[0].target, outcome="denied", peer=peer,
+                detail={"status": 403, "refused": len(refused), "reason": refused[0].message},
+            )  # fmt: skip
         return _ok({"results": out, "succeeded": len(results) - failed, "failed": failed})
 
-    async def extend(self, params: list[str], query: bytes, body: bytes) -> Response:
+    async def extend(
+        self,
+        params: list[str],
+        query: bytes,
+        body: bytes,
+        principal: Principal | None,
+        peer: str,
+    ) -> Response:
         req: ExtendRequest = decode_json(_extend, body)
         groups = self._groups()
         item = SettleItem(
@@ -425,7 +512,13 @@ class App:
             action="extend",
             visibility_ms=groups.visibility_ms(req.visibility_timeout, "visibility_timeout"),
         )
-        [r] = await groups.settle(req.group_id, req.topic, req.consumer_id, [item])
+        [r] = await groups.settle(
+            req.group_id,
+            req.topic,
+            req.consumer_id,
+            [item],
+            authorize=settle_authorizer(principal, req.group_id),
+        )
         if r.error is not None:
             raise r.error
         return _ok(self._result(r))
@@ -450,7 +543,14 @@ class App:
             )
         return _ok(info, 201 if created else 200)
 
-    async def list_consumers(self, params: list[str], query: bytes, body: bytes) -> Response:
+    async def list_consumers(
+        self,
+        params: list[str],
+        query: bytes,
+        body: bytes,
+        principal: Principal | None,
+        peer: str,
+    ) -> Response:
         group = None
         if query:
             q = parse_qs(query.decode("latin-1"), keep_blank_values=True)
@@ -461,12 +561,21 @@ class App:
                 )
             if "group_id" in q:
                 group = q["group_id"][-1]
-        return _ok({"consumers": await self._meta().list_consumers(group)})
+        consumers = await self._meta().list_consumers(group)
+        return _ok({"consumers": [c for c in consumers if may_see_consumer(principal, c)]})
 
-    async def get_consumer(self, params: list[str], query: bytes, body: bytes) -> Response:
+    async def get_consumer(
+        self,
+        params: list[str],
+        query: bytes,
+        body: bytes,
+        principal: Principal | None,
+        peer: str,
+    ) -> Response:
         info = await self._meta().get_consumer(params[0])
         if info is None:
             raise errors.NotFound(f"no consumer {params[0]!r} is registered", field="consumer_id")
+        require_see_consumer(principal, info)
         return _ok(info)
 
     async def delete_consumer(self, params: list[str], query: bytes, body: bytes) -> Response:
@@ -479,18 +588,37 @@ class App:
         log.info("consumer deleted", extra={"consumer_id": params[0], "released": released})
         return _ok({"consumer_id": params[0], "deleted": True, "released": released})
 
-    async def heartbeat(self, params: list[str], query: bytes, body: bytes) -> Response:
+    async def heartbeat(
+        self,
+        params: list[str],
+        query: bytes,
+        body: bytes,
+        principal: Principal | None,
+        peer: str,
+    ) -> Response:
         meta = self._meta()
         info = await meta.get_consumer(params[0])
         if info is None:
             raise errors.NotFound(f"no consumer {params[0]!r} is registered", field="consumer_id")
+        require_see_consumer(principal, info)
         now = now_ms()
         meta.touch(params[0], now)
         return _ok({"consumer_id": params[0], "active": True, "last_seen": now})
 
-    async def metric_history(self, params: list[str], query: bytes, body: bytes) -> Response:
+    async def metric_history(
+        self,
+        params: list[str],
+        query: bytes,
+        body: bytes,
+        principal: Principal | None,
+        peer: str,
+    ) -> Response:
         start, end, topic = parse_metrics_query(query, now_ms())
+        if topic is not None:
+            require_see_topic(principal, topic)
         points = await self._meta().query_points(start, end, topic)
+        if topic is None and principal is not None:
+            points = [p for p in points if may_see_topic(principal, p.topic)]
         if len(points) > MAX_METRIC_POINTS:
             raise errors.InvalidQuery(
                 f"the range holds {len(points)} points, more than {MAX_METRIC_POINTS}; "

@@ -141,6 +141,10 @@ class Forbidden(errors.MqfastError):
     status = 403
     code = errors.ErrorCode.FORBIDDEN
 
+    def __init__(self, message: str, *, field: str | None = None, target: str = "") -> None:
+        super().__init__(message, field=field)
+        self.target = target  # what was refused (a topic; "" cluster-wide), for the audit log
+
 
 # ---- grants and principals ---------------------------------------------------------------------
 
@@ -258,7 +262,7 @@ class Principal:
     def require(self, action: str, topic: str | None = None, group: str | None = None) -> None:
         """Raise ``Forbidden`` naming the missing permission unless ``allows(...)``."""
         if not self.allows(action, topic, group):
-            raise Forbidden(self._denial(action, topic, group))
+            raise Forbidden(self._denial(action, topic, group), target=topic or "")
 
     def _decide(self, action: str, topic: str | None, group: str | None) -> bool:
         if action not in ACTIONS:

@@ -25,7 +25,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -156,6 +156,12 @@ class RateLimits(Protocol):
         ...
 
 
+# Whether the caller may settle messages of a topic: None if it may, else the error to answer.
+# A store may call it on its own thread, inside its transaction: it must be quick and touch
+# nothing but the principal (whose permission memo is a dict, safe under the GIL).
+Authorize = Callable[[str], errors.MqfastError | None]
+
+
 class GroupStore(Protocol):
     """Storage primitives of consumer groups; each call is one atomic transaction."""
 
@@ -186,8 +192,14 @@ class GroupStore(Protocol):
         consumer: str | None,
         items: list[SettleItem],
         now: int,
+        authorize: Authorize | None = None,
     ) -> list[SettleResult]:
-        """Apply acks, nacks and extensions; per-item errors are in the results."""
+        """Apply acks, nacks and extensions; per-item errors are in the results.
+
+        ``authorize`` is asked about each item's real topic once the store has found it and
+        before anything of that item changes: an error it returns is that item's error and the
+        item is left as it was (a caller may not settle what it may not consume).
+        """
 
     async def release_consumer(self, consumer: str, now: int) -> int:
         """Make every lease held by ``consumer`` available again now; returns how many."""
@@ -364,6 +376,11 @@ class Groups:
                 del self._consumers[k]
         return info
 
+    async def registered(self, consumer_id: str) -> ConsumerInfo | None:
+        """The registered settings of ``consumer_id`` (None: not registered), as consume sees
+        them (read through the same one-second cache)."""
+        return await self._consumer(consumer_id)
+
     def forget_consumer(self, consumer_id: str) -> None:
         self._consumers.pop(consumer_id, None)
         self.store.rate_limits.forget_consumer(consumer_id)
@@ -461,14 +478,20 @@ class Groups:
         topic: str | None,
         consumer: str | None,
         items: list[SettleItem],
+        authorize: Authorize | None = None,
     ) -> list[SettleResult]:
-        """Acks, nacks and extensions of one group; counters and wake-ups follow."""
+        """Acks, nacks and extensions of one group; counters and wake-ups follow.
+
+        ``authorize`` decides per item from the message's real topic (``GroupStore.settle``).
+        """
         check_id(group, "group_id")
         if topic is not None:
             check_topic(topic)
         if consumer is not None:
             check_id(consumer, "consumer_id")
-        results = await self.store.settle(group, topic, consumer, items, now_ms())
+        results = await self.store.settle(
+            group, topic, consumer, items, now_ms(), authorize=authorize
+        )
         freed: set[str] = set()
         for r in results:
             if r.error is not None:

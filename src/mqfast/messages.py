@@ -16,6 +16,10 @@ Priority = Annotated[int, msgspec.Meta(ge=0, le=9)]
 # Durations: integer nanoseconds, a string of digits (nanoseconds) or a Go-style "30s"/"24h".
 Duration = int | str | None
 Headers = dict[str, str] | None
+# A message id to settle: an empty one is a 400 naming the field, not an unknown message.
+MessageId = Annotated[str, msgspec.Meta(min_length=1)]
+# Topics one registered consumer may list (each is checked and stored with it).
+MAX_CONSUMER_TOPICS = 100
 
 
 class ProduceRequest(msgspec.Struct, gc=False, forbid_unknown_fields=True):
@@ -167,7 +171,7 @@ class ConsumeResponse(msgspec.Struct, gc=False):
 class AcknowledgeRequest(msgspec.Struct, gc=False, forbid_unknown_fields=True):
     """``POST /api/v1/messages/acknowledge``; ``success: false`` schedules a redelivery."""
 
-    message_id: str
+    message_id: MessageId
     group_id: str
     success: bool = True
     topic: str | None = None
@@ -177,7 +181,7 @@ class AcknowledgeRequest(msgspec.Struct, gc=False, forbid_unknown_fields=True):
 
 
 class AckItem(msgspec.Struct, gc=False, forbid_unknown_fields=True):
-    message_id: str
+    message_id: MessageId
     success: bool = True
     error: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
     requeue_delay: Duration = None
@@ -201,7 +205,7 @@ class RedriveRequest(msgspec.Struct, gc=False, forbid_unknown_fields=True):
 class ExtendRequest(msgspec.Struct, gc=False, forbid_unknown_fields=True):
     """``POST /api/v1/messages/extend``: push the lease deadline to now + ``visibility_timeout``."""
 
-    message_id: str
+    message_id: MessageId
     group_id: str
     visibility_timeout: Duration
     topic: str | None = None
@@ -216,7 +220,7 @@ class RegisterConsumerRequest(msgspec.Struct, forbid_unknown_fields=True):
 
     consumer_id: str
     group_id: str
-    topics: list[str]
+    topics: Annotated[list[str], msgspec.Meta(max_length=MAX_CONSUMER_TOPICS)]
     max_concurrency: Annotated[int, msgspec.Meta(ge=1, le=100_000)] | None = None
     rate_limit: Annotated[float, msgspec.Meta(gt=0, le=1_000_000)] | None = None
 

@@ -528,6 +528,15 @@ COVERS: dict[str, set[Key]] = {
             (AU, "GET"),
         )
     },
+    # With authentication on: 401 without a token everywhere but the open routes, 403 where
+    # a grant is missing (the lists filter instead; the audit route is covered above).
+    "authorization": {
+        (p, m.upper(), s)
+        for p, m in _operations()
+        if p not in ("/health", "/health/live", "/health/ready", "/openapi.json", AU)
+        for s in (401, 403)
+        if s == 401 or (p, m.upper()) not in ((T, "GET"), (CS, "GET"))
+    },
     "framing": {
         (p, m.upper(), s) for p, m in _operations() for s in (400, 405, 413, 431, 501, 505)
     },
@@ -934,6 +943,58 @@ def test_audit_log_responses(make_server: MakeServer) -> None:
     seen.add(check(r, AU, "GET", 400))
     assert r.json()["error"]["field"] == "limit"
     assert seen == COVERS["audit"]
+
+
+def test_authorization_responses(make_server: MakeServer) -> None:
+    from mqfast.auth import make_token
+    from mqfast.config import Settings
+
+    secret = {"MESSAGE_QUEUE_JWT_SECRET": "openapi-secret-0123456789-0123456789-01"}
+    srv = make_server(**secret)
+    settings = Settings.from_env(secret)
+
+    def bearer(sub: str, roles: list[str] | None = None, grants: Any = None) -> dict[str, str]:
+        return {"Authorization": "Bearer " + make_token(settings, sub, roles, grants)}
+
+    admin, nobody = bearer("ops", ["admin"]), bearer("nobody")
+    # consumes group g, but on another topic: refused per message, once the message is found
+    elsewhere = bearer("svc", grants=[{"topics": "other", "actions": ["consume"], "groups": ["g"]}])
+    assert srv.request("POST", T, {"name": "t"}, headers=admin).status == 201
+    assert srv.request("POST", P, {"topic": "t", "content": "x"}, headers=admin).status == 200
+    reg = {"consumer_id": "c1", "group_id": "g", "topics": ["t"]}
+    assert srv.request("POST", CS, reg, headers=admin).status == 201
+    ask = {"topic": "t", "group_id": "g", "consumer_id": "c1", "timeout": "5s"}
+    [m] = srv.request("POST", C, ask, headers=admin).json()["messages"]
+    mid = m["message_id"]
+    calls: list[tuple[str, str, str, Any, dict[str, str]]] = [
+        (P, "POST", P, {"topic": "t", "content": "x"}, nobody),
+        (P, "POST", P, {"topic": "new", "content": "x"}, bearer("p", ["producer"])),
+        (B, "POST", B, {"messages": [{"topic": "t", "content": "x"}]}, nobody),
+        (C, "POST", C, ask, nobody),
+        (A, "POST", A, {"message_id": mid, "group_id": "g"}, elsewhere),
+        (AB, "POST", AB, {"group_id": "g", "acks": [{"message_id": mid}]}, nobody),
+        (X, "POST", X, {"message_id": mid, "group_id": "g", "visibility_timeout": "9s"}, elsewhere),
+        (T, "POST", T, {"name": "new"}, nobody),
+        (TN, "GET", f"{T}/t", None, nobody),
+        (TN, "DELETE", f"{T}/t", None, nobody),
+        (RD, "POST", f"{T}/t/redrive", None, nobody),
+        (CS, "POST", CS, {**reg, "consumer_id": "c2"}, nobody),
+        (CI, "GET", f"{CS}/c1", None, nobody),
+        (CI, "DELETE", f"{CS}/c1", None, nobody),
+        (HB, "POST", f"{CS}/c1/heartbeat", None, nobody),
+        (M, "GET", f"{M}?topic=t", None, nobody),
+    ]
+    seen: set[Key] = set()
+    for path, method, url, body, who in calls:
+        seen.add(check(srv.request(method, url, body, headers=who), path, method, 403))
+    for path, method in _operations():
+        if ((path, method.upper(), 401)) in COVERS["authorization"]:
+            r = srv.request(method.upper(), concrete(path))
+            seen.add(check(r, path, method.upper(), 401))
+    # the refused settles left the message leased: it acknowledges now, at its first delivery
+    r = srv.request("POST", A, {"message_id": mid, "group_id": "g"}, headers=admin)
+    assert r.json()["status"] == "acknowledged", r.body
+    assert seen == COVERS["authorization"]
 
 
 def test_metric_history_responses(make_server: MakeServer) -> None:

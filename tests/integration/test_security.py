@@ -113,7 +113,11 @@ def test_audit_log_records_decisions_and_admin_actions_without_content(
     call(secured, "POST", "/api/v1/topics", {"name": "audited"}, tok=producer)
     call(secured, "POST", "/api/v1/topics", {"name": "audited"}, tok=admin)
     call(
-        secured, "POST", "/api/v1/messages", {"topic": "t", "content": secret_content}, tok=producer
+        secured,
+        "POST",
+        "/api/v1/messages",
+        {"topic": "audited", "content": secret_content},
+        tok=producer,
     )
     lines = audit_lines(secured)
     outcomes = [(x.get("actor"), x.get("action"), x.get("outcome")) for x in lines]
@@ -170,6 +174,11 @@ def test_produce_quota_per_subject_answers_429_with_retry_after(make_server: Mak
 
     srv = make_server(**AUTH_ENV, MESSAGE_QUEUE_QUOTA_MESSAGES="5", MESSAGE_QUEUE_QUOTA_BURST="1s")
     a, b = token("svc-a", ["producer"]), token("svc-b", ["producer"])
+    # a producer may not create topics: an admin does
+    assert (
+        call(srv, "POST", "/api/v1/topics", {"name": "q"}, tok=token("ops", ["admin"])).status
+        == 201
+    )
     started = time.monotonic()
     answers = [
         call(srv, "POST", "/api/v1/messages", {"topic": "q", "content": "x"}, tok=a)

@@ -35,6 +35,7 @@ from mqfast.crypto import HEADER as ENC_HEADER
 from mqfast.groups import (
     DLQ_HEADER_PREFIX,
     PRIORITY_LEVELS,
+    Authorize,
     LeaseOutcome,
     LocalRateLimits,
     Policy,
@@ -157,8 +158,11 @@ class EmbeddedGroups:
         consumer: str | None,
         items: list[SettleItem],
         now: int,
+        authorize: Authorize | None = None,
     ) -> list[SettleResult]:
-        return await self._run(self._txn, self._settle, group, topic, consumer, items, now)
+        return await self._run(
+            self._txn, self._settle, group, topic, consumer, items, now, authorize
+        )
 
     async def release_consumer(self, consumer: str, now: int) -> int:
         return await self._run(self._txn, self._release, consumer, now)
@@ -625,13 +629,14 @@ class EmbeddedGroups:
         consumer: str | None,
         items: list[SettleItem],
         now: int,
+        authorize: Authorize | None,
     ) -> list[SettleResult]:
         results = []
         touched: set[tuple[str, int]] = set()
         for item in items:
             res = SettleResult(message_id=item.message_id, status="")
             try:
-                self._settle_one(conn, group, topic, consumer, item, now, res, touched)
+                self._settle_one(conn, group, topic, consumer, item, now, res, touched, authorize)
             except errors.MqfastError as e:
                 res.error = e
             results.append(res)
@@ -649,6 +654,7 @@ class EmbeddedGroups:
         now: int,
         res: SettleResult,
         touched: set[tuple[str, int]],
+        authorize: Authorize | None,
     ) -> None:
         row = conn.execute(
             "SELECT topic, partition, offset, state, consumer_id, due_ms, leased_ms,"
@@ -665,6 +671,10 @@ class EmbeddedGroups:
                 field="message_id",
             )
         t, p, off, state, holder, due, leased_ms, count, outcome = row
+        if authorize is not None:
+            res.error = authorize(t)
+            if res.error is not None:
+                return  # untouched, and the topic is not told
         res.topic = t
         res.delivery_count = count
         if state == DONE:

@@ -235,7 +235,8 @@ for p, _ in pairs(touched) do positions[tostring(p)] = advance(G, T, p) end
 return cjson.encode({out = out, pos = positions})
 
 --@settle
--- ARGV: G topic-or-empty now consumer-or-empty items(json [[id, action, error, delay, vis]])
+-- ARGV: G topic-or-empty now consumer-or-empty
+--       items(json [[id, action, error, delay, vis, topic the message must be on or '']])
 --       limit base max jitter default_vis
 -- Per item: {status, topic, count, processing, redeliver_at, deadline, err kind, err detail}.
 local topic = ARGV[2]
@@ -246,14 +247,14 @@ local pol = policy(6)
 local default_vis = tonumber(ARGV[10])
 local results, dead, touched = {}, {}, {}
 for i, it in ipairs(items) do
-  local id, action, err, delay, vis = it[1], it[2], it[3], it[4], it[5]
+  local id, action, err, delay, vis, on = it[1], it[2], it[3], it[4], it[5], it[6]
   local r = {status = '', topic = '', count = 0}
   results[i] = r
   local loc = redis.call('HGET', ids_key(G), id)
   local t, f = nil, nil
   if loc then t, f = string.match(loc, '^(.-)\n(.*)$') end
   local s = nil
-  if t and (topic == '' or t == topic) then s = load(G, t, f) end
+  if t and (topic == '' or t == topic) and (on == '' or t == on) then s = load(G, t, f) end
   if not s then
     r.err = 'not_found'
   else

@@ -45,6 +45,7 @@ from mqfast.crypto import (
 from mqfast.groups import (
     DLQ_HEADER_PREFIX,
     PRIORITY_LEVELS,
+    Authorize,
     LeaseOutcome,
     Policy,
     PriorityPicker,
@@ -682,7 +683,26 @@ class KafkaGroups:
         consumer: str | None,
         items: list[SettleItem],
         now: int,
+        authorize: Authorize | None = None,
     ) -> list[SettleResult]:
+        # The topic each item must be on for the script to apply it ("" any; a topic is never
+        # "\n", so that finds nothing), and the items refused before the script ran.
+        on: list[str] = [topic or ""] * len(items)
+        denied: dict[int, errors.MqfastError] = {}
+        if authorize is not None and (topic is None or authorize(topic) is not None):
+            # Only without a named topic (or a refused one): learn each message's topic first,
+            # one more round trip, read-only; the script then applies an item only if the
+            # message is still on the topic that was authorised.
+            verdicts: dict[str, errors.MqfastError | None] = {}
+            for i, t in enumerate(await self._topics_of(group, items)):
+                on[i] = "\n" if t is None else t
+                if t is not None and topic in (None, t):
+                    if t not in verdicts:
+                        verdicts[t] = authorize(t)
+                    refusal = verdicts[t]
+                    if refusal is not None:
+                        denied[i] = refusal
+                        on[i] = "\n"
         payload = [
             [
                 it.message_id,
@@ -690,8 +710,9 @@ class KafkaGroups:
                 it.error or "",
                 -1 if it.delay_ms is None else it.delay_ms,
                 it.visibility_ms or 0,
+                on[i],
             ]
-            for it in items
+            for i, it in enumerate(items)
         ]
         res = await self._call(
             "settle",
@@ -716,9 +737,25 @@ class KafkaGroups:
             if cfg is not None:
                 await self._dead_letter(group, cfg, self._windows.get((group, t)), entries, now)
         results = []
-        for item, r in zip(items, _list(res["results"]), strict=True):
-            results.append(self._result(group, topic, item, r))
+        for i, (item, r) in enumerate(zip(items, _list(res["results"]), strict=True)):
+            if i in denied:
+                results.append(SettleResult(item.message_id, "", error=denied[i]))
+            else:
+                results.append(self._result(group, topic, item, r))
         return results
+
+    async def _topics_of(self, group: str, items: list[SettleItem]) -> list[str | None]:
+        """The topic of each item's message in ``group`` (None: never delivered to it)."""
+        try:
+            locs = await self.redis.hmget(f"mq:{{{group}}}:ids", [it.message_id for it in items])
+        except (RedisError, OSError) as e:
+            raise self._down(e) from None
+        self._up()
+        out: list[str | None] = []
+        for loc in locs:
+            text = loc.decode() if isinstance(loc, bytes) else loc
+            out.append(None if text is None else text.partition("\n")[0])
+        return out
 
     @staticmethod
     def _result(group: str, topic: str | None, item: SettleItem, r: dict[str, Any]) -> SettleResult:
