@@ -11,9 +11,9 @@ passed as ``now``), and checks every answer against a small in-memory model:
   expired message may go there too, with reason ``expired``), never before;
 - an acknowledged message is never delivered again, and a second ack says
   ``already_acknowledged``; the group's committed position never passes an incomplete message;
-- a run (the consecutive messages one consume leased) may be settled a part at a time, in any
-  order and in one batch: acknowledgements, nacks and extensions of some of its messages, the
-  rest left to expire, each message keeping exactly its own state;
+- a run (what one consume leased: consecutive offsets of a partition, or a few) may be settled
+  a part at a time, in any order and in one batch: acknowledgements, nacks and extensions of
+  some of its messages, the rest left to expire, each message keeping exactly its own state;
 - restarts (close and reopen on the same files) lose nothing;
 - at the end, after draining, every message is acknowledged or dead-lettered.
 """
@@ -497,7 +497,7 @@ class GroupMachine(RuleBasedStateMachine):
             (self.msgs[mid], settle_item(self.msgs[mid], "extend", None, 2500)) for mid in keep
         ]
         self._settle_batch(consumer, batch)
-        self.now += POLICY.visibility_ms + 1  # past the deadline of every lease taken until now
+        self.now += POLICY.visibility_ms + 1  # every lease not extended meanwhile has run out
         self._consume(data.draw(st.sampled_from(CONSUMERS), label="next consumer"), 12)
 
     @rule(ms=st.sampled_from([1, 60, 90, 150, 250, 500, 1000, 1200, 3000]))
