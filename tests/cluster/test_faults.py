@@ -83,8 +83,8 @@ class Load:
         return sum(1 for a in self.answers if a[0] == status)
 
 
-def read_back(bootstrap: str, topic: str, partitions: int) -> set[str]:
-    """Every message id stored in ``topic``, read with a plain Kafka consumer."""
+def read_back(bootstrap: str, topic: str, partitions: int, header: str = "mqfast-id") -> set[str]:
+    """Every value of ``header`` (the message id) in ``topic``, read with a plain Kafka consumer."""
     c = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -107,7 +107,7 @@ def read_back(bootstrap: str, topic: str, partitions: int) -> set[str]:
                 if msg.error() is not None:
                     continue
                 for k, v in msg.headers() or ():
-                    if k == "mqfast-id":
+                    if k == header:
                         ids.add(v.decode())
                 if msg.offset() >= highs[msg.partition()] - 1:
                     done[msg.partition()] = True

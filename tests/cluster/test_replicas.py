@@ -10,7 +10,16 @@ import time
 from typing import Any
 
 from tests.cluster.conftest import Replicas
-from tests.conformance.conftest import CONSUME, LONG_LEASE, unique, wait_for
+from tests.conformance.conftest import (
+    CONSUME,
+    FAST_ENV,
+    LONG_LEASE,
+    TOPICS,
+    Gateway,
+    unique,
+    wait_for,
+)
+from tests.conftest import MakeServer
 
 
 def test_a_message_consumed_through_one_replica_is_acknowledged_through_another(
@@ -158,3 +167,18 @@ def test_a_subject_quota_holds_across_three_replicas(replicas: Replicas) -> None
     assert total <= bound, (accepted, limited, elapsed)
     assert total >= rate * window_s * 0.5, (accepted, limited)  # not starved
     assert sum(limited) > 0
+
+
+def test_a_topic_just_created_is_known_at_once_to_replicas_on_a_three_broker_cluster(
+    make_server: MakeServer, kafka3: Any, postgres: Any, redis: Any, services: Any
+) -> None:
+    # Each broker learns of a new topic from the controller on its own time: the broker that
+    # replica B asks may not know yet of the topic replica A has just created.
+    env = {"MESSAGE_QUEUE_ENGINE": "kafka", **services.env_for(kafka3, postgres, redis)}
+    a, b, c = (Gateway(make_server(**env, **FAST_ENV), "kafka") for _ in range(3))
+    for _ in range(5):
+        t = a.topic(partitions=3, replication=3)
+        for gw in (b, c):
+            r = gw.consume_reply(t, "g", "c", timeout="0s")
+            assert r.status == 200, r.body
+            assert gw.call("GET", f"{TOPICS}/{t}").status == 200

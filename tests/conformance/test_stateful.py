@@ -11,6 +11,9 @@ passed as ``now``), and checks every answer against a small in-memory model:
   expired message may go there too, with reason ``expired``), never before;
 - an acknowledged message is never delivered again, and a second ack says
   ``already_acknowledged``; the group's committed position never passes an incomplete message;
+- a run (what one consume leased: consecutive offsets of a partition, or a few) may be settled
+  a part at a time, in any order and in one batch: acknowledgements, nacks and extensions of
+  some of its messages, the rest left to expire, each message keeping exactly its own state;
 - restarts (close and reopen on the same files) lose nothing;
 - at the end, after draining, every message is acknowledged or dead-lettered.
 """
@@ -61,11 +64,22 @@ POLICY = Policy(
     done_grace_ms=10**12,  # keep completed rows: a late second ack is still recognised
 )
 START_MS = 1_800_000_000_000
+RUNS_KEPT = 4  # the last consumes whose messages a rule may settle as a run
 
 
 def backoff_window(count: int) -> tuple[int, int]:
     base = min(POLICY.backoff_max_ms, POLICY.backoff_base_ms * (1 << max(count - 1, 0)))
     return int(base * (1 - POLICY.jitter)) - 1, int(base * (1 + POLICY.jitter)) + 1
+
+
+def settle_item(m: Msg, action: str, delay: int | None, visibility: int | None) -> SettleItem:
+    return SettleItem(
+        message_id=m.mid,
+        action=action,
+        error="bad" if action == "nack" else None,
+        delay_ms=delay if action == "nack" else None,
+        visibility_ms=visibility if action == "extend" else None,
+    )
 
 
 @dataclass(eq=False)
@@ -164,10 +178,9 @@ class World:
             )
         )
 
-    def settle(self, consumer: str | None, item: SettleItem, now: int) -> SettleResult:
+    def settle(self, consumer: str | None, items: list[SettleItem], now: int) -> list[SettleResult]:
         assert self.store is not None
-        [r] = self.run(self.store.settle(GROUP, TOPIC, consumer, [item], now))
-        return r
+        return self.run(self.store.settle(GROUP, TOPIC, consumer, items, now))
 
     def dead_letters(self) -> list[tuple[str, dict[str, str]]]:
         assert self.sink is not None
@@ -197,6 +210,7 @@ class GroupMachine(RuleBasedStateMachine):
         self.msgs: dict[str, Msg] = {}
         self.order: list[str] = []
         self.dlq_seen: set[str] = set()
+        self.runs: list[tuple[str, list[str]]] = []  # (consumer, ids) of the last consumes
         self.world = World(
             Path(tempfile.mkdtemp(prefix="mqfast-stateful-")), uvloop.new_event_loop()
         )
@@ -265,6 +279,9 @@ class GroupMachine(RuleBasedStateMachine):
         ttl=st.sampled_from([0, 0, 0, 300, 1500, 4000]),
     )
     def produce(self, partition: int, priority: int, ttl: int) -> None:
+        self._produce(partition, priority, ttl)
+
+    def _produce(self, partition: int, priority: int, ttl: int) -> None:
         mid = f"m{len(self.order):05d}"
         d = D(
             topic=TOPIC,
@@ -310,6 +327,8 @@ class GroupMachine(RuleBasedStateMachine):
             assert (lm.partition, lm.offset, lm.priority) == (m.partition, m.offset, m.priority)
             m.count += 1
             m.state, m.holder, m.deadline = "leased", consumer, lm.lease_deadline
+        if len(ids) > 1:
+            self.runs = [*self.runs[-(RUNS_KEPT - 1) :], (consumer, ids)]
         expired_now = self._reconcile_dlq()
         assert out.expired >= expired_now
         if expired_now == 0 and out.expired == 0:
@@ -356,18 +375,21 @@ class GroupMachine(RuleBasedStateMachine):
         delay: int | None = None,
         visibility: int | None = None,
     ) -> None:
-        now = self.now
         consumer = m.holder if own else "stranger"
-        if consumer is None:
-            consumer = "stranger"
-        item = SettleItem(
-            message_id=m.mid,
-            action=action,
-            error="bad" if action == "nack" else None,
-            delay_ms=delay,
-            visibility_ms=visibility,
-        )
-        r = self.world.settle(consumer, item, now)
+        self._settle_batch(consumer or "stranger", [(m, settle_item(m, action, delay, visibility))])
+
+    def _settle_batch(self, consumer: str, batch: list[tuple[Msg, SettleItem]]) -> None:
+        """One settle call of several items; the store applies them in order, as the model."""
+        results = self.world.settle(consumer, [item for _, item in batch], self.now)
+        assert len(results) == len(batch)
+        for (m, item), r in zip(batch, results, strict=True):
+            assert r.message_id == m.mid, (r, m)
+            self._check_settled(m, item, consumer, r)
+        self._reconcile_dlq()
+
+    def _check_settled(self, m: Msg, item: SettleItem, consumer: str, r: SettleResult) -> None:
+        now = self.now
+        action, delay, visibility = item.action, item.delay_ms, item.visibility_ms
         if m.state == "new":
             assert isinstance(r.error, errors.NotFound), (m, r)
         elif m.state == "acked":
@@ -412,7 +434,71 @@ class GroupMachine(RuleBasedStateMachine):
                     assert now + lo <= r.redeliver_at <= now + hi, (m, r, lo, hi)
                 m.state, m.holder = "retry", None
                 m.due_lo, m.due_hi = now + lo, now + hi
-        self._reconcile_dlq()
+
+    # ---- runs: the consecutive messages one consume leased, settled a part at a time -------
+
+    @rule(
+        partition=st.integers(0, PARTITIONS - 1),
+        k=st.integers(2, 6),
+        priority=st.sampled_from([0, 0, 4]),
+        ttl=st.sampled_from([0, 0, 0, 1500]),
+    )
+    def produce_run(self, partition: int, k: int, priority: int, ttl: int) -> None:
+        for _ in range(k):
+            self._produce(partition, priority, ttl)
+
+    @rule(consumer=st.sampled_from(CONSUMERS), n=st.integers(2, 12))
+    def consume_run(self, consumer: str, n: int) -> None:
+        self._consume(consumer, n)
+
+    @rule(consumer=st.sampled_from(CONSUMERS), n=st.integers(2, 12), data=st.data())
+    def consume_run_and_settle_part(self, consumer: str, n: int, data: st.DataObject) -> None:
+        ids = self._consume(consumer, n)
+        if ids:
+            self._settle_part(data, consumer, ids)
+
+    @precondition(lambda self: self.runs)
+    @rule(data=st.data())
+    def settle_part_of_run(self, data: st.DataObject) -> None:
+        """A part of an earlier run, whatever became of its messages since."""
+        consumer, ids = data.draw(st.sampled_from(self.runs[::-1]), label="run")
+        self._settle_part(data, consumer, ids)
+
+    def _settle_part(self, data: st.DataObject, consumer: str, ids: list[str]) -> None:
+        """Some messages of a run, in any order, each acknowledged, nacked or extended."""
+        order = data.draw(st.permutations(ids), label="order")
+        k = data.draw(st.integers(1, len(ids)), label="how many")
+        how = st.tuples(
+            st.sampled_from(["ack", "ack", "ack", "nack", "extend"]),
+            st.sampled_from([None, None, 0, 700]),
+            st.sampled_from([200, 2500]),
+        )
+        actions = data.draw(st.lists(how, min_size=k, max_size=k), label="actions")
+        if data.draw(st.sampled_from([True, True, True, False]), label="own"):
+            who = consumer
+        else:
+            who = "stranger"
+        batch = [
+            (self.msgs[mid], settle_item(self.msgs[mid], action, delay, vis))
+            for mid, (action, delay, vis) in zip(order, actions, strict=False)
+        ]
+        self._settle_batch(who, batch)
+
+    @precondition(lambda self: self.runs)
+    @rule(data=st.data())
+    def expire_part_of_run(self, data: st.DataObject) -> None:
+        """Extend some messages of a run, let the rest of its lease run out, consume again."""
+        consumer, ids = data.draw(st.sampled_from(self.runs[::-1]), label="run")
+        keep = data.draw(
+            st.lists(st.sampled_from(ids), min_size=1, max_size=len(ids) - 1, unique=True),
+            label="extended",
+        )
+        batch = [
+            (self.msgs[mid], settle_item(self.msgs[mid], "extend", None, 2500)) for mid in keep
+        ]
+        self._settle_batch(consumer, batch)
+        self.now += POLICY.visibility_ms + 1  # every lease not extended meanwhile has run out
+        self._consume(data.draw(st.sampled_from(CONSUMERS), label="next consumer"), 12)
 
     @rule(ms=st.sampled_from([1, 60, 90, 150, 250, 500, 1000, 1200, 3000]))
     def advance(self, ms: int) -> None:
@@ -462,7 +548,7 @@ class GroupMachine(RuleBasedStateMachine):
             assert m.count <= POLICY.delivery_limit, m
             if m.state == "acked":
                 # a second ack, after everything, is still harmless
-                r = self.world.settle(None, SettleItem(m.mid, "ack"), self.now)
+                [r] = self.world.settle(None, [SettleItem(m.mid, "ack")], self.now)
                 assert r.error is None and r.status == "already_acknowledged", (m, r)
         committed = self.world.committed()
         for p in range(PARTITIONS):
@@ -473,7 +559,7 @@ class GroupMachine(RuleBasedStateMachine):
 
 GroupMachine.TestCase.settings = settings(
     max_examples=40,
-    stateful_step_count=30,
+    stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )

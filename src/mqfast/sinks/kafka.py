@@ -77,6 +77,9 @@ OWN_HEADERS = frozenset((H_ID, H_PRIORITY, H_EXPIRES))
 NS_PER_MS = 1_000_000
 ADMIN_TIMEOUT_S = 15.0
 METADATA_TTL_S = 2.0
+# A topic created through another replica reaches each broker's metadata on its own time.
+PROPAGATION_S = 5.0  # how long a lookup waits for a topic the registry knows (bounded)
+PROPAGATION_AGE_MS = 60_000  # only for topics registered this recently (else: deleted)
 # After every broker is reported down, new produce requests are refused at once (their outcome
 # is then certain: not written) until a metadata request succeeds again.
 DOWN_RECHECK_S = 1.0
@@ -872,11 +875,38 @@ class KafkaSink:
         cfg = self._topics.get(name)
         if cfg is None or fresh:
             cfg = (await self._refresh_topics(force=True)).get(name)
+            if cfg is None:
+                cfg = await self._await_propagation(name)
         if name in self._unverified:
             raise errors.Unavailable(
                 f"topic {name!r}: its settings are in the metadata store, which is unreachable"
             )
         return cfg
+
+    async def _await_propagation(self, name: str) -> TopicConfig | None:
+        """A topic just registered by another replica, once the broker asked knows it too.
+
+        The registry row is written only after Kafka gave every partition a leader, but the
+        broker this replica asks may not have applied that yet: without waiting, a consume
+        through B right after a create through A would be answered "unknown topic".
+        """
+        registered = self.registry.cached_topics().get(name)
+        if registered is None or registered.created_at < time.time() * 1000 - PROPAGATION_AGE_MS:
+            return None
+
+        def known() -> bool:
+            t = self._admin.list_topics(topic=name, timeout=2.0).topics.get(name)
+            return t is not None and t.error is None and len(t.partitions) > 0
+
+        deadline = time.monotonic() + PROPAGATION_S
+        while time.monotonic() < deadline:
+            try:
+                if await self._run(known):
+                    return (await self._refresh_topics(force=True)).get(name)
+            except errors.MqfastError:
+                pass
+            await asyncio.sleep(0.05)
+        return None
 
     def cached_topic(self, name: str) -> TopicConfig | None:
         return self._topics.get(name)
