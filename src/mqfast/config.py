@@ -119,11 +119,30 @@ def _int(value: str, var: str, lo: int, hi: int) -> int:
     return n
 
 
-def _duration(value: str, var: str) -> int:
+# A bare integer is nanoseconds (the contract's unit), so ``MESSAGE_QUEUE_TTL=24`` is 24 ns: every
+# duration variable refuses a value (other than 0) below what it can sensibly mean.
+_MIN_DURATION_NS = 1_000_000  # 1 ms: no timeout, interval or backoff of mqfast is shorter
+_DURATION_FORMS = "a number with a unit ('500ms', '30s', '5m', '24h') or integer nanoseconds"
+
+
+def _duration(value: str, var: str, minimum_ns: int = _MIN_DURATION_NS) -> int:
     try:
-        return parse_duration(value, var)
+        ns = parse_duration(value, var)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if 0 < ns < minimum_ns:
+        raise ConfigError(
+            f"{var}={value!r} is {ns} ns, below the minimum of {_format_ns(minimum_ns)} "
+            f"(a bare integer is nanoseconds); accepted forms: {_DURATION_FORMS}"
+        )
+    return ns
+
+
+def _format_ns(ns: int) -> str:
+    for unit in ("h", "m", "s", "ms", "us"):
+        if ns % _UNITS[unit] == 0:
+            return f"{ns // _UNITS[unit]}{unit}"
+    return f"{ns}ns"
 
 
 # Security settings of the Kafka client, by the variable that sets them.
@@ -420,9 +439,11 @@ class Settings:
                 1024,
                 1 << 20,
             ),
-            "default_ttl_ns": _duration(e.get("MESSAGE_QUEUE_TTL", "24h"), "MESSAGE_QUEUE_TTL"),
+            "default_ttl_ns": _duration(
+                e.get("MESSAGE_QUEUE_TTL", "24h"), "MESSAGE_QUEUE_TTL", NS_PER_SECOND
+            ),
             "default_retention_ns": _duration(
-                e.get("MESSAGE_QUEUE_RETENTION", "168h"), "MESSAGE_QUEUE_RETENTION"
+                e.get("MESSAGE_QUEUE_RETENTION", "168h"), "MESSAGE_QUEUE_RETENTION", NS_PER_SECOND
             ),
             "default_partitions": _int(
                 e.get("MESSAGE_QUEUE_DEFAULT_PARTITIONS", "1"),
