@@ -16,7 +16,7 @@ import signal
 import ssl
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 from urllib.parse import quote
 
@@ -192,6 +192,17 @@ def _fmt_addr(addr: tuple[str, int] | None) -> str:
     return f"{addr[0]}:{addr[1]}" if addr else "off"
 
 
+async def _listen(
+    var: str, addr: tuple[str, int], start: Awaitable[asyncio.Server]
+) -> asyncio.Server:
+    """``start`` (a listener on ``addr``), with a failure to bind naming the variable that chose
+    the address: "address already in use" alone does not say which of three listeners it was."""
+    try:
+        return await start
+    except OSError as e:
+        raise ConfigError(f"{var}: cannot listen on {_fmt_addr(addr)}: {e.strerror or e}") from None
+
+
 async def serve(settings: Settings, *, index: int = 0, reuse_port: bool = False) -> None:
     """Run one worker until SIGTERM/SIGINT, then shut it down gracefully."""
     loop = asyncio.get_running_loop()
@@ -251,13 +262,17 @@ async def serve(settings: Settings, *, index: int = 0, reuse_port: bool = False)
     )
     recorder.start()
 
-    listener = await loop.create_server(
-        core.protocol,
-        settings.host,
-        settings.port,
-        reuse_port=reuse_port,
-        backlog=4096,
-        ssl=tls_context(settings),
+    listener = await _listen(
+        "MESSAGE_QUEUE_PORT",
+        (settings.host, settings.port),
+        loop.create_server(
+            core.protocol,
+            settings.host,
+            settings.port,
+            reuse_port=reuse_port,
+            backlog=4096,
+            ssl=tls_context(settings),
+        ),
     )
     core.start()
     side: list[asyncio.Server] = []
@@ -270,10 +285,14 @@ async def serve(settings: Settings, *, index: int = 0, reuse_port: bool = False)
                 **({f"quota_{k}": v for k, v in quotas.stats().items()} if quotas else {}),
             },
         )
-        side.append(await start_metrics_server(*metrics_addr, registry))
+        side.append(
+            await _listen(
+                "METRICS_ADDR", metrics_addr, start_metrics_server(*metrics_addr, registry)
+            )
+        )
     pprof_addr = _side_port(settings.pprof_addr, index)
     if pprof_addr is not None:
-        side.append(await start_debug_server(*pprof_addr))
+        side.append(await _listen("PPROF_ADDR", pprof_addr, start_debug_server(*pprof_addr)))
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

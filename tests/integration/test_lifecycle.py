@@ -17,6 +17,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from mqfast.config import Settings
 from tests.conftest import MakeServer, MqfastProcess
 
@@ -331,3 +333,20 @@ def test_make_run_sets_no_variable_so_the_default_port_applies() -> None:
     ).stdout  # fmt: skip
     assert out.strip() == f"{venv}/bin/mqfast serve"
     assert Settings.from_env({}).port == 8087
+
+
+@pytest.mark.parametrize("var", ["METRICS_ADDR", "PPROF_ADDR", "MESSAGE_QUEUE_PORT"])
+def test_a_listener_address_in_use_stops_start_naming_the_variable(
+    var: str, make_server: MakeServer
+) -> None:
+    srv = make_server(start=False)
+    port = {"METRICS_ADDR": srv.metrics_port, "PPROF_ADDR": srv.pprof_port}.get(var, srv.port)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        with pytest.raises(RuntimeError, match="exited with 2"):
+            srv.start()
+    errors = [json.loads(line) for line in srv.logs().splitlines() if line.startswith("{")]
+    errors = [e for e in errors if e["level"] == "error"]
+    assert errors, srv.logs()
+    assert errors[-1]["error"].startswith(f"{var}: cannot listen on 127.0.0.1:{port}: "), errors
