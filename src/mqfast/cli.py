@@ -77,10 +77,8 @@ def _grant(text: str) -> dict[str, object]:
 
 
 def _token(args: argparse.Namespace) -> int:
-    from mqfast.auth import make_token
+    from mqfast.auth import ROLES, make_token
     from mqfast.config import parse_duration
-
-    from mqfast.auth import ROLES
 
     try:
         unknown = [r for r in args.role if r not in ROLES]
