@@ -122,3 +122,24 @@ def test_history_bounds_are_validated(engine_server: Gateway) -> None:
         assert r.status == 400, (q, r.status, r.body)
     out = gw.ok("GET", "/api/v1/metrics")
     assert isinstance(out["points"], list)
+
+
+def test_history_counts_the_produces_of_a_topic_deleted_and_created_again(
+    engine_server: Gateway,
+) -> None:
+    gw = engine_server
+    start = now_ms() - 2000
+    t = gw.topic()
+    gw.produce_many(t, 5)
+
+    def produced() -> float:
+        return totals(history(gw, start, now_ms() + 2000, t)["points"], "produced")
+
+    wait_for(lambda: produced() == 5, timeout=20, every=0.5, what="the first 5 in the history")
+    gw.ok("DELETE", f"/api/v1/topics/{t}")
+    gw.ok("POST", "/api/v1/topics", {"name": t, "partitions": 1}, status=201)
+    # As many or more than before, within one interval: a counter that restarted from zero
+    # without the history knowing it reads as "nothing new".
+    gw.produce_many(t, 7)
+    wait_for(lambda: produced() == 12, timeout=20, every=0.5, what="all 12 in the history")
+    assert gw.metric("message_queue_messages_produced_total", topic=t) == 12
