@@ -74,6 +74,14 @@ _register = msgspec.json.Decoder(RegisterConsumerRequest)
 _redrive = msgspec.json.Decoder(RedriveRequest)
 # A metrics query answers at most this many points; a wider one is asked to narrow down.
 MAX_METRIC_POINTS = 50_000
+# How a point of several intervals is made of them (also in the OpenAPI document).
+_AGGREGATION = {
+    "counters": "sum",
+    "sizes_and_consumers": "max",
+    "processing_avg_ms": "mean weighted by consumed",
+    "percentiles": "max of the intervals' percentiles: an upper bound, not the step's percentile",
+    "rates": "recomputed from the sums",
+}
 
 
 def _ok(obj: object, status: int = 200) -> Response:
@@ -489,20 +497,23 @@ class App:
         return _ok({"consumer_id": params[0], "active": True, "last_seen": now})
 
     async def metric_history(self, params: list[str], query: bytes, body: bytes) -> Response:
-        start, end, topic = parse_metrics_query(query, now_ms())
-        points = await self._meta().query_points(start, end, topic)
+        interval_ms = max(1, round(self.settings.metrics_interval_s * 1000))
+        q = parse_metrics_query(query, now_ms(), interval_ms)
+        points = await self._meta().query_points(q.start_ms, q.end_ms, q.topic, q.step_ms)
         if len(points) > MAX_METRIC_POINTS:
             raise errors.InvalidQuery(
                 f"the range holds {len(points)} points, more than {MAX_METRIC_POINTS}; "
-                "narrow start_time/end_time or filter by topic",
-                field="start_time",
+                "ask for a larger step, narrow start_time/end_time or filter by topic",
+                field="step",
             )
         return _ok(
             {
-                "start_time": format_rfc3339(start),
-                "end_time": format_rfc3339(end),
-                "topic": topic,
+                "start_time": format_rfc3339(q.start_ms),
+                "end_time": format_rfc3339(q.end_ms),
+                "topic": q.topic,
                 "interval_s": self.settings.metrics_interval_s,
+                "step_s": q.step_ms / 1000,
+                "aggregation": _AGGREGATION,
                 "points": points,
             }
         )
