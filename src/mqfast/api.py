@@ -32,6 +32,7 @@ from mqfast.messages import (
     RedriveRequest,
     RegisterConsumerRequest,
     TopicConfig,
+    TopicInfo,
 )
 from mqfast.meta import MetaStore
 from mqfast.meta.history import format_rfc3339, parse_audit_query, parse_metrics_query
@@ -72,6 +73,8 @@ _ack_batch = msgspec.json.Decoder(BatchAcknowledgeRequest)
 _extend = msgspec.json.Decoder(ExtendRequest)
 _register = msgspec.json.Decoder(RegisterConsumerRequest)
 _redrive = msgspec.json.Decoder(RedriveRequest)
+# /health names at most this many groups behind (the largest lags), and counts the rest.
+HEALTH_LISTED = 100
 # A metrics query answers at most this many points; a wider one is asked to narrow down.
 MAX_METRIC_POINTS = 50_000
 # How a point of several intervals is made of them (also in the OpenAPI document).
@@ -155,6 +158,7 @@ class App:
             ("/openapi.json", "GET"): self.openapi,
         }
         self._openapi: bytes | None = None
+        self._group_health: dict[str, object] = {"status": "unknown", "checked_at": None}
 
     def attach(self, core: Server) -> None:
         """Give the app the core it refreshes (topic cache)."""
@@ -573,7 +577,27 @@ class App:
         }
         if status == "degraded":
             out["degraded"] = degraded
+        # A group behind is the consumers' trouble, not the gateway's: reported, never 503.
+        out["consumer_groups"] = self._group_health
         return _ok(out, 503 if status == "down" else 200)
+
+    def note_group_lags(self, infos: dict[str, TopicInfo], now: int) -> None:
+        """Summarise the groups' lags of ``infos`` for ``/health`` (called by the metric
+        sampler every interval, so that a probe never waits for the engine)."""
+        limit = self.settings.health_max_lag
+        pairs = [(g.lag, g.group_id, name) for name, info in infos.items()
+                 for g in info.consumer_groups]  # fmt: skip
+        behind = sorted((p for p in pairs if p[0] > limit), key=lambda p: (-p[0], p[1], p[2]))
+        self._group_health = {
+            "status": "behind" if behind else "ok",
+            "checked_at": format_rfc3339(now),
+            "groups": len(pairs),
+            "max_lag": limit,
+            "behind_total": len(behind),
+            "behind": [
+                {"group_id": g, "topic": t, "lag": lag} for lag, g, t in behind[:HEALTH_LISTED]
+            ],
+        }
 
     def live(self, params: list[str], query: bytes, body: bytes) -> Response:
         return _ok({"status": "ok"})

@@ -193,6 +193,7 @@ ENV_VARS: tuple[str, ...] = (
     "MESSAGE_QUEUE_ENGINE",
     "MESSAGE_QUEUE_FSYNC",
     "MESSAGE_QUEUE_HEADER_TIMEOUT",
+    "MESSAGE_QUEUE_HEALTH_MAX_LAG",
     "MESSAGE_QUEUE_HOST",
     "MESSAGE_QUEUE_IDLE_TIMEOUT",
     "MESSAGE_QUEUE_INSECURE",
@@ -350,6 +351,7 @@ class Settings:
     max_poll_ns: int = 300 * NS_PER_SECOND
     consumer_timeout_ns: int = 60 * NS_PER_SECOND
     metrics_interval_s: float = 10.0
+    health_max_lag: int = 10_000  # /health lists a group further behind than this
     log_level: str = "INFO"
     db_host: str = "localhost"
     db_port: int = 5432
@@ -492,6 +494,12 @@ class Settings:
                 e.get("MESSAGE_QUEUE_METRICS_INTERVAL", "10s"), "MESSAGE_QUEUE_METRICS_INTERVAL"
             )
             / NS_PER_SECOND,
+            "health_max_lag": _int(
+                e.get("MESSAGE_QUEUE_HEALTH_MAX_LAG", str(d.health_max_lag)),
+                "MESSAGE_QUEUE_HEALTH_MAX_LAG",
+                1,
+                1 << 62,
+            ),
             "log_level": e.get("MESSAGE_QUEUE_LOG_LEVEL", d.log_level).strip().upper(),
             "db_host": e.get("DB_HOST", d.db_host),
             "db_port": _int(e.get("DB_PORT", str(d.db_port)), "DB_PORT", 1, 65535),

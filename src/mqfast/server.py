@@ -256,7 +256,7 @@ async def serve(settings: Settings, *, index: int = 0, reuse_port: bool = False)
     ]
     recorder = HistoryRecorder(
         engine.meta,
-        lambda: _sample(core, groups, sink, consumer_counts),
+        lambda: _sample(core, groups, sink, consumer_counts, app),
         settings.metrics_interval_s,
         worker=f"{os.uname().nodename}:{os.getpid()}",
     )
@@ -389,12 +389,14 @@ async def _maintain_groups(
 
 
 async def _sample(
-    core: Server, groups: Groups, sink: Sink, consumers: list[int]
+    core: Server, groups: Groups, sink: Sink, consumers: list[int], app: App
 ) -> dict[str, TopicSample]:
-    """Cumulative counters and current gauges per topic, for the metric history."""
+    """Cumulative counters and current gauges per topic, for the metric history (and the
+    groups' lags for ``/health``, from the same look at every topic)."""
     stats = groups.merge_stats(core.stats())
     sizes = {t.name: t for t in await sink.list_topics()}
     infos = await describe_all(sink, list(sizes))
+    app.note_group_lags(infos, now_ms())
     out: dict[str, TopicSample] = {}
     for name, info in infos.items():
         if name.endswith(".dlq") and name[: -len(".dlq")] in sizes:
