@@ -22,7 +22,7 @@ from mqfast._core import Server, decode_json, topic_name_error
 from mqfast.access import AUDITED, AuditLog, authorize, target_of
 from mqfast.auth import Authenticator, Principal
 from mqfast.config import Settings, parse_duration
-from mqfast.groups import Groups, SettleItem, SettleResult, check_id, now_ms
+from mqfast.groups import Groups, SettleItem, SettleResult, Unacked, check_id, now_ms
 from mqfast.messages import (
     AcknowledgeRequest,
     BatchAcknowledgeRequest,
@@ -73,8 +73,10 @@ _ack_batch = msgspec.json.Decoder(BatchAcknowledgeRequest)
 _extend = msgspec.json.Decoder(ExtendRequest)
 _register = msgspec.json.Decoder(RegisterConsumerRequest)
 _redrive = msgspec.json.Decoder(RedriveRequest)
-# /health names at most this many groups behind (the largest lags), and counts the rest.
+# /health names at most this many groups behind (the largest lags), and counts the rest;
+# the group store reports deliveries in flight of at most HEALTH_PAIRS groups and topics.
 HEALTH_LISTED = 100
+HEALTH_PAIRS = 10_000
 # A metrics query answers at most this many points; a wider one is asked to narrow down.
 MAX_METRIC_POINTS = 50_000
 # How a point of several intervals is made of them (also in the OpenAPI document).
@@ -581,22 +583,47 @@ class App:
         out["consumer_groups"] = self._group_health
         return _ok(out, 503 if status == "down" else 200)
 
-    def note_group_lags(self, infos: dict[str, TopicInfo], now: int) -> None:
-        """Summarise the groups' lags of ``infos`` for ``/health`` (called by the metric
-        sampler every interval, so that a probe never waits for the engine)."""
-        limit = self.settings.health_max_lag
-        pairs = [(g.lag, g.group_id, name) for name, info in infos.items()
-                 for g in info.consumer_groups]  # fmt: skip
-        behind = sorted((p for p in pairs if p[0] > limit), key=lambda p: (-p[0], p[1], p[2]))
+    def note_group_health(
+        self, infos: dict[str, TopicInfo], unacked: list[Unacked] | None, now: int
+    ) -> None:
+        """Summarise for ``/health`` the groups' lags of ``infos`` and their deliveries not
+        acknowledged (``None``: the group store could not say). Called by the metric sampler
+        every interval, so that a probe never waits for the engine."""
+        max_lag = self.settings.health_max_lag
+        max_age_ms = self.settings.health_max_unacked_age_ns // 1_000_000
+        pairs: dict[tuple[str, str], dict[str, Any]] = {}
+        for name, info in infos.items():
+            for g in info.consumer_groups:
+                pairs[(g.group_id, name)] = {"group_id": g.group_id, "topic": name, "lag": g.lag}
+        expired_total = 0
+        for u in unacked or ():
+            entry = pairs.setdefault(
+                (u.group, u.topic), {"group_id": u.group, "topic": u.topic, "lag": 0}
+            )
+            entry["oldest_unacked_age_s"] = max(0, now - u.oldest_ms) / 1000
+            entry["expired_leases"] = u.expired_leases
+            expired_total += u.expired_leases
+        behind = []
+        for entry in pairs.values():
+            reasons = []
+            if entry["lag"] > max_lag:
+                reasons.append("lag")
+            if entry.get("oldest_unacked_age_s", 0) * 1000 > max_age_ms:
+                reasons.append("unacked_age")
+            if entry.get("expired_leases", 0):
+                reasons.append("expired_leases")
+            if reasons:
+                behind.append({**entry, "reasons": reasons})
+        behind.sort(key=lambda e: (-e["lag"], e["group_id"], e["topic"]))
         self._group_health = {
             "status": "behind" if behind else "ok",
             "checked_at": format_rfc3339(now),
             "groups": len(pairs),
-            "max_lag": limit,
+            "max_lag": max_lag,
+            "max_unacked_age_s": max_age_ms / 1000,
+            "expired_leases": expired_total if unacked is not None else None,
             "behind_total": len(behind),
-            "behind": [
-                {"group_id": g, "topic": t, "lag": lag} for lag, g, t in behind[:HEALTH_LISTED]
-            ],
+            "behind": behind[:HEALTH_LISTED],
         }
 
     def live(self, params: list[str], query: bytes, body: bytes) -> Response:

@@ -194,6 +194,7 @@ ENV_VARS: tuple[str, ...] = (
     "MESSAGE_QUEUE_FSYNC",
     "MESSAGE_QUEUE_HEADER_TIMEOUT",
     "MESSAGE_QUEUE_HEALTH_MAX_LAG",
+    "MESSAGE_QUEUE_HEALTH_MAX_UNACKED_AGE",
     "MESSAGE_QUEUE_HOST",
     "MESSAGE_QUEUE_IDLE_TIMEOUT",
     "MESSAGE_QUEUE_INSECURE",
@@ -352,6 +353,7 @@ class Settings:
     consumer_timeout_ns: int = 60 * NS_PER_SECOND
     metrics_interval_s: float = 10.0
     health_max_lag: int = 10_000  # /health lists a group further behind than this
+    health_max_unacked_age_ns: int = 300 * NS_PER_SECOND  # ... or with a delivery this old
     log_level: str = "INFO"
     db_host: str = "localhost"
     db_port: int = 5432
@@ -500,6 +502,10 @@ class Settings:
                 1,
                 1 << 62,
             ),
+            "health_max_unacked_age_ns": _duration(
+                e.get("MESSAGE_QUEUE_HEALTH_MAX_UNACKED_AGE", "5m"),
+                "MESSAGE_QUEUE_HEALTH_MAX_UNACKED_AGE",
+            ),
             "log_level": e.get("MESSAGE_QUEUE_LOG_LEVEL", d.log_level).strip().upper(),
             "db_host": e.get("DB_HOST", d.db_host),
             "db_port": _int(e.get("DB_PORT", str(d.db_port)), "DB_PORT", 1, 65535),
@@ -583,6 +589,8 @@ class Settings:
             raise ConfigError(
                 "MESSAGE_QUEUE_HEADER_TIMEOUT and MESSAGE_QUEUE_IDLE_TIMEOUT must be > 0"
             )
+        if self.health_max_unacked_age_ns <= 0:
+            raise ConfigError("MESSAGE_QUEUE_HEALTH_MAX_UNACKED_AGE must be > 0")
         if self.visibility_timeout_ns <= 0:
             raise ConfigError("MESSAGE_QUEUE_VISIBILITY_TIMEOUT must be > 0")
         if self.metrics_interval_s <= 0 or self.consumer_timeout_ns <= 0:

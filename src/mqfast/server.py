@@ -25,12 +25,12 @@ import uvloop
 from mqfast import __version__
 from mqfast._core import Server, reseed_ids
 from mqfast.access import PUBLIC_ROUTES
-from mqfast.api import ROUTES, App
+from mqfast.api import HEALTH_PAIRS, ROUTES, App
 from mqfast.config import Settings
 from mqfast.crypto import Keyring
 from mqfast.debug import install_gc_monitor, start_debug_server
-from mqfast.errors import ConfigError
-from mqfast.groups import Groups, GroupStore, Policy, dlq_name, now_ms
+from mqfast.errors import ConfigError, MqfastError
+from mqfast.groups import Groups, GroupStore, Policy, Unacked, dlq_name, now_ms
 from mqfast.log import configure_logging
 from mqfast.meta import MetaStore
 from mqfast.meta.history import HistoryRecorder, TopicSample
@@ -396,7 +396,11 @@ async def _sample(
     stats = groups.merge_stats(core.stats())
     sizes = {t.name: t for t in await sink.list_topics()}
     infos = await describe_all(sink, list(sizes))
-    app.note_group_lags(infos, now_ms())
+    try:
+        unacked: list[Unacked] | None = await groups.store.unacked(now_ms(), HEALTH_PAIRS)
+    except MqfastError:  # Redis down: the history is still recorded, /health says "unknown"
+        unacked = None
+    app.note_group_health(infos, unacked, now_ms())
     out: dict[str, TopicSample] = {}
     for name, info in infos.items():
         if name.endswith(".dlq") and name[: -len(".dlq")] in sizes:
