@@ -496,4 +496,6 @@ def _supervise(settings: Settings) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(run(Settings.from_env()))
+    from mqfast.cli import main  # its configuration errors are JSON log lines too
+
+    sys.exit(main(["serve"]))
