@@ -130,8 +130,12 @@ def test_the_readme_runs_top_to_bottom(make_server: MakeServer, tmp_path: Path) 
     newcomer = Newcomer(srv, curl_path(), tmp_path)
     ran = 0
     for block in blocks(readme):
-        if block.language != "bash" or "curl" not in block.text:
+        if "curl " not in block.text:
             continue
+        assert block.language == "bash" or block.skip_reason is not None, (
+            f"README line {block.line}: curl in a ```{block.language} block, which this test "
+            "does not run: make it ```bash, or mark it <!-- readme-test: skip (reason) -->"
+        )
         if block.skip_reason is not None:
             continue  # marked in the README, with the reason beside it
         for command in commands(block):
