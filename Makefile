@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-PORT ?= 8087
 
 .PHONY: run test lint typecheck unit build bench bench-kafka clean
 
@@ -19,8 +18,10 @@ $(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard src/mqfast/*.pyx src/
 
 build: $(STAMP)
 
+# No variable is set here: the environment's MESSAGE_QUEUE_* (the contract's) always win, and
+# mqfast's own defaults (port 8087) apply when none is set.
 run: $(STAMP)
-	MESSAGE_QUEUE_PORT=$(PORT) $(BIN)/mqfast serve
+	$(BIN)/mqfast serve
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench scripts

@@ -12,6 +12,11 @@ for _i, _b in enumerate(LATENCY_BUCKETS):
 # Status codes get a slot each in a small per-route array; anything else lands in "other".
 STATUS_CODES = (200, 201, 202, 400, 401, 403, 404, 405, 409, 413, 415, 429, 431, 500, 503)
 
+cdef enum:
+    # Dropped topics whose counters are kept for a re-creation; bounds memory under topic churn
+    # (a name evicted past it restarts from 0, which the metric history reads as a restart).
+    MAX_RETIRED_TOPICS = 4096
+
 
 cdef inline int status_slot(int status) noexcept:
     if status == 200: return 0
@@ -45,6 +50,7 @@ cdef class Server:
         self.app = app
         self.router = Router(routes)
         self.topics = {}
+        self.retired = {}
         self.connections = set()
         self.batch = []
         self.flush_scheduled = False
@@ -104,13 +110,31 @@ cdef class Server:
     def set_topic(self, str name, int partitions) -> None:
         """Make ``name`` known to the hot path (created, or found in the engine)."""
         cdef TopicState ts = self.topics.get(name)
+        cdef TopicState old
         if ts is None or ts.partitions != partitions:
+            old = ts if ts is not None else self.retired.pop(name, None)
             ts = TopicState(name, partitions)
+            if old is not None:
+                # A topic's counters are cumulative for the life of the process, across a
+                # delete and re-creation: /metrics counters never go back, and the metric
+                # history's deltas stay right (a reset it cannot see would swallow produces).
+                ts.produced = old.produced
+                ts.failed = old.failed
+                ts.bytes_in = old.bytes_in
             self.topics[name] = ts
 
     def drop_topic(self, str name) -> None:
         """Forget ``name``: the next produce to it goes through the slow path again."""
-        self.topics.pop(name, None)
+        self._retire(name)
+
+    cdef void _retire(self, str name):
+        cdef TopicState ts = self.topics.pop(name, None)
+        if ts is None:
+            return
+        self.retired.pop(name, None)  # re-inserted last: the oldest retirements go first
+        self.retired[name] = ts
+        if len(self.retired) > MAX_RETIRED_TOPICS:
+            del self.retired[next(iter(self.retired))]
 
     cdef TopicState topic_state(self, str name):
         return self.topics.get(name)
@@ -158,7 +182,7 @@ cdef class Server:
             else:
                 ts.failed += 1
                 if isinstance(d.error, _errors.UnknownTopic):
-                    self.topics.pop(ts.name, None)
+                    self._retire(ts.name)
             p = d.owner
             if p is None:
                 continue  # fire-and-forget: answered at enqueue

@@ -101,6 +101,7 @@ cdef class Server:
     cdef object app
     cdef readonly Router router
     cdef dict topics
+    cdef dict retired         # name -> last dropped TopicState (a re-creation continues it)
     cdef set connections
     cdef list batch
     cdef bint flush_scheduled
@@ -132,6 +133,7 @@ cdef class Server:
 
     cdef void record(self, int route, int status, int64_t t0_ns)
     cdef TopicState topic_state(self, str name)
+    cdef void _retire(self, str name)
     cdef object enqueue(self, Delivery d)
     cdef void _schedule_flush(self)
 

@@ -32,7 +32,7 @@ from mqfast.access import (
 )
 from mqfast.auth import Authenticator, Forbidden, Principal
 from mqfast.config import Settings, parse_duration
-from mqfast.groups import Groups, SettleItem, SettleResult, check_id, now_ms
+from mqfast.groups import Groups, SettleItem, SettleResult, Unacked, check_id, now_ms
 from mqfast.messages import (
     AcknowledgeRequest,
     BatchAcknowledgeRequest,
@@ -42,6 +42,7 @@ from mqfast.messages import (
     RedriveRequest,
     RegisterConsumerRequest,
     TopicConfig,
+    TopicInfo,
 )
 from mqfast.meta import MetaStore
 from mqfast.meta.history import format_rfc3339, parse_audit_query, parse_metrics_query
@@ -86,8 +87,20 @@ _ack_batch = msgspec.json.Decoder(BatchAcknowledgeRequest)
 _extend = msgspec.json.Decoder(ExtendRequest)
 _register = msgspec.json.Decoder(RegisterConsumerRequest)
 _redrive = msgspec.json.Decoder(RedriveRequest)
+# /health names at most this many groups behind (the largest lags), and counts the rest;
+# the group store reports deliveries in flight of at most HEALTH_PAIRS groups and topics.
+HEALTH_LISTED = 100
+HEALTH_PAIRS = 10_000
 # A metrics query answers at most this many points; a wider one is asked to narrow down.
 MAX_METRIC_POINTS = 50_000
+# How a point of several intervals is made of them (also in the OpenAPI document).
+_AGGREGATION = {
+    "counters": "sum",
+    "sizes_and_consumers": "max",
+    "processing_avg_ms": "mean weighted by consumed",
+    "percentiles": "max of the intervals' percentiles: an upper bound, not the step's percentile",
+    "rates": "recomputed from the sums",
+}
 
 
 def _ok(obj: object, status: int = 200) -> Response:
@@ -163,6 +176,7 @@ class App:
             ("/api/v1/metrics", "GET"): self.metric_history,
         }
         self._openapi: bytes | None = None
+        self._group_health: dict[str, object] = {"status": "unknown", "checked_at": None}
 
     def attach(self, core: Server) -> None:
         """Give the app the core it refreshes (topic cache)."""
@@ -613,24 +627,27 @@ class App:
         principal: Principal | None,
         peer: str,
     ) -> Response:
-        start, end, topic = parse_metrics_query(query, now_ms())
-        if topic is not None:
-            require_see_topic(principal, topic)
-        points = await self._meta().query_points(start, end, topic)
-        if topic is None and principal is not None:
+        interval_ms = max(1, round(self.settings.metrics_interval_s * 1000))
+        q = parse_metrics_query(query, now_ms(), interval_ms)
+        if q.topic is not None:
+            require_see_topic(principal, q.topic)
+        points = await self._meta().query_points(q.start_ms, q.end_ms, q.topic, q.step_ms)
+        if q.topic is None and principal is not None:
             points = [p for p in points if may_see_topic(principal, p.topic)]
         if len(points) > MAX_METRIC_POINTS:
             raise errors.InvalidQuery(
                 f"the range holds {len(points)} points, more than {MAX_METRIC_POINTS}; "
-                "narrow start_time/end_time or filter by topic",
-                field="start_time",
+                "ask for a larger step, narrow start_time/end_time or filter by topic",
+                field="step",
             )
         return _ok(
             {
-                "start_time": format_rfc3339(start),
-                "end_time": format_rfc3339(end),
-                "topic": topic,
+                "start_time": format_rfc3339(q.start_ms),
+                "end_time": format_rfc3339(q.end_ms),
+                "topic": q.topic,
                 "interval_s": self.settings.metrics_interval_s,
+                "step_s": q.step_ms / 1000,
+                "aggregation": _AGGREGATION,
                 "points": points,
             }
         )
@@ -690,7 +707,52 @@ class App:
         }
         if status == "degraded":
             out["degraded"] = degraded
+        # A group behind is the consumers' trouble, not the gateway's: reported, never 503.
+        out["consumer_groups"] = self._group_health
         return _ok(out, 503 if status == "down" else 200)
+
+    def note_group_health(
+        self, infos: dict[str, TopicInfo], unacked: list[Unacked] | None, now: int
+    ) -> None:
+        """Summarise for ``/health`` the groups' lags of ``infos`` and their deliveries not
+        acknowledged (``None``: the group store could not say). Called by the metric sampler
+        every interval, so that a probe never waits for the engine."""
+        max_lag = self.settings.health_max_lag
+        max_age_ms = self.settings.health_max_unacked_age_ns // 1_000_000
+        pairs: dict[tuple[str, str], dict[str, Any]] = {}
+        for name, info in infos.items():
+            for g in info.consumer_groups:
+                pairs[(g.group_id, name)] = {"group_id": g.group_id, "topic": name, "lag": g.lag}
+        expired_total = 0
+        for u in unacked or ():
+            entry = pairs.setdefault(
+                (u.group, u.topic), {"group_id": u.group, "topic": u.topic, "lag": 0}
+            )
+            entry["oldest_unacked_age_s"] = max(0, now - u.oldest_ms) / 1000
+            entry["expired_leases"] = u.expired_leases
+            expired_total += u.expired_leases
+        behind = []
+        for entry in pairs.values():
+            reasons = []
+            if entry["lag"] > max_lag:
+                reasons.append("lag")
+            if entry.get("oldest_unacked_age_s", 0) * 1000 > max_age_ms:
+                reasons.append("unacked_age")
+            if entry.get("expired_leases", 0):
+                reasons.append("expired_leases")
+            if reasons:
+                behind.append({**entry, "reasons": reasons})
+        behind.sort(key=lambda e: (-e["lag"], e["group_id"], e["topic"]))
+        self._group_health = {
+            "status": "behind" if behind else "ok",
+            "checked_at": format_rfc3339(now),
+            "groups": len(pairs),
+            "max_lag": max_lag,
+            "max_unacked_age_s": max_age_ms / 1000,
+            "expired_leases": expired_total if unacked is not None else None,
+            "behind_total": len(behind),
+            "behind": behind[:HEALTH_LISTED],
+        }
 
     def live(self, params: list[str], query: bytes, body: bytes) -> Response:
         return _ok({"status": "ok"})

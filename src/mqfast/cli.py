@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 from typing import TYPE_CHECKING
 
 from mqfast import __version__
 from mqfast.config import Settings
 from mqfast.errors import ConfigError
+from mqfast.log import configure_logging
 
 if TYPE_CHECKING:
     from mqfast.crypto import Keyring
@@ -75,12 +77,20 @@ def _grant(text: str) -> dict[str, object]:
 
 
 def _token(args: argparse.Namespace) -> int:
-    from mqfast.auth import make_token
+    from mqfast.auth import ROLES, make_token
     from mqfast.config import parse_duration
 
     try:
+        unknown = [r for r in args.role if r not in ROLES]
+        if unknown:
+            raise ConfigError(
+                f"--role {unknown[0]!r}: expected one of {', '.join(ROLES)} "
+                "(for anything narrower use --grant)"
+            )
         settings = Settings.from_env(host="127.0.0.1")
         ttl_s = parse_duration(args.ttl, "--ttl") / 1e9
+        if ttl_s <= 0:
+            raise ConfigError(f"--ttl {args.ttl!r}: a token's lifetime must be longer than 0")
         grants = [_grant(g) for g in args.grant]
         token = make_token(settings, args.sub, args.role or None, grants or None, ttl_s)
     except (ConfigError, ValueError) as e:
@@ -169,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
             data_dir=args.data_dir,
         )
     except ConfigError as e:
-        print(f"mqfast: invalid configuration: {e}", file=sys.stderr)
+        # A JSON line like every other line of the server's, so a log pipeline keeps it.
+        configure_logging("INFO")
+        logging.getLogger("mqfast.server").error("invalid configuration", extra={"error": str(e)})
         return 2
     from mqfast.server import run  # imports the compiled core only when serving
 

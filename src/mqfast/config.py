@@ -119,11 +119,30 @@ def _int(value: str, var: str, lo: int, hi: int) -> int:
     return n
 
 
-def _duration(value: str, var: str) -> int:
+# A bare integer is nanoseconds (the contract's unit), so ``MESSAGE_QUEUE_TTL=24`` is 24 ns: every
+# duration variable refuses a value (other than 0) below what it can sensibly mean.
+_MIN_DURATION_NS = 1_000_000  # 1 ms: no timeout, interval or backoff of mqfast is shorter
+_DURATION_FORMS = "a number with a unit ('500ms', '30s', '5m', '24h') or integer nanoseconds"
+
+
+def _duration(value: str, var: str, minimum_ns: int = _MIN_DURATION_NS) -> int:
     try:
-        return parse_duration(value, var)
+        ns = parse_duration(value, var)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if 0 < ns < minimum_ns:
+        raise ConfigError(
+            f"{var}={value!r} is {ns} ns, below the minimum of {_format_ns(minimum_ns)} "
+            f"(a bare integer is nanoseconds); accepted forms: {_DURATION_FORMS}"
+        )
+    return ns
+
+
+def _format_ns(ns: int) -> str:
+    for unit in ("h", "m", "s", "ms", "us"):
+        if ns % _UNITS[unit] == 0:
+            return f"{ns // _UNITS[unit]}{unit}"
+    return f"{ns}ns"
 
 
 # Security settings of the Kafka client, by the variable that sets them.
@@ -174,6 +193,8 @@ ENV_VARS: tuple[str, ...] = (
     "MESSAGE_QUEUE_ENGINE",
     "MESSAGE_QUEUE_FSYNC",
     "MESSAGE_QUEUE_HEADER_TIMEOUT",
+    "MESSAGE_QUEUE_HEALTH_MAX_LAG",
+    "MESSAGE_QUEUE_HEALTH_MAX_UNACKED_AGE",
     "MESSAGE_QUEUE_HOST",
     "MESSAGE_QUEUE_IDLE_TIMEOUT",
     "MESSAGE_QUEUE_INSECURE",
@@ -331,6 +352,8 @@ class Settings:
     max_poll_ns: int = 300 * NS_PER_SECOND
     consumer_timeout_ns: int = 60 * NS_PER_SECOND
     metrics_interval_s: float = 10.0
+    health_max_lag: int = 10_000  # /health lists a group further behind than this
+    health_max_unacked_age_ns: int = 300 * NS_PER_SECOND  # ... or with a delivery this old
     log_level: str = "INFO"
     db_host: str = "localhost"
     db_port: int = 5432
@@ -420,9 +443,11 @@ class Settings:
                 1024,
                 1 << 20,
             ),
-            "default_ttl_ns": _duration(e.get("MESSAGE_QUEUE_TTL", "24h"), "MESSAGE_QUEUE_TTL"),
+            "default_ttl_ns": _duration(
+                e.get("MESSAGE_QUEUE_TTL", "24h"), "MESSAGE_QUEUE_TTL", NS_PER_SECOND
+            ),
             "default_retention_ns": _duration(
-                e.get("MESSAGE_QUEUE_RETENTION", "168h"), "MESSAGE_QUEUE_RETENTION"
+                e.get("MESSAGE_QUEUE_RETENTION", "168h"), "MESSAGE_QUEUE_RETENTION", NS_PER_SECOND
             ),
             "default_partitions": _int(
                 e.get("MESSAGE_QUEUE_DEFAULT_PARTITIONS", "1"),
@@ -471,6 +496,16 @@ class Settings:
                 e.get("MESSAGE_QUEUE_METRICS_INTERVAL", "10s"), "MESSAGE_QUEUE_METRICS_INTERVAL"
             )
             / NS_PER_SECOND,
+            "health_max_lag": _int(
+                e.get("MESSAGE_QUEUE_HEALTH_MAX_LAG", str(d.health_max_lag)),
+                "MESSAGE_QUEUE_HEALTH_MAX_LAG",
+                1,
+                1 << 62,
+            ),
+            "health_max_unacked_age_ns": _duration(
+                e.get("MESSAGE_QUEUE_HEALTH_MAX_UNACKED_AGE", "5m"),
+                "MESSAGE_QUEUE_HEALTH_MAX_UNACKED_AGE",
+            ),
             "log_level": e.get("MESSAGE_QUEUE_LOG_LEVEL", d.log_level).strip().upper(),
             "db_host": e.get("DB_HOST", d.db_host),
             "db_port": _int(e.get("DB_PORT", str(d.db_port)), "DB_PORT", 1, 65535),
@@ -554,6 +589,8 @@ class Settings:
             raise ConfigError(
                 "MESSAGE_QUEUE_HEADER_TIMEOUT and MESSAGE_QUEUE_IDLE_TIMEOUT must be > 0"
             )
+        if self.health_max_unacked_age_ns <= 0:
+            raise ConfigError("MESSAGE_QUEUE_HEALTH_MAX_UNACKED_AGE must be > 0")
         if self.visibility_timeout_ns <= 0:
             raise ConfigError("MESSAGE_QUEUE_VISIBILITY_TIMEOUT must be > 0")
         if self.metrics_interval_s <= 0 or self.consumer_timeout_ns <= 0:

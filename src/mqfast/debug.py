@@ -5,7 +5,8 @@ piece that is always on is the GC pause monitor, one ``gc.callbacks`` hook that 
 ``perf_counter`` calls per collection.
 
 Routes: ``/debug/`` (index), ``/debug/stacks``, ``/debug/gc[?reset=1]``, ``/debug/heap?seconds=N``,
-``/debug/profile?seconds=N&format=flamegraph|speedscope|raw`` (needs ``py-spy`` on PATH).
+``/debug/profile?seconds=N&format=flamegraph|speedscope|raw`` (needs ``py-spy`` on PATH), and the
+contract's ``/debug/pprof/profile`` and ``/debug/pprof/heap`` for the last two.
 """
 
 from __future__ import annotations
@@ -237,6 +238,12 @@ class _Debug:
             "/debug/gc": self.gc,
             "/debug/heap": self.heap,
             "/debug/profile": self.profile,
+            # The contract's Go-style paths (``go tool pprof .../debug/pprof/profile``): the
+            # same answers, in py-spy's and tracemalloc's formats, not pprof's protobuf.
+            "/debug/pprof": self.index,
+            "/debug/pprof/": self.index,
+            "/debug/pprof/profile": self.profile,
+            "/debug/pprof/heap": self.heap,
         }
 
     async def index(self, query: dict[str, str]) -> Response:
@@ -250,6 +257,7 @@ class _Debug:
             "/debug/profile?seconds=N&format=flamegraph|speedscope|raw\n"
             f"                                 py-spy CPU profile (default {PROFILE_DEFAULT_S}"
             f" s, max {PROFILE_MAX_S})\n"
+            "/debug/pprof/profile, /debug/pprof/heap   the contract's paths for the two above\n"
         )
         return 200, TEXT, text.encode()
 

@@ -139,6 +139,16 @@ class SettleResult:
     error: errors.MqfastError | None = None
 
 
+@dataclass(slots=True)
+class Unacked:
+    """Deliveries of one group and topic not acknowledged yet (``GroupStore.unacked``)."""
+
+    group: str
+    topic: str
+    oldest_ms: int  # when the one delivered longest ago (of those not acknowledged) was leased
+    expired_leases: int  # leases past their deadline, not reclaimed yet
+
+
 class RateLimits(Protocol):
     """Registered consumers' ``rate_limit`` (deliveries per second) as token buckets."""
 
@@ -209,6 +219,12 @@ class GroupStore(Protocol):
 
     async def prune(self, now: int) -> int:
         """Forget complete messages older than the grace period; returns how many."""
+
+    async def unacked(self, now: int, limit: int) -> list[Unacked]:
+        """Per group and topic with deliveries not acknowledged (leased, or waiting for a
+        retry): when the oldest of them was leased, and how many leases are past their
+        deadline at ``now``. At most ``limit`` pairs; for ``/health``, so it reads only the
+        state of deliveries in flight (Kafka: the 1,000 due first of each pair)."""
 
 
 def check_id(value: str, field: str) -> None:

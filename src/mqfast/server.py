@@ -16,7 +16,7 @@ import signal
 import ssl
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 from urllib.parse import quote
 
@@ -25,12 +25,12 @@ import uvloop
 from mqfast import __version__
 from mqfast._core import Server, reseed_ids
 from mqfast.access import PUBLIC_ROUTES
-from mqfast.api import ROUTES, App
+from mqfast.api import HEALTH_PAIRS, ROUTES, App
 from mqfast.config import Settings
 from mqfast.crypto import Keyring
 from mqfast.debug import install_gc_monitor, start_debug_server
-from mqfast.errors import ConfigError
-from mqfast.groups import Groups, GroupStore, Policy, dlq_name, now_ms
+from mqfast.errors import ConfigError, MqfastError
+from mqfast.groups import Groups, GroupStore, Policy, Unacked, dlq_name, now_ms
 from mqfast.log import configure_logging
 from mqfast.meta import MetaStore
 from mqfast.meta.history import HistoryRecorder, TopicSample
@@ -192,6 +192,17 @@ def _fmt_addr(addr: tuple[str, int] | None) -> str:
     return f"{addr[0]}:{addr[1]}" if addr else "off"
 
 
+async def _listen(
+    var: str, addr: tuple[str, int], start: Awaitable[asyncio.Server]
+) -> asyncio.Server:
+    """``start`` (a listener on ``addr``), with a failure to bind naming the variable that chose
+    the address: "address already in use" alone does not say which of three listeners it was."""
+    try:
+        return await start
+    except OSError as e:
+        raise ConfigError(f"{var}: cannot listen on {_fmt_addr(addr)}: {e.strerror or e}") from None
+
+
 async def serve(settings: Settings, *, index: int = 0, reuse_port: bool = False) -> None:
     """Run one worker until SIGTERM/SIGINT, then shut it down gracefully."""
     loop = asyncio.get_running_loop()
@@ -245,19 +256,23 @@ async def serve(settings: Settings, *, index: int = 0, reuse_port: bool = False)
     ]
     recorder = HistoryRecorder(
         engine.meta,
-        lambda: _sample(core, groups, sink, consumer_counts),
+        lambda: _sample(core, groups, sink, consumer_counts, app),
         settings.metrics_interval_s,
         worker=f"{os.uname().nodename}:{os.getpid()}",
     )
     recorder.start()
 
-    listener = await loop.create_server(
-        core.protocol,
-        settings.host,
-        settings.port,
-        reuse_port=reuse_port,
-        backlog=4096,
-        ssl=tls_context(settings),
+    listener = await _listen(
+        "MESSAGE_QUEUE_PORT",
+        (settings.host, settings.port),
+        loop.create_server(
+            core.protocol,
+            settings.host,
+            settings.port,
+            reuse_port=reuse_port,
+            backlog=4096,
+            ssl=tls_context(settings),
+        ),
     )
     core.start()
     side: list[asyncio.Server] = []
@@ -270,10 +285,14 @@ async def serve(settings: Settings, *, index: int = 0, reuse_port: bool = False)
                 **({f"quota_{k}": v for k, v in quotas.stats().items()} if quotas else {}),
             },
         )
-        side.append(await start_metrics_server(*metrics_addr, registry))
+        side.append(
+            await _listen(
+                "METRICS_ADDR", metrics_addr, start_metrics_server(*metrics_addr, registry)
+            )
+        )
     pprof_addr = _side_port(settings.pprof_addr, index)
     if pprof_addr is not None:
-        side.append(await start_debug_server(*pprof_addr))
+        side.append(await _listen("PPROF_ADDR", pprof_addr, start_debug_server(*pprof_addr)))
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -370,12 +389,18 @@ async def _maintain_groups(
 
 
 async def _sample(
-    core: Server, groups: Groups, sink: Sink, consumers: list[int]
+    core: Server, groups: Groups, sink: Sink, consumers: list[int], app: App
 ) -> dict[str, TopicSample]:
-    """Cumulative counters and current gauges per topic, for the metric history."""
+    """Cumulative counters and current gauges per topic, for the metric history (and the
+    groups' lags for ``/health``, from the same look at every topic)."""
     stats = groups.merge_stats(core.stats())
     sizes = {t.name: t for t in await sink.list_topics()}
     infos = await describe_all(sink, list(sizes))
+    try:
+        unacked: list[Unacked] | None = await groups.store.unacked(now_ms(), HEALTH_PAIRS)
+    except MqfastError:  # Redis down: the history is still recorded, /health says "unknown"
+        unacked = None
+    app.note_group_health(infos, unacked, now_ms())
     out: dict[str, TopicSample] = {}
     for name, info in infos.items():
         if name.endswith(".dlq") and name[: -len(".dlq")] in sizes:
@@ -471,4 +496,6 @@ def _supervise(settings: Settings) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(run(Settings.from_env()))
+    from mqfast.cli import main  # its configuration errors are JSON log lines too
+
+    sys.exit(main(["serve"]))

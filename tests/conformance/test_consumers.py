@@ -185,3 +185,62 @@ def test_deleting_a_consumer_releases_its_leases(engine_server: Gateway) -> None
     assert out["released"] == 2
     back = gw.consume_until(t, "g", "heir", 2)
     assert {m["message_id"] for m in back} == {m["message_id"] for m in held}
+
+
+def test_health_reports_the_groups_behind(gateway: GatewayFactory) -> None:
+    gw = gateway.start(MESSAGE_QUEUE_HEALTH_MAX_LAG="3")
+    t = gw.topic()
+    gw.produce_many(t, 5)
+    [first] = gw.consume(t, "slow", "c1", max_messages=1, timeout="5s")
+    gw.consume_until(t, "quick", "c1", 5, ack=True)
+    started = gw.ok("GET", "/health")["consumer_groups"]["checked_at"] or ""
+
+    def behind() -> dict[str, Any] | None:
+        r = gw.call("GET", "/health")
+        assert r.status == 200, r.body
+        health: dict[str, Any] = r.json()["consumer_groups"]
+        mine = [b for b in health.get("behind", []) if b["topic"] == t]
+        # Both groups seen, after both consumed (the summary is refreshed every interval).
+        seen = health.get("groups", 0) >= 2 and health["checked_at"] > started
+        return health if health["status"] == "behind" and mine and seen else None
+
+    health = wait_for(behind, timeout=20, every=0.3, what="group 'slow' listed behind")
+    assert health["max_lag"] == 3
+    [slow] = [b for b in health["behind"] if b["topic"] == t]
+    assert (slow["group_id"], slow["lag"], slow["reasons"]) == ("slow", 5, ["lag"])
+    assert slow["expired_leases"] == 0 and 0 <= slow["oldest_unacked_age_s"] < 300
+    assert health["behind_total"] >= 1
+    # Caught up: no longer listed.
+    gw.ack(first["message_id"], "slow")
+    gw.consume_until(t, "slow", "c1", 4, ack=True)
+    wait_for(
+        lambda: not [b for b in gw.ok("GET", "/health")["consumer_groups"].get("behind", [t])
+                     if b == t or b["topic"] == t],
+        timeout=20, every=0.3, what="group 'slow' caught up",
+    )  # fmt: skip
+
+
+def test_health_reports_old_unacknowledged_deliveries_and_expired_leases(
+    gateway: GatewayFactory,
+) -> None:
+    gw = gateway.start(MESSAGE_QUEUE_HEALTH_MAX_UNACKED_AGE="1s")
+    t = gw.topic()
+    gw.produce_many(t, 3)
+    leased = gw.consume(t, "stuck", "c1", max_messages=2, timeout="5s", visibility="1s")
+    assert len(leased) == 2
+    leased_at = now_ms()
+
+    def stuck() -> dict[str, Any] | None:
+        health: dict[str, Any] = gw.ok("GET", "/health")["consumer_groups"]
+        mine = [b for b in health.get("behind", []) if b["topic"] == t]
+        return mine[0] if mine and mine[0]["expired_leases"] == 2 else None
+
+    # Nobody consumes in the group again, so the two expired leases stay unreclaimed.
+    entry = wait_for(stuck, timeout=20, every=0.3, what="two expired leases reported")
+    assert entry["group_id"] == "stuck" and entry["lag"] == 3
+    assert entry["reasons"] == ["unacked_age", "expired_leases"]
+    assert 1 < entry["oldest_unacked_age_s"] <= (now_ms() - leased_at) / 1000 + 1
+    health = gw.ok("GET", "/health")
+    assert health["status"] == "ok"  # the consumers' trouble, not the gateway's
+    assert health["consumer_groups"]["expired_leases"] >= 2
+    assert health["consumer_groups"]["max_unacked_age_s"] == 1

@@ -112,7 +112,8 @@ def test_history_bounds_are_validated(engine_server: Gateway) -> None:
         f"start_time={quote(rfc3339(now))}&end_time={quote(rfc3339(now - 60_000))}",
         "start_time=yesterday",
         "end_time=2024-13-01T00:00:00Z",
-        f"start_time={quote(rfc3339(now - 40 * 86_400_000))}&end_time={quote(rfc3339(now))}",
+        "step=60",  # 60 ns: below the recording interval
+        "step=soon",
         "start_time=2024-01-01T00:00:00Z&start_time=2024-01-01T00:00:00Z",
         "bogus=1",
         "topic=bad%20name",
@@ -122,3 +123,60 @@ def test_history_bounds_are_validated(engine_server: Gateway) -> None:
         assert r.status == 400, (q, r.status, r.body)
     out = gw.ok("GET", "/api/v1/metrics")
     assert isinstance(out["points"], list)
+
+
+def test_history_counts_the_produces_of_a_topic_deleted_and_created_again(
+    engine_server: Gateway,
+) -> None:
+    gw = engine_server
+    start = now_ms() - 2000
+    t = gw.topic()
+    gw.produce_many(t, 5)
+
+    def produced() -> float:
+        return totals(history(gw, start, now_ms() + 2000, t)["points"], "produced")
+
+    wait_for(lambda: produced() == 5, timeout=20, every=0.5, what="the first 5 in the history")
+    gw.ok("DELETE", f"/api/v1/topics/{t}")
+    gw.ok("POST", "/api/v1/topics", {"name": t, "partitions": 1}, status=201)
+    # As many or more than before, within one interval: a counter that restarted from zero
+    # without the history knowing it reads as "nothing new".
+    gw.produce_many(t, 7)
+    wait_for(lambda: produced() == 12, timeout=20, every=0.5, what="all 12 in the history")
+    assert gw.metric("message_queue_messages_produced_total", topic=t) == 12
+
+
+def test_history_answers_any_range_with_a_step(engine_server: Gateway) -> None:
+    gw = engine_server
+    start = now_ms() - 2000
+    t = gw.topic()
+    gw.produce_many(t, 2)
+
+    def points() -> list[dict[str, Any]]:
+        pts: list[dict[str, Any]] = history(gw, start, now_ms() + 2000, t)["points"]
+        return pts
+
+    def spread() -> list[dict[str, Any]] | None:
+        pts = points()
+        return pts if len(pts) >= 2 and totals(pts, "produced") == 5 else None
+
+    wait_for(lambda: totals(points(), "produced") == 2, timeout=20, every=0.5, what="2")
+    gw.produce_many(t, 3)
+    raw = wait_for(spread, timeout=20, every=0.5, what="5 produced over two intervals or more")
+    end = now_ms() + 2000
+    q = f"start_time={quote(rfc3339(start))}&end_time={quote(rfc3339(end))}&topic={t}"
+    hourly = gw.ok("GET", f"/api/v1/metrics?{q}&step=1h")
+    assert hourly["step_s"] == 3600 and hourly["interval_s"] == 1
+    assert 1 <= len(hourly["points"]) <= 2  # an hour boundary may fall inside the test
+    assert totals(hourly["points"], "produced") == 5
+    assert all(p["interval_s"] == 3600 for p in hourly["points"])
+    assert max(p["queue_size"] for p in hourly["points"]) == max(p["queue_size"] for p in raw)
+    assert hourly["aggregation"]["percentiles"].startswith("max")
+
+    # 90 days at once: the step is chosen so that the answer holds at most 1,000 points.
+    ninety = now_ms() - 90 * 86_400_000
+    q = f"start_time={quote(rfc3339(ninety))}&end_time={quote(rfc3339(end))}&topic={t}"
+    out = gw.ok("GET", f"/api/v1/metrics?{q}")
+    assert out["step_s"] >= (end - ninety) / 1000 / 1000
+    assert out["step_s"] % out["interval_s"] == 0
+    assert totals(out["points"], "produced") == 5

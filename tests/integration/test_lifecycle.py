@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import random
+import shutil
 import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
+from mqfast.config import Settings
 from tests.conftest import MakeServer, MqfastProcess
 
 PRODUCE = "/api/v1/messages"
@@ -271,3 +278,75 @@ def test_two_workers_share_the_port(make_server: MakeServer) -> None:
         except OSError:
             still_up = False
         assert not still_up, f"worker {i} still serves metrics after SIGTERM"
+
+
+# ---- make run ------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _make_run(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """``make run`` in the repository, with this interpreter's environment as its ``.venv``
+    and the install step taken as done (``-o``), so only the run recipe executes."""
+    make = shutil.which("make")
+    assert make, "make is needed by the README's `make run`"
+    venv = Path(sys.prefix)
+    return subprocess.Popen(
+        [make, "--no-print-directory", "-C", str(REPO), f"VENV={venv}", "-o",
+         str(venv / ".installed"), "run"],
+        env=env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def test_make_run_listens_on_the_port_of_the_environment(make_server: MakeServer) -> None:
+    srv = make_server(start=False)  # free ports and a fresh data directory, not started
+    assert srv.log_path is not None
+    proc = _make_run(srv.env, srv.log_path)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, srv.logs()
+            try:
+                if srv.request("GET", "/health/ready").status == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"not listening on {srv.port}: {srv.logs()}"
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+def test_make_run_sets_no_variable_so_the_default_port_applies() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESSAGE_QUEUE_")}
+    make = shutil.which("make")
+    assert make
+    venv = Path(sys.prefix)
+    out = subprocess.run(
+        [make, "-n", "--no-print-directory", "-C", str(REPO), f"VENV={venv}", "-o",
+         str(venv / ".installed"), "run"],
+        env=env, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert out.strip() == f"{venv}/bin/mqfast serve"
+    assert Settings.from_env({}).port == 8087
+
+
+@pytest.mark.parametrize("var", ["METRICS_ADDR", "PPROF_ADDR", "MESSAGE_QUEUE_PORT"])
+def test_a_listener_address_in_use_stops_start_naming_the_variable(
+    var: str, make_server: MakeServer
+) -> None:
+    srv = make_server(start=False)
+    port = {"METRICS_ADDR": srv.metrics_port, "PPROF_ADDR": srv.pprof_port}.get(var, srv.port)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        with pytest.raises(RuntimeError, match="exited with 2"):
+            srv.start()
+    errors = [json.loads(line) for line in srv.logs().splitlines() if line.startswith("{")]
+    errors = [e for e in errors if e["level"] == "error"]
+    assert errors, srv.logs()
+    assert errors[-1]["error"].startswith(f"{var}: cannot listen on 127.0.0.1:{port}: "), errors

@@ -1021,7 +1021,7 @@ def test_metric_history_responses(make_server: MakeServer) -> None:
     for query, field in (
         ("start_time=yesterday", "start_time"),
         ("start_time=2024-01-02T00:00:00Z&end_time=2024-01-01T00:00:00Z", "end_time"),
-        ("start_time=2024-01-01T00:00:00Z&end_time=2024-03-01T00:00:00Z", "start_time"),
+        ("step=60", "step"),  # 60 ns: below the recording interval
         ("topic=a&topic=b", "topic"),
         ("topic=bad%20name", "topic"),
         ("since=1h", "since"),
@@ -1208,3 +1208,26 @@ def test_error_codes_match_the_code() -> None:
 
     enum = DOC["components"]["schemas"]["ErrorCode"]["enum"]
     assert enum == [c.value for c in ErrorCode]
+
+
+def test_health_with_groups_behind_matches_the_document(make_server: MakeServer) -> None:
+    srv = make_server(
+        MESSAGE_QUEUE_METRICS_INTERVAL="200ms",
+        MESSAGE_QUEUE_HEALTH_MAX_LAG="1",
+        MESSAGE_QUEUE_HEALTH_MAX_UNACKED_AGE="100ms",
+    )
+    for i in range(3):
+        _produce(srv, "late", f"m{i}")
+    r = srv.request("POST", C, {"topic": "late", "group_id": "g", "consumer_id": "c1",
+                                "visibility_timeout": "200ms"})  # fmt: skip
+    assert r.status == 200 and r.json()["count"] >= 1, r.body
+    deadline = time.monotonic() + 20
+    while True:
+        r = srv.request("GET", "/health")
+        check(r, "/health", "GET", 200)
+        groups = r.json()["consumer_groups"]
+        if groups["status"] == "behind" and groups["behind"][0]["expired_leases"]:
+            break
+        assert time.monotonic() < deadline, groups
+        time.sleep(0.1)
+    assert groups["behind"][0]["reasons"] == ["lag", "unacked_age", "expired_leases"]

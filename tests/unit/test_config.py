@@ -116,3 +116,42 @@ def test_only_a_loopback_listener_may_run_without_authentication(
         assert not Settings.from_env(
             {"MESSAGE_QUEUE_HOST": host, "MESSAGE_QUEUE_INSECURE": "1"}
         ).loopback_only
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "minimum"),
+    [
+        ("MESSAGE_QUEUE_TTL", "24", "1s"),  # 24 ns: every message would expire at once
+        ("MESSAGE_QUEUE_TTL", "500ms", "1s"),
+        ("MESSAGE_QUEUE_RETENTION", "168", "1s"),
+        ("MESSAGE_QUEUE_VISIBILITY_TIMEOUT", "30", "1ms"),
+        ("MESSAGE_QUEUE_RETRY_BACKOFF", "1", "1ms"),
+        ("MESSAGE_QUEUE_CONSUMER_TIMEOUT", "60", "1ms"),
+        ("MESSAGE_QUEUE_HEADER_TIMEOUT", "10", "1ms"),
+        ("MESSAGE_QUEUE_METRICS_INTERVAL", "10", "1ms"),
+        ("MESSAGE_QUEUE_JWT_LEEWAY", "30", "1ms"),
+    ],
+)
+def test_a_duration_that_is_a_bare_small_integer_is_refused_with_the_accepted_forms(
+    var: str, value: str, minimum: str
+) -> None:
+    with pytest.raises(ConfigError) as e:
+        Settings.from_env({var: value})
+    message = str(e.value)
+    assert message.startswith(f"{var}={value!r}"), message
+    assert f"minimum of {minimum}" in message and "'30s'" in message and "nanoseconds" in message
+
+
+def test_zero_keeps_its_meaning_and_real_durations_pass() -> None:
+    s = Settings.from_env(
+        {
+            "MESSAGE_QUEUE_TTL": "0",  # never expires
+            "MESSAGE_QUEUE_RETENTION_INTERVAL": "0",  # retention off
+            "MESSAGE_QUEUE_JWT_LEEWAY": "0",
+            "MESSAGE_QUEUE_RETRY_BACKOFF": "0",
+            "MESSAGE_QUEUE_VISIBILITY_TIMEOUT": "1000000000",  # nanoseconds, the contract's form
+        }
+    )
+    assert s.default_ttl_ns == 0 and s.retention_interval_s == 0 and s.jwt_leeway_s == 0
+    assert s.visibility_timeout_ns == 1_000_000_000
+    assert Settings.from_env({"MESSAGE_QUEUE_TTL": "1s"}).default_ttl_ns == 1_000_000_000

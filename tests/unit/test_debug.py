@@ -135,6 +135,30 @@ def test_profile_without_py_spy_is_501(monkeypatch: pytest.MonkeyPatch) -> None:
     with_server(check)
 
 
+def test_the_contracts_pprof_paths_answer_as_their_python_twins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    exe = fake_py_spy(
+        tmp_path, 'while [ "$1" != "-o" ]; do shift; done\necho \'{"shared":{}}\' > "$2"\n'
+    )
+    monkeypatch.setattr(shutil, "which", lambda name: exe)
+
+    async def check(port: int) -> None:
+        status, _, body = await get(port, "/debug/pprof/heap?seconds=0")
+        assert status == 200, body
+        assert body.startswith(b"Top 30 allocation sites")
+        status, headers, body = await get(port, "/debug/pprof/profile?seconds=1&format=speedscope")
+        assert status == 200, body
+        assert headers["content-type"] == "application/json"
+        assert json.loads(body) == {"shared": {}}
+        for index in ("/debug/pprof", "/debug/pprof/"):
+            status, _, body = await get(port, index)
+            assert status == 200
+            assert b"/debug/pprof/profile" in body and b"/debug/pprof/heap" in body
+
+    with_server(check)
+
+
 def fake_py_spy(tmp_path: Path, script: str) -> str:
     path = tmp_path / "py-spy"
     path.write_text("#!/bin/sh\n" + script)

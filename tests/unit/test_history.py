@@ -93,39 +93,67 @@ def test_format_rfc3339() -> None:
 # -- the query ---------------------------------------------------------------------------
 
 
+INTERVAL_MS = 10_000
+
+
+def parsed(query: bytes) -> tuple[int, int, str | None, int]:
+    q = parse_metrics_query(query, NOW, INTERVAL_MS)
+    return q.start_ms, q.end_ms, q.topic, q.step_ms
+
+
 def test_contract_example() -> None:
     q = b"start_time=2024-01-01T00:00:00Z&end_time=2024-01-02T00:00:00Z&topic=user-events"
-    assert parse_metrics_query(q, NOW) == (JAN1, JAN1 + DAY_MS, "user-events")
+    # A day of 10 s intervals is 8,640 of them: the default step keeps it to 1,000 points.
+    assert parsed(q) == (JAN1, JAN1 + DAY_MS, "user-events", 90_000)
 
 
 @pytest.mark.parametrize(
     ("query", "expected"),
     [
-        (b"", (NOW - HOUR_MS, NOW, None)),
-        (b"topic=orders.v2_x", (NOW - HOUR_MS, NOW, "orders.v2_x")),
-        (b"end_time=2024-01-01T06:00:00Z", (JAN1 + 5 * HOUR_MS, JAN1 + 6 * HOUR_MS, None)),
-        (b"start_time=2024-01-01T00:00:00Z", (JAN1, NOW, None)),
-        (b"start_time=2024-01-01T00%3A00%3A00Z", (JAN1, NOW, None)),
-        (b"start_time=2024-01-01T02:00:00%2B02:00", (JAN1, NOW, None)),
-        (b"start_time=2024-01-01T02:00:00+02:00", (JAN1, NOW, None)),  # "+" left unescaped
-        (b"start_time=2024-01-01T00:00:00.250Z", (JAN1 + 250, NOW, None)),
-        (b"%74opic=user-events", (NOW - HOUR_MS, NOW, "user-events")),
-        (b"&&topic=a&", (NOW - HOUR_MS, NOW, "a")),
-        # An empty range and one of exactly the maximum are allowed.
-        (b"start_time=2024-01-01T12:00:00Z&end_time=2024-01-01T12:00:00Z", (NOW, NOW, None)),
+        (b"", (NOW - HOUR_MS, NOW, None, INTERVAL_MS)),
+        (b"topic=orders.v2_x", (NOW - HOUR_MS, NOW, "orders.v2_x", INTERVAL_MS)),
         (
-            b"start_time=2024-01-01T00:00:00Z&end_time=2024-02-01T00:00:00Z",
-            (JAN1, JAN1 + 31 * DAY_MS, None),
+            b"end_time=2024-01-01T06:00:00Z",
+            (JAN1 + 5 * HOUR_MS, JAN1 + 6 * HOUR_MS, None, INTERVAL_MS),
         ),
+        (b"start_time=2024-01-01T00:00:00Z", (JAN1, NOW, None, 50_000)),
+        (b"start_time=2024-01-01T00%3A00%3A00Z", (JAN1, NOW, None, 50_000)),
+        (b"start_time=2024-01-01T02:00:00%2B02:00", (JAN1, NOW, None, 50_000)),
+        (b"start_time=2024-01-01T02:00:00+02:00", (JAN1, NOW, None, 50_000)),  # "+" unescaped
+        (b"start_time=2024-01-01T11:00:00.250Z", (NOW - HOUR_MS + 250, NOW, None, INTERVAL_MS)),
+        (b"%74opic=user-events", (NOW - HOUR_MS, NOW, "user-events", INTERVAL_MS)),
+        (b"&&topic=a&", (NOW - HOUR_MS, NOW, "a", INTERVAL_MS)),
+        # An empty range; and any long range, with a step that keeps it to 1,000 points.
+        (
+            b"start_time=2024-01-01T12:00:00Z&end_time=2024-01-01T12:00:00Z",
+            (NOW, NOW, None, INTERVAL_MS),
+        ),
+        (
+            b"start_time=2023-10-03T00:00:00Z&end_time=2024-01-01T00:00:00Z",  # 90 days
+            (JAN1 - 90 * DAY_MS, JAN1, None, 7_780_000),
+        ),
+        (
+            b"start_time=2014-01-01T00:00:00Z&end_time=2024-01-01T00:00:00Z",
+            (parse_rfc3339("2014-01-01T00:00:00Z"), JAN1, None, 315_540_000),
+        ),
+        # An explicit step: any duration of at least the interval.
+        (b"step=5m", (NOW - HOUR_MS, NOW, None, 300_000)),
+        (b"step=10s", (NOW - HOUR_MS, NOW, None, INTERVAL_MS)),
+        (b"step=3600000000000", (NOW - HOUR_MS, NOW, None, HOUR_MS)),
         # Times in the future are fine (end defaults to now only when absent).
         (
             b"end_time=2030-01-01T00:00:00Z",
-            (parse_rfc3339("2029-12-31T23:00:00Z"), parse_rfc3339("2030-01-01T00:00:00Z"), None),
+            (
+                parse_rfc3339("2029-12-31T23:00:00Z"),
+                parse_rfc3339("2030-01-01T00:00:00Z"),
+                None,
+                INTERVAL_MS,
+            ),
         ),
     ],
 )
-def test_good_queries(query: bytes, expected: tuple[int, int, str | None]) -> None:
-    assert parse_metrics_query(query, NOW) == expected
+def test_good_queries(query: bytes, expected: tuple[int, int, str | None, int]) -> None:
+    assert parsed(query) == expected
 
 
 @pytest.mark.parametrize(
@@ -143,9 +171,14 @@ def test_good_queries(query: bytes, expected: tuple[int, int, str | None]) -> No
         # end before start; default start is end - 1h, default end is now
         (b"start_time=2024-01-02T00:00:00Z&end_time=2024-01-01T00:00:00Z", "end_time"),
         (b"start_time=2024-01-01T12:00:00.001Z", "end_time"),
-        # range longer than the maximum
-        (b"start_time=2023-12-01T00:00:00Z&end_time=2024-01-01T00:00:01Z", "start_time"),
-        (b"start_time=2023-01-01T00:00:00Z", "start_time"),
+        # a step that is no duration, or shorter than the recording interval
+        (b"step=", "step"),
+        (b"step=often", "step"),
+        (b"step=-5m", "step"),
+        (b"step=0", "step"),
+        (b"step=60", "step"),  # 60 ns, not 60 s
+        (b"step=9s", "step"),
+        (b"step=5m&step=5m", "step"),
         # unknown and repeated parameters
         (b"start=2024-01-01T00:00:00Z", "start"),
         (b"topic=a&limit=10", "limit"),
@@ -164,19 +197,21 @@ def test_good_queries(query: bytes, expected: tuple[int, int, str | None]) -> No
 )
 def test_bad_queries(query: bytes, field: str) -> None:
     with pytest.raises(InvalidQuery) as info:
-        parse_metrics_query(query, NOW)
+        parse_metrics_query(query, NOW, INTERVAL_MS)
     assert info.value.field == field
     assert info.value.status == 400
     assert info.value.code == "invalid_query"
     assert info.value.message
 
 
-def test_max_range_is_configurable() -> None:
-    q = b"start_time=2024-01-01T00:00:00Z&end_time=2024-01-01T00:10:00Z"
-    assert parse_metrics_query(q, NOW, max_range_s=600) == (JAN1, JAN1 + 600_000, None)
-    with pytest.raises(InvalidQuery) as info:
-        parse_metrics_query(q, NOW, max_range_s=599)
-    assert info.value.field == "start_time"
+def test_the_default_step_is_the_smallest_multiple_of_the_interval_within_the_points() -> None:
+    for span_ms, points, step in [(10_000_000, 1000, 10_000), (10_000_001, 1000, 20_000),
+                                  (3_600_000, 6, 600_000), (3_600_000, 7, 520_000)]:  # fmt: skip
+        q = parse_metrics_query(f"end_time={format_rfc3339(NOW)}&start_time="
+                                f"{format_rfc3339(NOW - span_ms)}".encode(), NOW, INTERVAL_MS,
+                                max_points=points)  # fmt: skip
+        assert q.step_ms == step, (span_ms, points)
+        assert -(-span_ms // q.step_ms) <= points
 
 
 # -- the recorder ------------------------------------------------------------------------
@@ -421,3 +456,46 @@ def test_recorder_loop_keeps_going_after_a_failure(tmp_path: Path) -> None:
 def test_interval_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         HistoryRecorder(SqliteMeta(str(tmp_path)), Source(), interval_s=0, worker="w")
+
+
+def test_points_of_a_step_are_aggregated_by_kind(tmp_path: Path) -> None:
+    def point(ts: int, **values: Any) -> MetricPoint:
+        return MetricPoint(time=format_rfc3339(ts), topic="t", interval_s=10.0, **values)
+
+    async def main() -> None:
+        store = SqliteMeta(str(tmp_path))
+        await store.start()
+        try:
+            # Recent (older history is pruned on write), on a whole hour.
+            hour = time.time_ns() // 1_000_000 // HOUR_MS * HOUR_MS - HOUR_MS
+            minute = hour + 60_000
+            w1 = [
+                point(minute, produced=3, consumed=2, failed=1, queue_size=5,
+                      processing_avg_ms=10.0, processing_p99_ms=40.0, active_consumers=1),
+                point(minute + 10_000, produced=4, consumed=6, retried=3, queue_size=9,
+                      processing_avg_ms=30.0, processing_p99_ms=90.0, active_consumers=2),
+                point(minute + 60_000, produced=100),  # the next minute
+            ]  # fmt: skip
+            w2 = [point(minute + 50_000, produced=1, consumed=0, queue_size=7,
+                        processing_p99_ms=20.0, dead_letter_size=4)]  # fmt: skip
+            await store.record_points(w1, "w1")
+            await store.record_points(w2, "w2")
+            got = await store.query_points(hour, hour + HOUR_MS, "t", step_ms=60_000)
+            assert [p.time for p in got] == [
+                format_rfc3339(minute),
+                format_rfc3339(minute + 60_000),
+            ]
+            p = got[0]
+            assert p.interval_s == 60
+            assert (p.produced, p.consumed, p.failed, p.retried) == (8, 8, 1, 3)  # sums
+            assert (p.queue_size, p.dead_letter_size, p.active_consumers) == (9, 4, 2)  # max
+            assert p.processing_avg_ms == pytest.approx((10.0 * 2 + 30.0 * 6) / 8)  # weighted
+            assert p.processing_p99_ms == 90.0  # the max: an upper bound
+            assert (p.error_rate, p.retry_rate) == (1 / 8, 3 / 8)
+            assert got[1].produced == 100
+            # Without a step, one point per recorded interval as before.
+            assert len(await store.query_points(hour, hour + HOUR_MS, "t")) == 4
+        finally:
+            await store.close()
+
+    run(main())

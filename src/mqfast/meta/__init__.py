@@ -98,13 +98,15 @@ class MetaStore(Protocol):
         ...
 
     async def query_points(
-        self, start_ms: int, end_ms: int, topic: str | None
+        self, start_ms: int, end_ms: int, topic: str | None, step_ms: int = 1
     ) -> list[MetricPoint]:
         """Points whose interval starts in ``[start_ms, end_ms)``, ``topic`` only when given.
 
-        Points of several workers for the same interval and topic are aggregated into one:
+        The points of every worker and interval in one step (``[k * step_ms, (k + 1) *
+        step_ms)``) and topic are aggregated into one labelled with the step's start:
         counters summed, sizes and consumer counts the maximum, ``processing_avg_ms`` weighted
-        by ``consumed``, percentiles the maximum, rates recomputed from the sums. Ordered by
-        time, then topic; ``time`` is RFC 3339 UTC with ``Z``.
+        by ``consumed``, percentiles the maximum (an upper bound of the step's), rates
+        recomputed from the sums, ``interval_s`` the step (or the interval, if longer). Ordered
+        by time, then topic; ``time`` is RFC 3339 UTC with ``Z``.
         """
         ...

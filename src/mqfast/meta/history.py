@@ -21,6 +21,7 @@ from urllib.parse import unquote_to_bytes
 import msgspec
 
 from mqfast._core import topic_name_error
+from mqfast.config import parse_duration
 from mqfast.errors import InvalidQuery
 from mqfast.groups import now_ms
 from mqfast.messages import MetricPoint
@@ -29,6 +30,7 @@ from mqfast.meta.common import cancel_and_wait
 
 __all__ = [
     "HistoryRecorder",
+    "MetricsQuery",
     "TopicSample",
     "format_rfc3339",
     "parse_metrics_query",
@@ -40,9 +42,11 @@ __all__ = [
 log = logging.getLogger("mqfast.history")
 
 DEFAULT_RANGE_MS: Final = 3_600_000
+# Points per topic a query answers without a ``step`` (Grafana asks about as many for a panel).
+MAX_POINTS_PER_TOPIC: Final = 1000
 _EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _ONE_MS: Final = dt.timedelta(milliseconds=1)
-_PARAMS: Final = ("start_time", "end_time", "topic")
+_PARAMS: Final = ("start_time", "end_time", "topic", "step")
 # RFC 3339 section 5.6; lower-case "t"/"z" and a space separator are allowed by its notes.
 _RFC3339: Final = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?"
@@ -123,34 +127,54 @@ def _query_values(query: bytes, allowed: tuple[str, ...]) -> dict[str, str]:
     return values
 
 
+class MetricsQuery(msgspec.Struct, frozen=True):
+    """A parsed ``GET /api/v1/metrics``: the range, the topic filter and the step."""
+
+    start_ms: int
+    end_ms: int
+    topic: str | None
+    step_ms: int  # width of one answered point; a multiple of it starts each point
+
+
 def parse_metrics_query(
-    query: bytes, now_ms: int, max_range_s: float = 31 * 86400
-) -> tuple[int, int, str | None]:
-    """Parse the raw query string of ``GET /api/v1/metrics`` into ``(start_ms, end_ms, topic)``.
+    query: bytes, now_ms: int, interval_ms: int, max_points: int = MAX_POINTS_PER_TOPIC
+) -> MetricsQuery:
+    """Parse the raw query string of ``GET /api/v1/metrics``.
 
     Parameters: ``start_time`` and ``end_time`` (RFC 3339; defaults: ``end = now``,
-    ``start = end - 1h``) and ``topic``. Raises ``InvalidQuery`` naming the parameter at fault
-    for an unknown or repeated parameter, an unparseable time, ``end_time`` before
-    ``start_time``, a range longer than ``max_range_s`` or an invalid topic name.
+    ``start = end - 1h``), ``topic`` and ``step`` (a duration such as ``"5m"`` or integer
+    nanoseconds, at least the recording interval ``interval_ms``; default: the smallest multiple
+    of the interval that answers at most ``max_points`` points per topic, so that any range can
+    be asked for, as in a Prometheus range query). Raises ``InvalidQuery`` naming the parameter
+    at fault for an unknown or repeated parameter, an unparseable time or step, ``end_time``
+    before ``start_time``, a step below the interval or an invalid topic name.
     """
     values = _query_values(query, tuple(_PARAMS))
     end_ms = _parse_time(values, "end_time", now_ms)
     start_ms = _parse_time(values, "start_time", end_ms - DEFAULT_RANGE_MS)
     if end_ms < start_ms:
         raise InvalidQuery("end_time is before start_time", field="end_time")
-    if end_ms - start_ms > max_range_s * 1000:
-        raise InvalidQuery(
-            f"the range from start_time to end_time is longer than the maximum of"
-            f" {_human_seconds(max_range_s)}",
-            field="start_time",
-        )
+    text = values.get("step")
+    if text is None:
+        step_ms = interval_ms * max(1, -(-(end_ms - start_ms) // (interval_ms * max_points)))
+    else:
+        try:
+            step_ms = parse_duration(text, "step") // 1_000_000
+        except ValueError as e:
+            raise InvalidQuery(str(e), field="step") from None
+        if step_ms < interval_ms:
+            raise InvalidQuery(
+                f"step {text!r} is shorter than the recording interval of {interval_ms} ms"
+                " (a bare integer is nanoseconds; write e.g. '10s', '5m', '1h')",
+                field="step",
+            )
 
     topic = values.get("topic")
     if topic is not None:
         reason = topic_name_error(topic)
         if reason is not None:
             raise InvalidQuery(f"invalid topic: {reason}", field="topic")
-    return start_ms, end_ms, topic
+    return MetricsQuery(start_ms, end_ms, topic, step_ms)
 
 
 def _unquote(raw: bytes, field: str | None) -> str:
@@ -171,12 +195,6 @@ def _parse_time(values: dict[str, str], name: str, default: int) -> int:
         return parse_rfc3339(text)
     except ValueError as e:
         raise InvalidQuery(f"invalid {name}: {e}", field=name) from None
-
-
-def _human_seconds(seconds: float) -> str:
-    if seconds >= 86400 and seconds % 86400 == 0:
-        return f"{int(seconds // 86400)} days"
-    return f"{seconds:g} seconds"
 
 
 # -- the stores' row form ------------------------------------------------------------------
@@ -211,10 +229,11 @@ def point_params(p: MetricPoint, worker: str) -> tuple[Any, ...]:
 
 
 def point_from_row(r: Any) -> MetricPoint:
-    """One row of the stores' query that aggregates the workers of an interval and topic:
-    ``ts_ms, topic, MAX(interval_s)``, the five counters summed, the two sizes' maximum,
-    ``SUM(processing_avg_ms * consumed)``, ``AVG(NULLIF(processing_avg_ms, 0))``, then the
-    percentiles' and the consumer counts' maximum. Rates are recomputed from the sums."""
+    """One row of the stores' query that aggregates the points of a step (the workers of every
+    interval in it) and topic: ``step start, topic, width in seconds``, the five counters summed,
+    the two sizes' maximum, ``SUM(processing_avg_ms * consumed)``,
+    ``AVG(NULLIF(processing_avg_ms, 0))``, then the percentiles' and the consumer counts'
+    maximum. Rates are recomputed from the sums."""
     consumed = int(r[4])
     failed = int(r[6])
     retried = int(r[7])

@@ -211,17 +211,19 @@ ON CONFLICT (ts_ms, topic, worker) DO UPDATE SET
         THEN (p.retried + excluded.retried)::float8 / (p.consumed + excluded.consumed) ELSE 0 END
 """
 # SUM of BIGINT is NUMERIC in PostgreSQL; the casts keep the results Python ints.
+# $1 is the step in ms: the points of every worker and interval in one step become one.
 _QUERY_POINTS: Final = """
-SELECT ts_ms, topic, MAX(interval_s),
+SELECT ts_ms - ts_ms % $1::bigint AS step_ms, topic,
+    GREATEST(MAX(interval_s), $1::bigint::float8 / 1000),
     SUM(produced)::bigint, SUM(consumed)::bigint, SUM(expired)::bigint, SUM(failed)::bigint,
     SUM(retried)::bigint, MAX(queue_size), MAX(dead_letter_size),
     SUM(processing_avg_ms * consumed), AVG(NULLIF(processing_avg_ms, 0)),
     MAX(processing_p95_ms), MAX(processing_p99_ms),
     MAX(active_consumers), MAX(total_consumers)
 FROM mqfast_metric_points
-WHERE ts_ms >= $1 AND ts_ms < $2 {topic_filter}
-GROUP BY ts_ms, topic
-ORDER BY ts_ms, topic
+WHERE ts_ms >= $2 AND ts_ms < $3 {topic_filter}
+GROUP BY step_ms, topic
+ORDER BY step_ms, topic
 """
 _PRUNE_CHUNK: Final = """
 DELETE FROM mqfast_metric_points WHERE (ts_ms, topic, worker) IN (
@@ -698,17 +700,18 @@ class PostgresMeta:
             await prune_quietly(self.prune)
 
     async def query_points(
-        self, start_ms: int, end_ms: int, topic: str | None
+        self, start_ms: int, end_ms: int, topic: str | None, step_ms: int = 1
     ) -> list[MetricPoint]:
-        """Points starting in ``[start_ms, end_ms)``, aggregated over workers (``MetaStore``)."""
+        """Points starting in ``[start_ms, end_ms)``, aggregated over workers and steps
+        (``MetaStore``)."""
         if end_ms <= start_ms:
             return []
         if topic is None:
             sql = _QUERY_POINTS.format(topic_filter="")
-            rows = await self._call(lambda c: c.fetch(sql, start_ms, end_ms))
+            rows = await self._call(lambda c: c.fetch(sql, step_ms, start_ms, end_ms))
         else:
-            sql = _QUERY_POINTS.format(topic_filter="AND topic = $3")
-            rows = await self._call(lambda c: c.fetch(sql, start_ms, end_ms, topic))
+            sql = _QUERY_POINTS.format(topic_filter="AND topic = $4")
+            rows = await self._call(lambda c: c.fetch(sql, step_ms, start_ms, end_ms, topic))
         return [point_from_row(r) for r in rows]
 
     async def prune(self, now_ms: int | None = None) -> int:

@@ -135,17 +135,18 @@ ON CONFLICT (ts_ms, topic, worker) DO UPDATE SET
     retry_rate = CASE WHEN consumed + excluded.consumed > 0
         THEN CAST(retried + excluded.retried AS REAL) / (consumed + excluded.consumed) ELSE 0 END
 """
+# ?1 is the step in ms: the points of every worker and interval in one step become one.
 _QUERY_POINTS: Final = """
-SELECT ts_ms, topic, MAX(interval_s),
+SELECT ts_ms - ts_ms % ?1 AS step_ms, topic, MAX(MAX(interval_s), ?1 / 1000.0),
     SUM(produced), SUM(consumed), SUM(expired), SUM(failed), SUM(retried),
     MAX(queue_size), MAX(dead_letter_size),
     SUM(processing_avg_ms * consumed), AVG(NULLIF(processing_avg_ms, 0)),
     MAX(processing_p95_ms), MAX(processing_p99_ms),
     MAX(active_consumers), MAX(total_consumers)
 FROM meta_metric_points
-WHERE ts_ms >= ? AND ts_ms < ? {topic_filter}
-GROUP BY ts_ms, topic
-ORDER BY ts_ms, topic
+WHERE ts_ms >= ?2 AND ts_ms < ?3 {topic_filter}
+GROUP BY step_ms, topic
+ORDER BY step_ms, topic
 """
 _PRUNE_CHUNK: Final = """
 DELETE FROM meta_metric_points WHERE (ts_ms, topic, worker) IN (
@@ -323,15 +324,16 @@ class SqliteMeta:
             await prune_quietly(self.prune)
 
     async def query_points(
-        self, start_ms: int, end_ms: int, topic: str | None
+        self, start_ms: int, end_ms: int, topic: str | None, step_ms: int = 1
     ) -> list[MetricPoint]:
-        """Points starting in ``[start_ms, end_ms)``, aggregated over workers (``MetaStore``)."""
+        """Points starting in ``[start_ms, end_ms)``, aggregated over workers and steps
+        (``MetaStore``)."""
         if end_ms <= start_ms:
             return []
-        params: tuple[Any, ...] = (start_ms, end_ms)
+        params: tuple[Any, ...] = (step_ms, start_ms, end_ms)
         topic_filter = ""
         if topic is not None:
-            topic_filter = "AND topic = ?"
+            topic_filter = "AND topic = ?4"
             params += (topic,)
         rows = await self._run(
             self._select_sync, _QUERY_POINTS.format(topic_filter=topic_filter), params

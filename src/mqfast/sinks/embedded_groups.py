@@ -43,6 +43,7 @@ from mqfast.groups import (
     RateLimits,
     SettleItem,
     SettleResult,
+    Unacked,
     dlq_headers,
     dlq_name,
 )
@@ -172,6 +173,25 @@ class EmbeddedGroups:
 
     async def prune(self, now: int) -> int:
         return await self._run(self._txn, self._prune, now)
+
+    async def unacked(self, now: int, limit: int) -> list[Unacked]:
+        return await self._run(self._txn, self._unacked, now, limit)
+
+    def _unacked(self, conn: sqlite3.Connection, now: int, limit: int) -> list[Unacked]:
+        out = []
+        pairs = conn.execute(
+            "SELECT DISTINCT group_id, topic FROM group_partitions LIMIT ?", (limit,)
+        ).fetchall()
+        for group, topic in pairs:
+            # The leases_due index: only the rows of deliveries in flight are read.
+            oldest, expired = conn.execute(
+                "SELECT MIN(leased_ms), SUM(state = ? AND due_ms <= ?) FROM leases"
+                " WHERE group_id = ? AND topic = ? AND state IN (?, ?)",
+                (LEASED, now, group, topic, LEASED, RETRY),
+            ).fetchone()
+            if oldest is not None:
+                out.append(Unacked(group, topic, int(oldest), int(expired)))
+        return out
 
     # ---- lease ----------------------------------------------------------------------------
 

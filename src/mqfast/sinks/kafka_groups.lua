@@ -390,6 +390,34 @@ for _, g in ipairs(redis.call('SMEMBERS', 'mq:groups:' .. T)) do
 end
 return cjson.encode(out)
 
+--@unacked
+-- ARGV: '' '' now limit scan: per group and topic with deliveries not acknowledged (leased, or
+-- waiting for a retry), [G, T, the oldest leased-at time, leases past their deadline], among
+-- the `scan` deliveries due first of each pair; at most `limit` pairs.
+local now = tonumber(ARGV[3])
+local limit = tonumber(ARGV[4])
+local scan = tonumber(ARGV[5])
+local out = {}
+for _, pair in ipairs(redis.call('SMEMBERS', 'mq:pairs')) do
+  if #out >= limit then break end
+  local g, t = string.match(pair, '^(.-)\n(.*)$')
+  local fields = g and redis.call('ZRANGE', key('due', g, t), 0, scan - 1) or {}
+  if #fields > 0 then
+    local states = redis.call('HMGET', key('st', g, t), unpack(fields))
+    local oldest, expired = nil, 0
+    for i = 1, #fields do
+      local s = states[i] and cjson.decode(states[i])
+      if s and (s.s == 1 or s.s == 2) then
+        local l = tonumber(s.l or 0)
+        if oldest == nil or l < oldest then oldest = l end
+        if s.s == 1 and tonumber(s.d) <= now then expired = expired + 1 end
+      end
+    end
+    if oldest then out[#out + 1] = {g, t, num(oldest), expired} end
+  end
+end
+return cjson.encode(out)
+
 --@drop
 -- ARGV: '' T: the topic is deleted; forget every group's state of it.
 for _, g in ipairs(redis.call('SMEMBERS', 'mq:groups:' .. T)) do

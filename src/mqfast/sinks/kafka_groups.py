@@ -52,6 +52,7 @@ from mqfast.groups import (
     RateLimits,
     SettleItem,
     SettleResult,
+    Unacked,
     dlq_headers,
     dlq_name,
 )
@@ -85,6 +86,11 @@ def _load_scripts() -> dict[str, str]:
         name, _, body = part.partition("\n")
         out[name.strip()] = common + "\n" + body
     return out
+
+
+# Deliveries of one group and topic that ``unacked`` reads (those due first): one script call
+# must stay short, since Redis runs nothing else meanwhile.
+UNACKED_SCAN = 1000
 
 
 def _list(value: Any) -> list[Any]:
@@ -839,6 +845,10 @@ class KafkaGroups:
         for k in idle:
             await self._reading(self._windows.pop(k).close)
         return n
+
+    async def unacked(self, now: int, limit: int) -> list[Unacked]:
+        rows = await self._call("unacked", "", "", now, limit, UNACKED_SCAN)
+        return [Unacked(g, t, int(oldest), int(n)) for g, t, oldest, n in _list(rows)]
 
     async def lags(self, topic: str, highs: list[int]) -> list[GroupLag]:
         try:
