@@ -140,3 +140,17 @@ def test_a_recreated_topic_does_not_take_an_old_id_for_the_new_message(tmp_path:
         await s.close()
 
     with_sink(tmp_path, body)
+
+
+def test_a_lease_looks_past_a_backlog_of_expired_messages(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        await h.sink.create_topic(cfg("t"))
+        gone = [D("t", message_id=f"old-{i:03d}", expires_ms=NOW - 1) for i in range(35)]
+        await h.produce([*gone, D("t", message_id="live")])
+        s = await store(h)
+        out = await s.lease(GROUP, "t", "c1", 10, 30_000, NOW, PriorityPicker(), None)
+        assert [m.message_id for m in out.messages] == ["live"]
+        assert out.expired == 35
+        await s.close()
+
+    with_sink(tmp_path, body)

@@ -102,6 +102,8 @@ _RUNS_OVER: Final = (
 _PROBE_TERMS: Final = 250
 # Reading a few offsets that were not asked for is cheaper than another query.
 _RANGE_GAP: Final = 64
+# How many times one lease looks past messages it found expired before it answers.
+_SKIP_ROUNDS: Final = 10
 # Ids leased by this process, remembered to find them again without a search.
 _WHERE_MAX: Final = 200_000
 
@@ -308,8 +310,17 @@ class EmbeddedGroups:
         """Store the changes of ``runs``: each becomes the stretches its offsets now form."""
         rows: list[tuple[Any, ...]] = []
         for run in runs:
-            if not run.changes:
+            changes = run.changes
+            if not changes:
                 continue
+            if len(changes) == len(run):  # all of it settled alike: the common case
+                values = iter(changes.values())
+                a = next(values)
+                if a is not _GONE and all(v is a for v in values):
+                    rows.append((group, run.topic, run.partition, run.first, run.last, *a[:5],
+                                 run.priority, *a[5:], run.id_lo, run.id_hi))  # fmt: skip
+                    run.changes = {}
+                    continue
             at = run.at
             split = _rows(
                 group,
@@ -371,11 +382,16 @@ class EmbeddedGroups:
             ).fetchone()[0]
             max_messages = min(max_messages, max_leased - int(held))
 
-        if max_messages > 0:
+        # A lease that found only expired (or undecryptable) messages tries again from past
+        # them, so that a long-poll does not answer empty while messages are ready.
+        for _ in range(_SKIP_ROUNDS if max_messages > 0 else 0):
+            skipped = out.expired + out.dead_lettered
             self._pick(
                 conn, group, topic, consumer, partitions, committed, max_messages,
                 visibility_ms, now, picker, dlq_expired, encrypted, out, touched,
             )  # fmt: skip
+            if out.messages or out.expired + out.dead_lettered == skipped:
+                break
         for p in touched:
             self._advance(conn, group, topic, p)
         if not out.messages:  # the wait before trying again: until something falls due
@@ -978,7 +994,7 @@ class EmbeddedGroups:
                 if run is not None:
                     place[mid] = (run, off)
         results = []
-        backoffs: dict[tuple[int, int, int | None], int] = {}
+        shared: dict[Any, Any] = {}
         for item in items:
             res = SettleResult(message_id=item.message_id, status="")
             results.append(res)
@@ -997,7 +1013,7 @@ class EmbeddedGroups:
                 if res.error is not None:
                     continue
             try:
-                self._settle_one(conn, group, consumer, item, run, off, now, res, backoffs)
+                self._settle_one(conn, group, consumer, item, run, off, now, res, shared)
             except errors.MqfastError as e:
                 res.error = e
         # a position moves only when the run it points at is now complete
@@ -1029,8 +1045,10 @@ class EmbeddedGroups:
         off: int,
         now: int,
         res: SettleResult,
-        backoffs: dict[tuple[int, int, int | None], int],
+        shared: dict[Any, Any],
     ) -> None:
+        """One item; ``shared`` holds what the items of one request share (the attributes
+        of an acknowledged run, a backoff), so that a run settled together stays one row."""
         state, holder, due, leased_ms, count, outcome, why, _ = a = run.at(off)
         t = run.topic
         res.topic = t
@@ -1086,7 +1104,10 @@ class EmbeddedGroups:
             res.lease_deadline = now + vis
             return
         if item.action == "ack":
-            run.changes[off] = (DONE, None, now, leased_ms, count, None, 0, now)
+            done = shared.get(a)
+            if done is None:
+                done = shared[a] = (DONE, None, now, leased_ms, count, None, 0, now)
+            run.changes[off] = done
             res.status = "acknowledged"
             res.processing_ms = float(max(0, now - leased_ms))
             return
@@ -1094,17 +1115,16 @@ class EmbeddedGroups:
         if count < self.policy.delivery_limit:
             # one backoff for the messages of a run nacked together: the run stays whole
             key = (run.first, count, item.delay_ms)
-            redeliver = backoffs.get(key)
+            redeliver = shared.get(key)
             if redeliver is None:
                 delay = self.policy.backoff_ms(count) if item.delay_ms is None else item.delay_ms
-                redeliver = backoffs[key] = now + delay
+                redeliver = shared[key] = now + delay
             self._fail(conn, group, run, off, error, NACKED, redeliver, now)
             res.status = "requeued"
             res.redeliver_at = redeliver
         else:
             self._fail(conn, group, run, off, error, NACKED, None, now)
             res.status = "dead_lettered"
-        del a
 
     def _advance(self, conn: sqlite3.Connection, group: str, topic: str, partition: int) -> None:
         """Move the committed position past complete runs."""
