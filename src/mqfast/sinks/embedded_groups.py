@@ -377,8 +377,8 @@ class EmbeddedGroups:
         if max_leased is not None:
             held = conn.execute(
                 "SELECT COALESCE(SUM(last_offset - first_offset + 1), 0) FROM runs"
-                " WHERE consumer_id = ? AND state = ? AND due_ms > ?",
-                (consumer, LEASED, now),
+                " WHERE consumer_id = ? AND state = 1 AND due_ms > ?",  # LEASED
+                (consumer, now),
             ).fetchone()[0]
             max_messages = min(max_messages, max_leased - int(held))
 
@@ -396,8 +396,8 @@ class EmbeddedGroups:
             self._advance(conn, group, topic, p)
         if not out.messages:  # the wait before trying again: until something falls due
             due = conn.execute(
-                "SELECT MIN(due_ms) FROM runs WHERE group_id = ? AND topic = ? AND state IN (?, ?)",
-                (group, topic, LEASED, RETRY),
+                "SELECT MIN(due_ms) FROM runs WHERE group_id = ? AND topic = ? AND state < 3",
+                (group, topic),
             ).fetchone()[0]
             out.next_due_ms = int(due) if due is not None else 0
         return out
@@ -460,7 +460,7 @@ class EmbeddedGroups:
             _Run(row)
             for row in conn.execute(
                 f"SELECT {_RUN_COLUMNS} FROM runs WHERE group_id = ? AND topic = ? AND state = ?"
-                " AND due_ms <= ?",
+                " AND due_ms <= ? AND state < 3",  # the condition of runs_due
                 (group, topic, LEASED, now),
             )
         ]
@@ -541,7 +541,7 @@ class EmbeddedGroups:
         budget = want * 4
         for row in conn.execute(
             f"SELECT {_RUN_COLUMNS} FROM runs WHERE group_id = ? AND topic = ? AND state = ?"
-            " AND due_ms <= ? ORDER BY due_ms LIMIT ?",
+            " AND due_ms <= ? AND state < 3 ORDER BY due_ms LIMIT ?",  # runs_due's condition
             (group, topic, RETRY, now, want),
         ).fetchall():
             if budget <= 0:
@@ -1032,7 +1032,7 @@ class EmbeddedGroups:
             ).fetchall()
             for p, c in committed:
                 if (t, p, c) in heads:
-                    self._advance(conn, group, t, p)
+                    self._advance(conn, group, t, p, c)
         return results
 
     def _settle_one(
@@ -1126,16 +1126,25 @@ class EmbeddedGroups:
             self._fail(conn, group, run, off, error, NACKED, None, now)
             res.status = "dead_lettered"
 
-    def _advance(self, conn: sqlite3.Connection, group: str, topic: str, partition: int) -> None:
-        """Move the committed position past complete runs."""
-        row = conn.execute(
-            "SELECT committed FROM group_partitions WHERE group_id = ? AND topic = ?"
-            " AND partition = ?",
-            (group, topic, partition),
-        ).fetchone()
-        if row is None:
-            return
-        start = c = int(row[0])
+    def _advance(
+        self,
+        conn: sqlite3.Connection,
+        group: str,
+        topic: str,
+        partition: int,
+        committed: int | None = None,
+    ) -> None:
+        """Move the committed position (read here unless given) past complete runs."""
+        if committed is None:
+            row = conn.execute(
+                "SELECT committed FROM group_partitions WHERE group_id = ? AND topic = ?"
+                " AND partition = ?",
+                (group, topic, partition),
+            ).fetchone()
+            if row is None:
+                return
+            committed = int(row[0])
+        start = c = committed
         for first, last, state in conn.execute(
             "SELECT first_offset, last_offset, state FROM runs WHERE group_id = ? AND topic = ?"
             " AND partition = ? AND first_offset >= ? ORDER BY first_offset",
@@ -1170,12 +1179,12 @@ class EmbeddedGroups:
     def _release(self, conn: sqlite3.Connection, consumer: str, now: int) -> int:
         n = conn.execute(
             "SELECT COALESCE(SUM(last_offset - first_offset + 1), 0) FROM runs"
-            " WHERE consumer_id = ? AND state = ?",
-            (consumer, LEASED),
+            " WHERE consumer_id = ? AND state = 1",  # LEASED, as runs_consumer has it
+            (consumer,),
         ).fetchone()[0]
         conn.execute(
             "UPDATE runs SET state = ?, due_ms = ?, consumer_id = NULL,"
-            " last_error = 'consumer inactive', why = ? WHERE consumer_id = ? AND state = ?",
-            (RETRY, now, RELEASED, consumer, LEASED),
+            " last_error = 'consumer inactive', why = ? WHERE consumer_id = ? AND state = 1",
+            (RETRY, now, RELEASED, consumer),
         )
         return int(n)
