@@ -1104,9 +1104,12 @@ class EmbeddedGroups:
             res.lease_deadline = now + vis
             return
         if item.action == "ack":
-            done = shared.get(a)
-            if done is None:
-                done = shared[a] = (DONE, None, now, leased_ms, count, None, 0, now)
+            # keyed by identity (the offsets of an untouched run share one attributes tuple),
+            # holding the key tuple so that its id is not reused within the request
+            seen = shared.get(id(a))
+            if seen is None:
+                seen = shared[id(a)] = (a, (DONE, None, now, leased_ms, count, None, 0, now))
+            done = seen[1]
             run.changes[off] = done
             res.status = "acknowledged"
             res.processing_ms = float(max(0, now - leased_ms))
