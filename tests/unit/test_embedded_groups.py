@@ -8,7 +8,7 @@ from typing import Any
 
 from mqfast.groups import Policy, PriorityPicker, SettleItem, SettleResult
 from mqfast.messages import LeasedMessage
-from mqfast.sinks.embedded import write_lock
+from mqfast.sinks.embedded import MIGRATIONS, SCHEMA_COMPONENT, apply_migrations, write_lock
 from mqfast.sinks.embedded_groups import EmbeddedGroups
 from tests.unit.test_embedded import D, Harness, cfg, with_sink
 
@@ -151,6 +151,50 @@ def test_a_lease_looks_past_a_backlog_of_expired_messages(tmp_path: Path) -> Non
         out = await s.lease(GROUP, "t", "c1", 10, 30_000, NOW, PriorityPicker(), None)
         assert [m.message_id for m in out.messages] == ["live"]
         assert out.expired == 35
+        await s.close()
+
+    with_sink(tmp_path, body)
+
+
+def test_leases_of_a_database_from_before_runs_survive_the_upgrade(tmp_path: Path) -> None:
+    # schema version 3: one ``leases`` row per message
+    conn = sqlite3.connect(tmp_path / "mqfast.db", isolation_level=None)
+    apply_migrations(conn, SCHEMA_COMPONENT, MIGRATIONS[:3], str(tmp_path))
+    conn.execute(
+        "INSERT INTO topics (name, partitions, replication, retention, max_size, created_at)"
+        " VALUES ('t', 1, 1, 0, 0, 0)"
+    )
+    conn.execute("INSERT INTO partitions (topic, partition, next_offset) VALUES ('t', 0, 3)")
+    for off in range(3):
+        conn.execute(
+            "INSERT INTO messages (topic, partition, offset, message_id, value, timestamp_ms,"
+            " size) VALUES ('t', 0, ?, ?, x'00', ?, 1)",
+            (off, f"id-{off}", NOW),
+        )
+    conn.execute("INSERT INTO group_partitions VALUES (?, 't', 0, 1)", (GROUP,))
+    conn.execute("INSERT INTO group_cursors VALUES (?, 't', 0, 0, 3)", (GROUP,))
+    leases = [  # offset, state, consumer, due_ms, last_error
+        (0, 3, None, NOW, None),
+        (1, 1, "c1", NOW + 30_000, None),
+        (2, 2, None, NOW + 60_000, "bad"),
+    ]
+    for off, state, holder, due, error in leases:
+        conn.execute(
+            "INSERT INTO leases (group_id, topic, partition, offset, message_id, priority,"
+            " state, consumer_id, due_ms, leased_ms, delivery_count, last_error, done_ms)"
+            " VALUES (?, 't', 0, ?, ?, 0, ?, ?, ?, ?, 1, ?, ?)",
+            (GROUP, off, f"id-{off}", state, holder, due, NOW, error, NOW if state == 3 else 0),
+        )
+    conn.close()
+
+    async def body(h: Harness) -> None:
+        assert runs(h) == [(0, 0, 0, 3), (0, 1, 1, 1), (0, 2, 2, 2)]
+        s = await store(h)
+        res = await settle(s, ["id-0", "id-1", "id-2"], now=NOW + 1)
+        assert res[0].status == "already_acknowledged"
+        assert res[1].status == "acknowledged"
+        assert res[2].error is not None and "negatively acknowledged" in res[2].error.message
+        assert committed(h) == {0: 2}
         await s.close()
 
     with_sink(tmp_path, body)
