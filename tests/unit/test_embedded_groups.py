@@ -198,3 +198,23 @@ def test_leases_of_a_database_from_before_runs_survive_the_upgrade(tmp_path: Pat
         await s.close()
 
     with_sink(tmp_path, body)
+
+
+def test_prune_forgets_complete_runs_after_the_grace_period(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        await fill(h, 12)
+        s = await store(h)
+        got = await lease(s, 12)
+        ids = [m.message_id for m in got]
+        await settle(s, ids[:10])
+        grace = Policy().done_grace_ms
+        assert await s.prune(NOW + grace) == 0  # not older than the grace period yet
+        assert await s.prune(NOW + grace + 1) == 10  # the two still leased are kept
+        assert runs(h) == [(0, 10, 11, 1)]
+        [r] = await settle(s, [ids[0]], now=NOW + grace + 1)
+        assert type(r.error).__name__ == "NotFound", r
+        [r] = await settle(s, [ids[11]], now=NOW + 1)
+        assert r.status == "acknowledged", r
+        await s.close()
+
+    with_sink(tmp_path, body)

@@ -1170,11 +1170,14 @@ class EmbeddedGroups:
         for group, topic, partition, committed in conn.execute(
             "SELECT group_id, topic, partition, committed FROM group_partitions"
         ).fetchall():
-            n += conn.execute(
-                "DELETE FROM runs WHERE group_id = ? AND topic = ? AND partition = ?"
-                " AND last_offset < ? AND done_ms < ?",
-                (group, topic, partition, committed, now - self.policy.done_grace_ms),
-            ).rowcount
+            n += sum(
+                size
+                for (size,) in conn.execute(
+                    "DELETE FROM runs WHERE group_id = ? AND topic = ? AND partition = ?"
+                    " AND last_offset < ? AND done_ms < ? RETURNING last_offset - first_offset + 1",
+                    (group, topic, partition, committed, now - self.policy.done_grace_ms),
+                ).fetchall()
+            )
         return n
 
     # ---- consumers ---------------------------------------------------------------
