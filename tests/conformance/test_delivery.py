@@ -526,6 +526,45 @@ def test_extend_keeps_the_lease(engine_server: Gateway) -> None:
     assert r.status == 409, r.body
 
 
+def test_settling_a_nacked_message_says_it_waits_for_redelivery(engine_server: Gateway) -> None:
+    gw = engine_server
+    t = gw.topic()
+    gw.produce(t)
+    [m] = gw.consume(t, "g", "c1", timeout="5s")
+    out = gw.nack(m["message_id"], "g", consumer="c1", requeue_delay="30s")
+    assert out["status"] == "requeued", out
+    body = {"message_id": m["message_id"], "group_id": "g", "consumer_id": "c1"}
+    r = gw.call("POST", EXTEND, {**body, "visibility_timeout": "5s"})
+    assert r.status == 409, r.body
+    err = r.json()["error"]
+    assert err["field"] == "message_id", err
+    assert "negatively acknowledged" in err["message"], err
+    assert "expired" not in err["message"], err
+    for late in (
+        gw.ack_reply(m["message_id"], "g", consumer="c1"),
+        gw.ack_reply(m["message_id"], "g", success=False, consumer="c1"),
+    ):
+        assert late.status == 409, late.body
+        assert "negatively acknowledged" in late.json()["error"]["message"], late.body
+    # an expired lease is still called that
+    gw.produce(t)
+    [n] = gw.consume(t, "g", "c2", timeout="5s", visibility="200ms")
+    wait_for(lambda: now_ms() > n["lease_deadline"] + 50, what="lease deadline")
+    r = gw.call(
+        "POST",
+        EXTEND,
+        {
+            "message_id": n["message_id"],
+            "group_id": "g",
+            "consumer_id": "c2",
+            "visibility_timeout": "5s",
+        },
+    )
+    assert r.status == 409, r.body
+    assert "expired" in r.json()["error"]["message"], r.body
+    assert "negatively acknowledged" not in r.json()["error"]["message"], r.body
+
+
 # ---- progress ------------------------------------------------------------------------------
 
 

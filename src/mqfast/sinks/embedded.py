@@ -175,6 +175,51 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             created_ms INTEGER NOT NULL
         )""",
     ),
+    (
+        # Group state per run of offsets instead of per message (KIP-932's in-flight batches):
+        # one row covers consecutive offsets ``first_offset..last_offset`` of a partition that
+        # share one state, holder, deadline, delivery count and priority. A lease of a batch is
+        # one row and its acknowledgement one update; only what diverges (a nack, a partial ack,
+        # an expiry) splits a run. Rows refer to offsets, never to message rows, so a message
+        # table of record batches keeps them as they are. ``why`` tells a retry's cause (1 a
+        # negative acknowledgement, 2 an expired lease, 3 a released consumer). ``id_lo`` and
+        # ``id_hi`` bound the run's message ids, to find an id's run without an index per message.
+        """CREATE TABLE runs (
+            group_id TEXT NOT NULL,
+            topic TEXT NOT NULL,
+            partition INTEGER NOT NULL,
+            first_offset INTEGER NOT NULL,
+            last_offset INTEGER NOT NULL,
+            state INTEGER NOT NULL,
+            consumer_id TEXT,
+            due_ms INTEGER NOT NULL,
+            leased_ms INTEGER NOT NULL,
+            delivery_count INTEGER NOT NULL,
+            priority INTEGER NOT NULL,
+            last_error TEXT,
+            why INTEGER NOT NULL DEFAULT 0,
+            done_ms INTEGER NOT NULL DEFAULT 0,
+            id_lo TEXT NOT NULL,
+            id_hi TEXT NOT NULL,
+            PRIMARY KEY (group_id, topic, partition, first_offset)
+        ) WITHOUT ROWID""",
+        "INSERT INTO runs SELECT group_id, topic, partition, offset, offset, state, consumer_id,"
+        " due_ms, leased_ms, delivery_count, priority, last_error,"
+        " CASE WHEN state = 2 THEN CASE last_error WHEN 'lease expired' THEN 2"
+        " WHEN 'consumer inactive' THEN 3 ELSE 1 END ELSE 0 END, done_ms, message_id, message_id"
+        " FROM leases",
+        "DROP TABLE leases",
+        # Complete runs are most rows and never looked up by deadline or holder: the indexes
+        # that serve those lookups leave them out (queries repeat the condition to use them).
+        "CREATE INDEX runs_due ON runs (group_id, topic, state, due_ms) WHERE state < 3",
+        "CREATE INDEX runs_consumer ON runs (consumer_id) WHERE state = 1",
+        "CREATE INDEX runs_ids ON runs (group_id, id_hi)",
+        # A consume probes each priority level of each partition: with the expiry in the
+        # index, that reads the index alone.
+        "DROP INDEX messages_priority",
+        "CREATE INDEX messages_priority ON messages (topic, partition, priority, offset,"
+        " expires_ms)",
+    ),
 )
 
 _INSERT_MESSAGE: Final = (
@@ -1076,7 +1121,7 @@ class EmbeddedSink:
                 raise UnknownTopicError(f"topic {name!r} does not exist")
             conn.execute("DELETE FROM partitions WHERE topic = ?", (name,))
             conn.execute("DELETE FROM messages WHERE topic = ?", (name,))
-            for table in ("group_partitions", "group_cursors", "leases"):
+            for table in ("group_partitions", "group_cursors", "runs"):
                 conn.execute(f"DELETE FROM {table} WHERE topic = ?", (name,))
 
     def _describe_topic_sync(self, name: str) -> TopicInfo:

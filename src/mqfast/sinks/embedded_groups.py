@@ -6,6 +6,16 @@ lives in the database, not in memory, several worker processes sharing the file 
 consistent group, and a ``kill -9`` loses nothing: leases that were out simply expire and the
 messages are delivered again.
 
+State is kept per run of offsets (table ``runs``), as Kafka's share groups keep their in-flight
+batches: a lease of consecutive offsets of a partition is one row, acknowledging all of it is one
+write, and a run is split only where its messages diverge (a nack, a partial acknowledgement, an
+extension of some, an expiry). Complete runs stay below the committed position until ``prune``,
+so that a second acknowledgement is still recognised.
+
+A message id is found without an index per message: ids leased by this process are remembered
+(``_where``, a hint checked against the message row), and any other id is looked up among the
+runs whose id bounds hold it, then confirmed in those runs' messages.
+
 Where a lease expires: ``_reclaim`` (at the start of every lease transaction, and before an
 acknowledgement of an expired lease is refused).
 """
@@ -14,9 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from itertools import islice
 from typing import Any, Final, TypeVar
 
 import msgspec
@@ -55,21 +67,137 @@ _T = TypeVar("_T")
 LEASED: Final = 1
 RETRY: Final = 2
 DONE: Final = 3
+# Why a run waits for a retry (``runs.why``): the answers to a late settle differ.
+NACKED: Final = 1
+EXPIRED: Final = 2
+RELEASED: Final = 3
 
 _headers_decoder = msgspec.json.Decoder(dict[str, str])
 _headers_encoder = msgspec.json.Encoder()
 
-_UPSERT_LEASE: Final = (
-    "INSERT INTO leases (group_id, topic, partition, offset, message_id, priority, state,"
-    " consumer_id, due_ms, leased_ms, delivery_count) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
-    " ON CONFLICT (group_id, topic, partition, offset) DO UPDATE SET"
-    " state = excluded.state, consumer_id = excluded.consumer_id,"
-    " due_ms = excluded.due_ms, leased_ms = excluded.leased_ms,"
-    " delivery_count = excluded.delivery_count"
+_RUN_COLUMNS: Final = (
+    "topic, partition, first_offset, last_offset, state, consumer_id, due_ms, leased_ms,"
+    " delivery_count, priority, last_error, why, done_ms, id_lo, id_hi"
 )
-# partition, offset, delivery count so far, message_id, key, value, headers, priority,
-# timestamp_ms, expires_ms (message columns None when retention removed the message)
-_Candidate = tuple[Any, ...]
+_WRITE_RUN: Final = (
+    "INSERT OR REPLACE INTO runs (group_id, topic, partition, first_offset, last_offset, state,"
+    " consumer_id, due_ms, leased_ms, delivery_count, priority, last_error, why, done_ms, id_lo,"
+    " id_hi) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+_MESSAGE_IDS: Final = (
+    "SELECT offset, message_id FROM messages WHERE topic = ? AND partition = ?"
+    " AND offset BETWEEN ? AND ?"
+)
+_MESSAGE_ROWS: Final = (
+    "SELECT * FROM (SELECT partition, offset, message_id, key, value, headers, timestamp_ms,"
+    " expires_ms FROM messages WHERE topic = ? AND partition = ? AND offset BETWEEN ? AND ?)"
+)
+# A lease covers at most this many offsets (``ConsumeRequest.max_messages``), so the run
+# holding an offset starts at most this far below it.
+MAX_RUN: Final = 1000
+_RUNS_OVER: Final = (
+    f"SELECT * FROM (SELECT {_RUN_COLUMNS} FROM runs WHERE group_id = ? AND topic = ?"
+    " AND partition = ? AND first_offset BETWEEN ? AND ? AND last_offset >= ?)"
+)
+# Probing a partition's priority levels is one term of a compound SELECT per (partition, level);
+# SQLite allows 500 terms in one statement.
+_PROBE_TERMS: Final = 250
+# Reading a few offsets that were not asked for is cheaper than another query.
+_RANGE_GAP: Final = 64
+# How many times one lease looks past messages it found expired before it answers.
+_SKIP_ROUNDS: Final = 10
+# Ids leased by this process, remembered to find them again without a search.
+_WHERE_MAX: Final = 200_000
+
+# state, consumer, due_ms, leased_ms, delivery_count, last_error, why, done_ms: what all
+# offsets of one run share (besides the priority)
+_Attrs = tuple[int, str | None, int, int, int, str | None, int, int]
+_GONE: Final[_Attrs] = (0, None, 0, 0, 0, None, 0, 0)  # removed by retention: no row
+
+
+class _Run:
+    """One row of ``runs``, with the changes a transaction makes to some of its offsets."""
+
+    __slots__ = (
+        "attrs", "changes", "first", "id_hi", "id_lo", "last", "partition", "priority", "topic",
+    )  # fmt: skip
+
+    def __init__(self, row: tuple[Any, ...]) -> None:
+        (self.topic, self.partition, self.first, self.last, state, consumer, due, leased, count,
+         self.priority, error, why, done, self.id_lo, self.id_hi) = row  # fmt: skip
+        self.attrs: _Attrs = (state, consumer, due, leased, count, error, why, done)
+        self.changes: dict[int, _Attrs] = {}
+
+    def at(self, offset: int) -> _Attrs:
+        return self.changes.get(offset, self.attrs)
+
+    def __len__(self) -> int:
+        return int(self.last - self.first + 1)
+
+
+def _rows(
+    group: str,
+    topic: str,
+    partition: int,
+    priority: int,
+    offsets: Iterable[tuple[int, _Attrs]],
+    id_lo: str,
+    id_hi: str,
+) -> list[tuple[Any, ...]]:
+    """``runs`` rows for ``offsets`` (ascending): one per stretch of consecutive offsets with
+    the same attributes. Every row keeps the id bounds given (a superset is still right)."""
+    out: list[tuple[Any, ...]] = []
+    first = last = 0
+    cur: _Attrs | None = None
+    for off, a in offsets:
+        if cur is not None and off == last + 1 and (a is cur or a == cur) and off - first < MAX_RUN:
+            last = off
+            continue
+        if cur is not None and cur is not _GONE:
+            out.append((group, topic, partition, first, last, *cur[:5], priority, *cur[5:],
+                        id_lo, id_hi))  # fmt: skip
+        first = last = off
+        cur = a
+    if cur is not None and cur is not _GONE:
+        out.append((group, topic, partition, first, last, *cur[:5], priority, *cur[5:],
+                    id_lo, id_hi))  # fmt: skip
+    return out
+
+
+_PROBE: Final = (
+    "SELECT * FROM (SELECT partition, offset, priority, expires_ms FROM messages"
+    " INDEXED BY messages_priority"  # the planner would otherwise walk other levels
+    " WHERE topic = ? AND partition = ? AND priority = ? AND offset >= ?"
+    " ORDER BY offset LIMIT ?)"
+)
+
+
+@functools.lru_cache(maxsize=256)
+def _union(term: str, n: int) -> str:
+    return " UNION ALL ".join([term] * n)
+
+
+def _query_terms(
+    conn: sqlite3.Connection, term: str, params: list[tuple[Any, ...]]
+) -> list[tuple[Any, ...]]:
+    """The rows of ``term`` for each parameter tuple: one compound statement per
+    ``_PROBE_TERMS`` of them, instead of a query each."""
+    rows: list[tuple[Any, ...]] = []
+    for i in range(0, len(params), _PROBE_TERMS):
+        chunk = params[i : i + _PROBE_TERMS]
+        rows += conn.execute(_union(term, len(chunk)), [x for t in chunk for x in t]).fetchall()
+    return rows
+
+
+def _ranges(offsets: list[int]) -> list[tuple[int, int]]:
+    """Ascending ``offsets`` as a few ``(first, last)`` ranges to read."""
+    out: list[tuple[int, int]] = []
+    for off in offsets:
+        if out and off - out[-1][1] <= _RANGE_GAP:
+            out[-1] = (out[-1][0], off)
+        else:
+            out.append((off, off))
+    return out
 
 
 class EmbeddedGroups:
@@ -89,6 +217,9 @@ class EmbeddedGroups:
         self.rate_limits: RateLimits = LocalRateLimits()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
+        # message id -> (topic, partition, offset) of what this process leased; only a hint
+        # (a topic deleted and created again reuses offsets), always checked against the row
+        self._where: dict[str, tuple[str, int, int]] = {}
 
     async def start(self) -> None:
         self._pool = concurrent.futures.ThreadPoolExecutor(
@@ -183,15 +314,56 @@ class EmbeddedGroups:
             "SELECT DISTINCT group_id, topic FROM group_partitions LIMIT ?", (limit,)
         ).fetchall()
         for group, topic in pairs:
-            # The leases_due index: only the rows of deliveries in flight are read.
+            # runs_due (state < 3): only the runs of deliveries in flight are read; an
+            # expired lease counts each of its offsets.
             oldest, expired = conn.execute(
-                "SELECT MIN(leased_ms), SUM(state = ? AND due_ms <= ?) FROM leases"
-                " WHERE group_id = ? AND topic = ? AND state IN (?, ?)",
-                (LEASED, now, group, topic, LEASED, RETRY),
+                "SELECT MIN(leased_ms), SUM(CASE WHEN state = ? AND due_ms <= ?"
+                " THEN last_offset - first_offset + 1 ELSE 0 END) FROM runs"
+                " WHERE group_id = ? AND topic = ? AND state < 3",
+                (LEASED, now, group, topic),
             ).fetchone()
             if oldest is not None:
-                out.append(Unacked(group, topic, int(oldest), int(expired)))
+                out.append(Unacked(group, topic, int(oldest), int(expired or 0)))
         return out
+
+    # ---- runs -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _write(conn: sqlite3.Connection, group: str, runs: Iterable[_Run]) -> None:
+        """Store the changes of ``runs``: each becomes the stretches its offsets now form."""
+        rows: list[tuple[Any, ...]] = []
+        for run in runs:
+            changes = run.changes
+            if not changes:
+                continue
+            if len(changes) == len(run):  # all of it settled alike: the common case
+                values = iter(changes.values())
+                a = next(values)
+                if a is not _GONE and all(v is a for v in values):
+                    rows.append((group, run.topic, run.partition, run.first, run.last, *a[:5],
+                                 run.priority, *a[5:], run.id_lo, run.id_hi))  # fmt: skip
+                    run.changes = {}
+                    continue
+            at = run.at
+            split = _rows(
+                group,
+                run.topic,
+                run.partition,
+                run.priority,
+                ((off, at(off)) for off in range(run.first, run.last + 1)),
+                run.id_lo,
+                run.id_hi,
+            )
+            if not split or split[0][3] != run.first:
+                conn.execute(
+                    "DELETE FROM runs WHERE group_id = ? AND topic = ? AND partition = ?"
+                    " AND first_offset = ?",
+                    (group, run.topic, run.partition, run.first),
+                )
+            rows.extend(split)
+            run.changes = {}
+        if rows:
+            conn.executemany(_WRITE_RUN, rows)
 
     # ---- lease ----------------------------------------------------------------------------
 
@@ -221,29 +393,36 @@ class EmbeddedGroups:
             )
         out = LeaseOutcome([])
         committed = self._positions(conn, group, topic, partitions)
-        out.reclaimed, dead = self._reclaim(conn, group, topic, now)
+        touched: set[int] = set()
+        out.reclaimed, dead = self._reclaim(conn, group, topic, now, touched)
         out.dead_lettered += dead
 
         if max_leased is not None:
             held = conn.execute(
-                "SELECT COUNT(*) FROM leases WHERE consumer_id = ? AND state = ? AND due_ms > ?",
-                (consumer, LEASED, now),
+                "SELECT COALESCE(SUM(last_offset - first_offset + 1), 0) FROM runs"
+                " WHERE consumer_id = ? AND state = 1 AND due_ms > ?",  # LEASED
+                (consumer, now),
             ).fetchone()[0]
             max_messages = min(max_messages, max_leased - int(held))
 
-        touched: set[int] = set()
-        if max_messages > 0:
+        # A lease that found only expired (or undecryptable) messages tries again from past
+        # them, so that a long-poll does not answer empty while messages are ready.
+        for _ in range(_SKIP_ROUNDS if max_messages > 0 else 0):
+            skipped = out.expired + out.dead_lettered
             self._pick(
                 conn, group, topic, consumer, partitions, committed, max_messages,
                 visibility_ms, now, picker, dlq_expired, encrypted, out, touched,
             )  # fmt: skip
+            if out.messages or out.expired + out.dead_lettered == skipped:
+                break
         for p in touched:
-            self._advance(conn, group, topic, p, now)
-        due = conn.execute(
-            "SELECT MIN(due_ms) FROM leases WHERE group_id = ? AND topic = ? AND state IN (?, ?)",
-            (group, topic, LEASED, RETRY),
-        ).fetchone()[0]
-        out.next_due_ms = int(due) if due is not None else 0
+            self._advance(conn, group, topic, p)
+        if not out.messages:  # the wait before trying again: until something falls due
+            due = conn.execute(
+                "SELECT MIN(due_ms) FROM runs WHERE group_id = ? AND topic = ? AND state < 3",
+                (group, topic),
+            ).fetchone()[0]
+            out.next_due_ms = int(due) if due is not None else 0
         return out
 
     def _positions(
@@ -261,14 +440,17 @@ class EmbeddedGroups:
                 (group, topic),
             ).fetchall()
         )
+        lows = dict(
+            conn.execute(
+                "SELECT p.partition, COALESCE((SELECT m.offset FROM messages m"
+                " WHERE m.topic = p.topic AND m.partition = p.partition ORDER BY m.offset"
+                " LIMIT 1), p.next_offset) FROM partitions p WHERE p.topic = ?",
+                (topic,),
+            ).fetchall()
+        )
         out = []
         for p in range(partitions):
-            low = conn.execute(
-                "SELECT COALESCE((SELECT offset FROM messages WHERE topic = ? AND partition = ?"
-                " ORDER BY offset LIMIT 1), (SELECT next_offset FROM partitions"
-                " WHERE topic = ? AND partition = ?), 0)",
-                (topic, p, topic, p),
-            ).fetchone()[0]
+            low = int(lows.get(p, 0))
             current = rows.get(p)
             if current is None or current < low:
                 conn.execute(
@@ -277,58 +459,82 @@ class EmbeddedGroups:
                     (group, topic, p, low),
                 )
                 if current is not None:
+                    key = (group, topic, p)
                     conn.execute(
-                        "DELETE FROM leases WHERE group_id = ? AND topic = ? AND partition = ?"
-                        " AND offset < ?",
-                        (group, topic, p, low),
+                        "DELETE FROM runs WHERE group_id = ? AND topic = ? AND partition = ?"
+                        " AND last_offset < ?",
+                        (*key, low),
+                    )
+                    # a run reaching past the removed messages keeps the rest
+                    conn.execute(
+                        "UPDATE runs SET first_offset = ? WHERE group_id = ? AND topic = ?"
+                        " AND partition = ? AND first_offset < ?",
+                        (low, *key, low),
                     )
                 current = low
             out.append(int(current))
         return out
 
     def _reclaim(
-        self, conn: sqlite3.Connection, group: str, topic: str, now: int
+        self, conn: sqlite3.Connection, group: str, topic: str, now: int, touched: set[int]
     ) -> tuple[int, int]:
         """Expired leases are failed deliveries: schedule a retry or dead-letter them."""
-        rows = conn.execute(
-            "SELECT partition, offset, delivery_count FROM leases"
-            " WHERE group_id = ? AND topic = ? AND state = ? AND due_ms <= ?",
-            (group, topic, LEASED, now),
-        ).fetchall()
-        dead = 0
-        for p, off, count in rows:
-            if self._fail(conn, group, topic, p, off, count, "lease expired", None, now):
-                dead += 1
-        return len(rows), dead
+        runs = [
+            _Run(row)
+            for row in conn.execute(
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE group_id = ? AND topic = ? AND state = ?"
+                " AND due_ms <= ? AND state < 3",  # the condition of runs_due
+                (group, topic, LEASED, now),
+            )
+        ]
+        failed = dead = 0
+        for run in runs:
+            failed += len(run)
+            count = run.attrs[4]
+            if count >= self.policy.delivery_limit:
+                for off in range(run.first, run.last + 1):
+                    self._dead_letter(
+                        conn, group, topic, run.partition, off, count, "lease expired",
+                        "failed", now,
+                    )  # fmt: skip
+                dead += len(run)
+                touched.add(run.partition)
+                attrs: _Attrs = (DONE, None, now, run.attrs[3], count, "lease expired", 0, now)
+            else:
+                due = now + self.policy.backoff_ms(count)
+                attrs = (RETRY, None, due, run.attrs[3], count, "lease expired", EXPIRED, 0)
+            conn.execute(
+                "UPDATE runs SET state = ?, consumer_id = ?, due_ms = ?, leased_ms = ?,"
+                " delivery_count = ?, last_error = ?, why = ?, done_ms = ? WHERE group_id = ?"
+                " AND topic = ? AND partition = ? AND first_offset = ?",
+                (*attrs, group, topic, run.partition, run.first),
+            )
+        return failed, dead
 
     def _fail(
         self,
         conn: sqlite3.Connection,
         group: str,
-        topic: str,
-        partition: int,
+        run: _Run,
         offset: int,
-        count: int,
         error: str,
-        delay_ms: int | None,
+        why: int,
+        due: int | None,
         now: int,
     ) -> bool:
-        """One failed delivery; True when it went to the dead-letter topic."""
+        """One failed delivery of ``offset`` (a change of ``run``); True when it went to the
+        dead-letter topic. ``due``: when to deliver again (None: after the backoff)."""
+        a = run.at(offset)
+        count = a[4]
         if count >= self.policy.delivery_limit:
-            self._dead_letter(conn, group, topic, partition, offset, count, error, "failed", now)
-            conn.execute(
-                "UPDATE leases SET state = ?, done_ms = ?, last_error = ?, consumer_id = NULL"
-                " WHERE group_id = ? AND topic = ? AND partition = ? AND offset = ?",
-                (DONE, now, error, group, topic, partition, offset),
+            self._dead_letter(
+                conn, group, run.topic, run.partition, offset, count, error, "failed", now
             )
-            self._advance(conn, group, topic, partition, now)
+            run.changes[offset] = (DONE, None, now, a[3], count, error, 0, now)
             return True
-        delay = self.policy.backoff_ms(count) if delay_ms is None else delay_ms
-        conn.execute(
-            "UPDATE leases SET state = ?, due_ms = ?, last_error = ?, consumer_id = NULL"
-            " WHERE group_id = ? AND topic = ? AND partition = ? AND offset = ?",
-            (RETRY, now + delay, error, group, topic, partition, offset),
-        )
+        if due is None:
+            due = now + self.policy.backoff_ms(count)
+        run.changes[offset] = (RETRY, None, due, a[3], count, error, why, 0)
         return False
 
     def _pick(
@@ -348,19 +554,112 @@ class EmbeddedGroups:
         out: LeaseOutcome,
         touched: set[int],
     ) -> None:
-        # Candidates per level: retries that are due (oldest due first), then never-leased
-        # messages from each partition's cursor of that level. Rows carry the message itself.
-        retries: list[list[_Candidate]] = [[] for _ in range(PRIORITY_LEVELS)]
+        # Candidates per level, (partition, offset, expires_ms, retry run or None): retries
+        # that are due (oldest due first), then never-leased messages from each partition's
+        # cursor of that level. Only offsets first; the messages are read once picked.
+        retries: list[list[tuple[int, int, int, _Run | None]]] = [
+            [] for _ in range(PRIORITY_LEVELS)
+        ]
+        retry_runs: list[_Run] = []
+        budget = want * 4
         for row in conn.execute(
-            "SELECT l.partition, l.offset, l.delivery_count, m.message_id, m.key, m.value,"
-            " m.headers, l.priority, m.timestamp_ms, m.expires_ms FROM leases l"
-            " LEFT JOIN messages m ON m.topic = l.topic AND m.partition = l.partition"
-            " AND m.offset = l.offset"
-            " WHERE l.group_id = ? AND l.topic = ? AND l.state = ? AND l.due_ms <= ?"
-            " ORDER BY l.due_ms LIMIT ?",
-            (group, topic, RETRY, now, want * 4),
-        ):
-            retries[row[7]].append(row)
+            f"SELECT {_RUN_COLUMNS} FROM runs WHERE group_id = ? AND topic = ? AND state = ?"
+            " AND due_ms <= ? AND state < 3 ORDER BY due_ms LIMIT ?",  # runs_due's condition
+            (group, topic, RETRY, now, want),
+        ).fetchall():
+            if budget <= 0:
+                break
+            retry = _Run(row)
+            retry_runs.append(retry)
+            last = min(retry.last, retry.first + budget - 1)
+            stored = dict(
+                conn.execute(
+                    "SELECT offset, expires_ms FROM messages WHERE topic = ? AND partition = ?"
+                    " AND offset BETWEEN ? AND ?",
+                    (topic, retry.partition, retry.first, last),
+                ).fetchall()
+            )
+            queue = retries[retry.priority]
+            for off in range(retry.first, last + 1):
+                exp = stored.get(off)
+                if exp is None:  # deleted by retention since it was leased
+                    retry.changes[off] = _GONE
+                else:
+                    queue.append((retry.partition, off, exp, retry))
+            budget -= last - retry.first + 1
+        fresh = self._fresh(conn, group, topic, partitions, committed, want)
+        ready = [len(retries[i]) + len(fresh[i]) for i in range(PRIORITY_LEVELS)]
+        ri = [0] * PRIORITY_LEVELS
+        fi = [0] * PRIORITY_LEVELS
+        deadline = now + visibility_ms
+        moved: dict[tuple[int, int], int] = {}
+        # picked, in delivery order: (partition, offset, count so far, priority, run or None)
+        picked: list[tuple[int, int, int, int, _Run | None]] = []
+        expired_new: list[tuple[int, int, int]] = []  # partition, offset, priority
+        levels = [i for i, n in enumerate(ready) if n]
+        # with one level ready the picker's weights would not change: no need to ask it
+        only = levels[0] if len(levels) == 1 else -1
+        while len(picked) < want:
+            level = picker.pick(ready) if only < 0 else only if ready[only] > 0 else -1
+            if level < 0:
+                break
+            ready[level] -= 1
+            if ri[level] < len(retries[level]):
+                p, off, exp, run = retries[level][ri[level]]
+                ri[level] += 1
+            else:
+                p, off, exp = fresh[level][fi[level]]
+                run = None
+                fi[level] += 1
+                moved[(p, level)] = off + 1
+            count = run.attrs[4] if run is not None else 0
+            if exp and exp <= now:
+                out.expired += 1
+                if run is not None:
+                    run.changes[off] = (DONE, None, now, now, count, "expired", 0, now)
+                else:
+                    expired_new.append((p, off, level))
+                if dlq_expired:
+                    self._dead_letter(conn, group, topic, p, off, count, "ttl", "expired", now)
+                    out.dead_lettered += 1
+                touched.add(p)
+                continue
+            picked.append((p, off, count, level, run))
+        new_rows: list[tuple[Any, ...]] = []
+        for p, off, level in expired_new:
+            # kept, with its id, so that settling it later says why it is gone
+            mid = conn.execute(
+                "SELECT message_id FROM messages WHERE topic = ? AND partition = ? AND offset = ?",
+                (topic, p, off),
+            ).fetchone()[0]
+            done: _Attrs = (DONE, None, now, now, 0, "expired", 0, now)
+            new_rows += _rows(group, topic, p, level, [(off, done)], mid, mid)
+        if picked:
+            self._deliver(
+                conn, group, topic, consumer, picked, deadline, now, encrypted, out, touched,
+                new_rows,
+            )  # fmt: skip
+        self._write(conn, group, retry_runs)
+        if new_rows:
+            conn.executemany(_WRITE_RUN, new_rows)
+        if moved:
+            conn.executemany(
+                "INSERT OR REPLACE INTO group_cursors (group_id, topic, partition, priority,"
+                " next_offset) VALUES (?, ?, ?, ?, ?)",
+                [(group, topic, p, pri, nxt) for (p, pri), nxt in moved.items()],
+            )
+
+    def _fresh(
+        self,
+        conn: sqlite3.Connection,
+        group: str,
+        topic: str,
+        partitions: int,
+        committed: list[int],
+        want: int,
+    ) -> list[list[tuple[int, int, int]]]:
+        """Never-leased messages per level, ``(partition, offset, expires_ms)``: a share of
+        ``want`` from each partition (more where others have less), interleaved by offset."""
         cursors: dict[tuple[int, int], int] = {
             (p, pri): nxt
             for p, pri, nxt in conn.execute(
@@ -369,170 +668,146 @@ class EmbeddedGroups:
                 (group, topic),
             )
         }
-        fresh: list[list[_Candidate]] = [[] for _ in range(PRIORITY_LEVELS)]
-        for pri in range(PRIORITY_LEVELS):
-            for p in range(partitions):
-                start = max(cursors.get((p, pri), 0), committed[p])
-                fresh[pri].extend(
-                    conn.execute(
-                        "SELECT partition, offset, 0, message_id, key, value, headers, priority,"
-                        " timestamp_ms, expires_ms FROM messages INDEXED BY messages_priority"
-                        # the planner would otherwise walk the log past every other level
-                        " WHERE topic = ? AND partition = ? AND priority = ? AND offset >= ?"
-                        " ORDER BY offset LIMIT ?",
-                        (topic, p, pri, start, want),
-                    )
-                )
-            if partitions > 1:  # interleave partitions by offset so none starves another
-                fresh[pri].sort(key=lambda c: (c[1], c[0]))
-        ready = [len(retries[i]) + len(fresh[i]) for i in range(PRIORITY_LEVELS)]
-        ri = [0] * PRIORITY_LEVELS
-        fi = [0] * PRIORITY_LEVELS
-        deadline = now + visibility_ms
-        moved: dict[tuple[int, int], int] = {}
-        leased: list[tuple[Any, ...]] = []
-        while len(out.messages) < want:
-            level = picker.pick(ready)
-            if level < 0:
-                break
-            ready[level] -= 1
-            if ri[level] < len(retries[level]):
-                c = retries[level][ri[level]]
-                ri[level] += 1
-            else:
-                c = fresh[level][fi[level]]
-                fi[level] += 1
-                moved[(c[0], level)] = c[1] + 1
-            p, off, count, mid, key, value, headers, pri, ts, expires = c
-            if mid is None:  # deleted by retention since it was leased
-                conn.execute(
-                    "DELETE FROM leases WHERE group_id = ? AND topic = ? AND partition = ?"
-                    " AND offset = ?",
-                    (group, topic, p, off),
-                )
+        starts = {
+            (p, pri): max(cursors.get((p, pri), 0), committed[p])
+            for pri in range(PRIORITY_LEVELS)
+            for p in range(partitions)
+        }
+        share = -(-want // partitions)
+        found: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+        self._probe(conn, topic, starts, list(starts), share, found)
+        if share < want:
+            # a level short of ``want`` takes more from the partitions that had more
+            per_level = [0] * PRIORITY_LEVELS
+            for (_, pri), rows in found.items():
+                per_level[pri] += len(rows)
+            again = [
+                k for k, rows in found.items() if len(rows) == share and per_level[k[1]] < want
+            ]
+            if again:
+                self._probe(conn, topic, starts, again, want, found)
+        fresh: list[list[tuple[int, int, int]]] = [[] for _ in range(PRIORITY_LEVELS)]
+        for (_, pri), rows in found.items():
+            fresh[pri].extend(rows)
+        if partitions > 1:  # interleave partitions by offset so none starves another
+            for rows in fresh:
+                if rows:
+                    rows.sort(key=lambda c: (c[1], c[0]))
+        return fresh
+
+    @staticmethod
+    def _probe(
+        conn: sqlite3.Connection,
+        topic: str,
+        starts: dict[tuple[int, int], int],
+        keys: list[tuple[int, int]],
+        limit: int,
+        found: dict[tuple[int, int], list[tuple[int, int, int]]],
+    ) -> None:
+        for k in keys:
+            found[k] = []
+        for p, off, pri, exp in _query_terms(
+            conn, _PROBE, [(topic, p, pri, starts[(p, pri)], limit) for p, pri in keys]
+        ):
+            found[(p, pri)].append((p, off, exp))
+        for k in keys:
+            if not found[k]:
+                del found[k]
+
+    def _deliver(
+        self,
+        conn: sqlite3.Connection,
+        group: str,
+        topic: str,
+        consumer: str,
+        picked: list[tuple[int, int, int, int, _Run | None]],
+        deadline: int,
+        now: int,
+        encrypted: bool,
+        out: LeaseOutcome,
+        touched: set[int],
+        new_rows: list[tuple[Any, ...]],
+    ) -> None:
+        """Read the picked messages, answer them and record their leases as runs."""
+        by_partition: dict[int, dict[int, tuple[int, int, _Run | None]]] = {}
+        for p, off, count, pri, run in picked:
+            by_partition.setdefault(p, {})[off] = (count, pri, run)
+        where = self._where
+        if len(where) > _WHERE_MAX:  # bounded: forget the oldest half
+            for k in list(islice(where, _WHERE_MAX // 2)):
+                del where[k]
+        messages = out.messages
+        lease: _Attrs = (LEASED, consumer, deadline, now, 1, None, 0, 0)
+        ranges = [
+            (topic, p, lo, hi)
+            for p, chosen in by_partition.items()
+            for lo, hi in _ranges(sorted(chosen))
+        ]
+        # per partition and priority level: the never-leased offsets leased now, with their ids
+        fresh: dict[tuple[int, int], list[tuple[int, str]]] = {}
+        seen = 0
+        chosen = {}
+        last_p = -1
+        for p, off, mid, key, value, headers, ts, expires in _query_terms(
+            conn, _MESSAGE_ROWS, ranges
+        ):
+            if p != last_p:
+                chosen, last_p = by_partition[p], p
+            pick = chosen.get(off)
+            if pick is None:  # within the range read, not picked (another level)
                 continue
-            if expires and expires <= now:
-                out.expired += 1
-                self._upsert(conn, group, topic, p, off, mid, pri, DONE, None, now, now, count)
-                conn.execute(
-                    "UPDATE leases SET done_ms = ?, last_error = 'expired' WHERE group_id = ?"
-                    " AND topic = ? AND partition = ? AND offset = ?",
-                    (now, group, topic, p, off),
-                )
-                if dlq_expired:
-                    self._dead_letter(conn, group, topic, p, off, count, "ttl", "expired", now)
-                    out.dead_lettered += 1
-                touched.add(p)
-                continue
+            seen += 1
+            count, pri, run = pick
             h = _headers_decoder.decode(headers) if headers else {}
             if encrypted:
                 try:
                     value = open_message(self.encryptor, topic, key, mid, value, h)
                 except DecryptError as e:
-                    # Never delivered: dead-lettered as stored (ciphertext and header), so an
-                    # operator holding the right key can still recover it.
+                    # Never delivered: dead-lettered as stored (ciphertext and header),
+                    # so an operator holding the right key can still recover it.
                     reason = str(e)
-                    self._upsert(conn, group, topic, p, off, mid, pri, DONE, None, now, now, count)
-                    conn.execute(
-                        "UPDATE leases SET done_ms = ?, last_error = ? WHERE group_id = ?"
-                        " AND topic = ? AND partition = ? AND offset = ?",
-                        (now, reason, group, topic, p, off),
-                    )
+                    done: _Attrs = (DONE, None, now, now, count, reason, 0, now)
+                    if run is not None:
+                        run.changes[off] = done
+                    else:
+                        new_rows += _rows(group, topic, p, pri, [(off, done)], mid, mid)
                     self._dead_letter(conn, group, topic, p, off, count, reason, reason, now)
                     out.dead_lettered += 1
                     touched.add(p)
                     continue
-            leased.append(
-                (group, topic, p, off, mid, pri, LEASED, consumer, deadline, now, count + 1)
-            )
-            out.messages.append(
+            if run is not None:
+                run.changes[off] = (LEASED, consumer, deadline, now, count + 1, None, 0, 0)
+            else:
+                fresh.setdefault((p, pri), []).append((off, mid))
+            where[mid] = (topic, p, off)
+            messages.append(
                 LeasedMessage(
-                    message_id=mid,
-                    topic=topic,
-                    partition=p,
-                    offset=off,
-                    key=key.decode("utf-8", "replace") if key is not None else None,
-                    content=value.decode("utf-8", "replace"),
-                    headers=h,
-                    priority=pri,
-                    timestamp=ts,
-                    delivery_count=count + 1,
-                    lease_deadline=deadline,
-                    expires_at=expires,
+                    mid,
+                    topic,
+                    p,
+                    off,
+                    key.decode("utf-8", "replace") if key is not None else None,
+                    value.decode("utf-8", "replace"),
+                    h,
+                    pri,
+                    ts,
+                    count + 1,
+                    deadline,
+                    expires,
                 )
             )
-        if leased:
-            conn.executemany(_UPSERT_LEASE, leased)
-        if moved:
-            conn.executemany(
-                "INSERT OR REPLACE INTO group_cursors (group_id, topic, partition, priority,"
-                " next_offset) VALUES (?, ?, ?, ?, ?)",
-                [(group, topic, p, pri, nxt) for (p, pri), nxt in moved.items()],
+        if seen < len(picked):  # some were deleted by retention since they were leased
+            stored = {(m.partition, m.offset) for m in messages}
+            for p, off, _, _, run in picked:
+                if run is not None and (p, off) not in stored and off not in run.changes:
+                    run.changes[off] = _GONE
+        for (p, pri), offs in fresh.items():
+            ids = [mid for _, mid in offs]
+            new_rows += _rows(
+                group, topic, p, pri, [(off, lease) for off, _ in offs], min(ids), max(ids)
             )
         # within one answer, higher priority first (each level already oldest first)
-        out.messages.sort(key=lambda m: -m.priority)
-
-    @staticmethod
-    def _upsert(
-        conn: sqlite3.Connection,
-        group: str,
-        topic: str,
-        partition: int,
-        offset: int,
-        message_id: str,
-        priority: int,
-        state: int,
-        consumer: str | None,
-        due: int,
-        now: int,
-        count: int,
-    ) -> None:
-        conn.execute(
-            _UPSERT_LEASE,
-            (group, topic, partition, offset, message_id, priority, state, consumer, due, now,
-             count),
-        )  # fmt: skip
-
-    def _advance(
-        self, conn: sqlite3.Connection, group: str, topic: str, partition: int, now: int
-    ) -> None:
-        """Move the committed position past complete messages; prune old complete rows."""
-        row = conn.execute(
-            "SELECT committed FROM group_partitions WHERE group_id = ? AND topic = ?"
-            " AND partition = ?",
-            (group, topic, partition),
-        ).fetchone()
-        if row is None:
-            return
-        start = c = int(row[0])
-        for off, state in conn.execute(
-            "SELECT offset, state FROM leases WHERE group_id = ? AND topic = ? AND partition = ?"
-            " AND offset >= ? ORDER BY offset",
-            (group, topic, partition, c),
-        ):
-            if off != c or state != DONE:
-                break
-            c += 1
-        if c != start:
-            conn.execute(
-                "UPDATE group_partitions SET committed = ? WHERE group_id = ? AND topic = ?"
-                " AND partition = ?",
-                (c, group, topic, partition),
-            )
-
-    def _prune(self, conn: sqlite3.Connection, now: int) -> int:
-        # Complete rows below a group's position are kept for the grace period only (to
-        # answer a second ack); pruning scans them, so it runs now and then, not per ack.
-        n = 0
-        for group, topic, partition, committed in conn.execute(
-            "SELECT group_id, topic, partition, committed FROM group_partitions"
-        ).fetchall():
-            n += conn.execute(
-                "DELETE FROM leases WHERE group_id = ? AND topic = ? AND partition = ?"
-                " AND offset < ? AND done_ms < ?",
-                (group, topic, partition, committed, now - self.policy.done_grace_ms),
-            ).rowcount
-        return n
+        messages.sort(key=lambda m: -m.priority)
 
     # ---- dead letters ---------------------------------------------------------------------
 
@@ -641,6 +916,66 @@ class EmbeddedGroups:
 
     # ---- settle ---------------------------------------------------------------------------
 
+    def _search(
+        self, conn: sqlite3.Connection, group: str, topic: str | None, ids: list[str]
+    ) -> dict[str, tuple[str, int, int]]:
+        """Where the messages ``ids`` are, among the runs of ``group`` whose id bounds hold
+        them (in ``topic``), confirmed in those runs' messages."""
+        found: dict[str, tuple[str, int, int]] = {}
+        wanted = set(ids)
+        seen: set[tuple[str, int, int]] = set()
+        for t, p, first, last in conn.execute(
+            "SELECT topic, partition, first_offset, last_offset FROM runs INDEXED BY runs_ids"
+            " WHERE group_id = ? AND id_hi >= ? AND id_lo <= ?",
+            (group, min(ids), max(ids)),
+        ).fetchall():
+            if (topic is not None and t != topic) or (t, p, first) in seen:
+                continue
+            seen.add((t, p, first))
+            for off, mid in conn.execute(_MESSAGE_IDS, (t, p, first, last)):
+                if mid in wanted:
+                    found[mid] = (t, p, off)
+                    wanted.discard(mid)
+            if not wanted:
+                break
+        return found
+
+    def _load_runs(
+        self,
+        conn: sqlite3.Connection,
+        group: str,
+        places: Iterable[tuple[str, int, int]],
+        runs: dict[tuple[str, int], list[_Run]],
+    ) -> None:
+        """Add to ``runs`` (per partition, ascending) those holding the offsets ``places``."""
+        spans: dict[tuple[str, int], list[int]] = {}
+        for t, p, off in places:
+            span = spans.get((t, p))
+            if span is None:
+                spans[(t, p)] = [off, off]
+            elif off < span[0]:
+                span[0] = off
+            elif off > span[1]:
+                span[1] = off
+        found = _query_terms(
+            conn,
+            _RUNS_OVER,
+            [(group, t, p, lo - MAX_RUN + 1, hi, lo) for (t, p), (lo, hi) in spans.items()],
+        )
+        for row in found:
+            have = runs.setdefault((row[0], row[1]), [])
+            if all(r.first != row[2] for r in have):
+                have.append(_Run(row))
+        for have in runs.values():
+            have.sort(key=lambda r: r.first)
+
+    @staticmethod
+    def _run_at(runs: dict[tuple[str, int], list[_Run]], t: str, p: int, off: int) -> _Run | None:
+        for r in runs.get((t, p), ()):
+            if r.first <= off <= r.last:
+                return r
+        return None
+
     def _settle(
         self,
         conn: sqlite3.Connection,
@@ -651,72 +986,114 @@ class EmbeddedGroups:
         now: int,
         authorize: Authorize | None,
     ) -> list[SettleResult]:
+        # Where each message is: this process's hint, taken when the run found there has the
+        # id within its bounds (a topic deleted and made again reuses offsets, not ids);
+        # otherwise a search among the group's runs.
+        where = self._where
+        hints = {}
+        for item in items:
+            hint = where.get(item.message_id)
+            if hint is not None and (topic is None or hint[0] == topic):
+                hints[item.message_id] = hint
+        runs: dict[tuple[str, int], list[_Run]] = {}
+        self._load_runs(conn, group, hints.values(), runs)
+        place: dict[str, tuple[_Run, int]] = {}
+        misses = []
+        for item in items:
+            mid = item.message_id
+            if mid in place:
+                continue
+            hint = hints.get(mid)
+            run = self._run_at(runs, *hint) if hint is not None else None
+            if run is not None and hint is not None and run.id_lo <= mid <= run.id_hi:
+                place[mid] = (run, hint[2])
+            else:
+                misses.append(mid)
+        if misses:
+            found = self._search(conn, group, topic, misses)
+            self._load_runs(conn, group, found.values(), runs)
+            for mid, (t, p, off) in found.items():
+                run = self._run_at(runs, t, p, off)
+                if run is not None:
+                    place[mid] = (run, off)
         results = []
-        touched: set[tuple[str, int]] = set()
+        shared: dict[Any, Any] = {}
         for item in items:
             res = SettleResult(message_id=item.message_id, status="")
+            results.append(res)
+            at = place.get(item.message_id)
+            if at is None:
+                where_ = f" in topic {topic!r}" if topic is not None else ""
+                res.error = errors.NotFound(
+                    f"message {item.message_id!r}{where_} has no delivery to group {group!r}"
+                    " (never delivered to it, or completed long ago)",
+                    field="message_id",
+                )
+                continue
+            run, off = at
+            if authorize is not None:
+                res.error = authorize(run.topic)
+                if res.error is not None:
+                    continue
             try:
-                self._settle_one(conn, group, topic, consumer, item, now, res, touched, authorize)
+                self._settle_one(conn, group, consumer, item, run, off, now, res, shared)
             except errors.MqfastError as e:
                 res.error = e
-            results.append(res)
-        for t, p in touched:
-            self._advance(conn, group, t, p, now)
+        # a position moves only when the run it points at is now complete
+        heads = {
+            (r.topic, r.partition, r.first)
+            for rs in runs.values()
+            for r in rs
+            if r.changes and r.at(r.first)[0] == DONE
+        }
+        self._write(conn, group, (r for rs in runs.values() for r in rs))
+        for t in {t for t, _, _ in heads}:
+            committed = conn.execute(
+                "SELECT partition, committed FROM group_partitions WHERE group_id = ?"
+                " AND topic = ?",
+                (group, t),
+            ).fetchall()
+            for p, c in committed:
+                if (t, p, c) in heads:
+                    self._advance(conn, group, t, p, c)
         return results
 
     def _settle_one(
         self,
         conn: sqlite3.Connection,
         group: str,
-        topic: str | None,
         consumer: str | None,
         item: SettleItem,
+        run: _Run,
+        off: int,
         now: int,
         res: SettleResult,
-        touched: set[tuple[str, int]],
-        authorize: Authorize | None,
+        shared: dict[Any, Any],
     ) -> None:
-        row = conn.execute(
-            "SELECT topic, partition, offset, state, consumer_id, due_ms, leased_ms,"
-            " delivery_count, last_error FROM leases INDEXED BY leases_message"
-            # without statistics the planner would scan the group's whole primary key
-            " WHERE group_id = ? AND message_id = ?",
-            (group, item.message_id),
-        ).fetchone()
-        if row is None or (topic is not None and row[0] != topic):
-            where = f" in topic {topic!r}" if topic is not None else ""
-            raise errors.NotFound(
-                f"message {item.message_id!r}{where} has no delivery to group {group!r}"
-                " (never delivered to it, or completed long ago)",
-                field="message_id",
-            )
-        t, p, off, state, holder, due, leased_ms, count, outcome = row
-        if authorize is not None:
-            res.error = authorize(t)
-            if res.error is not None:
-                return  # untouched, and the topic is not told
+        """One item; ``shared`` holds what the items of one request share (the attributes
+        of an acknowledged run, a backoff), so that a run settled together stays one row."""
+        state, holder, due, leased_ms, count, outcome, why, _ = a = run.at(off)
+        t = run.topic
         res.topic = t
         res.delivery_count = count
+        mid = item.message_id
         if state == DONE:
             if item.action == "ack" and outcome is None:
                 res.status = "already_acknowledged"
                 return
             if outcome is not None:  # dead-lettered or expired, not acknowledged
                 raise errors.Conflict(
-                    f"message {item.message_id!r} is no longer deliverable in group {group!r}"
-                    f" ({outcome})",
+                    f"message {mid!r} is no longer deliverable in group {group!r} ({outcome})",
                     field="message_id",
                 )
             raise errors.Conflict(
-                f"message {item.message_id!r} is already acknowledged in group {group!r}",
-                field="message_id",
+                f"message {mid!r} is already acknowledged in group {group!r}", field="message_id"
             )
         if state == LEASED and due <= now:
             # The lease ran out before this arrived: it is a failed delivery either way.
-            dead = self._fail(conn, group, t, p, off, count, "lease expired", None, now)
-            touched.add((t, p))
+            dead = self._fail(conn, group, run, off, "lease expired", EXPIRED, None, now)
             raise errors.Conflict(
-                f"the lease of message {item.message_id!r} expired; "
+                f"the lease of message {mid!r} expired; "
                 + (
                     f"it reached the delivery limit and went to {dlq_name(t)!r}"
                     if dead
@@ -725,53 +1102,118 @@ class EmbeddedGroups:
                 field="message_id",
             )
         if state == RETRY:
+            if why == NACKED:
+                verb = {"ack": "acknowledge", "nack": "acknowledge negatively"}.get(
+                    item.action, item.action
+                )
+                raise errors.Conflict(
+                    f"message {mid!r} was negatively acknowledged and waits for redelivery at"
+                    f" {due}; it has no lease to {verb}",
+                    field="message_id",
+                )
             raise errors.Conflict(
-                f"the lease of message {item.message_id!r} expired; it will be delivered again",
+                f"the lease of message {mid!r} expired; it will be delivered again",
                 field="message_id",
             )
         if consumer is not None and holder != consumer:
             raise errors.Conflict(
-                f"message {item.message_id!r} is leased to another consumer of group {group!r}",
+                f"message {mid!r} is leased to another consumer of group {group!r}",
                 field="consumer_id",
             )
         if item.action == "extend":
             vis = item.visibility_ms or self.policy.visibility_ms
-            conn.execute(
-                "UPDATE leases SET due_ms = ? WHERE group_id = ? AND topic = ? AND partition = ?"
-                " AND offset = ?",
-                (now + vis, group, t, p, off),
-            )
+            run.changes[off] = (LEASED, holder, now + vis, leased_ms, count, outcome, why, 0)
             res.status = "extended"
             res.lease_deadline = now + vis
             return
         if item.action == "ack":
-            conn.execute(
-                "UPDATE leases SET state = ?, done_ms = ?, consumer_id = NULL, last_error = NULL"
-                " WHERE group_id = ? AND topic = ? AND partition = ? AND offset = ?",
-                (DONE, now, group, t, p, off),
-            )
+            # keyed by identity (the offsets of an untouched run share one attributes tuple),
+            # holding the key tuple so that its id is not reused within the request
+            seen = shared.get(id(a))
+            if seen is None:
+                seen = shared[id(a)] = (a, (DONE, None, now, leased_ms, count, None, 0, now))
+            done = seen[1]
+            run.changes[off] = done
             res.status = "acknowledged"
             res.processing_ms = float(max(0, now - leased_ms))
-            touched.add((t, p))
             return
         error = item.error or "negative acknowledgement"
-        if self._fail(conn, group, t, p, off, count, error, item.delay_ms, now):
-            res.status = "dead_lettered"
-        else:
+        if count < self.policy.delivery_limit:
+            # one backoff for the messages of a run nacked together: the run stays whole
+            key = (run.first, count, item.delay_ms)
+            redeliver = shared.get(key)
+            if redeliver is None:
+                delay = self.policy.backoff_ms(count) if item.delay_ms is None else item.delay_ms
+                redeliver = shared[key] = now + delay
+            self._fail(conn, group, run, off, error, NACKED, redeliver, now)
             res.status = "requeued"
-            res.redeliver_at = conn.execute(
-                "SELECT due_ms FROM leases WHERE group_id = ? AND topic = ? AND partition = ?"
-                " AND offset = ?",
-                (group, t, p, off),
-            ).fetchone()[0]
-        touched.add((t, p))
+            res.redeliver_at = redeliver
+        else:
+            self._fail(conn, group, run, off, error, NACKED, None, now)
+            res.status = "dead_lettered"
+
+    def _advance(
+        self,
+        conn: sqlite3.Connection,
+        group: str,
+        topic: str,
+        partition: int,
+        committed: int | None = None,
+    ) -> None:
+        """Move the committed position (read here unless given) past complete runs."""
+        if committed is None:
+            row = conn.execute(
+                "SELECT committed FROM group_partitions WHERE group_id = ? AND topic = ?"
+                " AND partition = ?",
+                (group, topic, partition),
+            ).fetchone()
+            if row is None:
+                return
+            committed = int(row[0])
+        start = c = committed
+        for first, last, state in conn.execute(
+            "SELECT first_offset, last_offset, state FROM runs WHERE group_id = ? AND topic = ?"
+            " AND partition = ? AND first_offset >= ? ORDER BY first_offset",
+            (group, topic, partition, c),
+        ):
+            if first != c or state != DONE:
+                break
+            c = last + 1
+        if c != start:
+            conn.execute(
+                "UPDATE group_partitions SET committed = ? WHERE group_id = ? AND topic = ?"
+                " AND partition = ?",
+                (c, group, topic, partition),
+            )
+
+    def _prune(self, conn: sqlite3.Connection, now: int) -> int:
+        # Complete runs below a group's position are kept for the grace period only (to
+        # answer a second ack); pruning scans them, so it runs now and then, not per ack.
+        n = 0
+        for group, topic, partition, committed in conn.execute(
+            "SELECT group_id, topic, partition, committed FROM group_partitions"
+        ).fetchall():
+            n += sum(
+                size
+                for (size,) in conn.execute(
+                    "DELETE FROM runs WHERE group_id = ? AND topic = ? AND partition = ?"
+                    " AND last_offset < ? AND done_ms < ? RETURNING last_offset - first_offset + 1",
+                    (group, topic, partition, committed, now - self.policy.done_grace_ms),
+                ).fetchall()
+            )
+        return n
 
     # ---- consumers ---------------------------------------------------------------
 
     def _release(self, conn: sqlite3.Connection, consumer: str, now: int) -> int:
-        cur = conn.execute(
-            "UPDATE leases SET state = ?, due_ms = ?, consumer_id = NULL,"
-            " last_error = 'consumer inactive' WHERE consumer_id = ? AND state = ?",
-            (RETRY, now, consumer, LEASED),
+        n = conn.execute(
+            "SELECT COALESCE(SUM(last_offset - first_offset + 1), 0) FROM runs"
+            " WHERE consumer_id = ? AND state = 1",  # LEASED, as runs_consumer has it
+            (consumer,),
+        ).fetchone()[0]
+        conn.execute(
+            "UPDATE runs SET state = ?, due_ms = ?, consumer_id = NULL,"
+            " last_error = 'consumer inactive', why = ? WHERE consumer_id = ? AND state = 1",
+            (RETRY, now, RELEASED, consumer),
         )
-        return cur.rowcount
+        return int(n)
