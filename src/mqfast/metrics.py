@@ -191,7 +191,7 @@ def _level_families(levels: Mapping[str, Any]) -> Iterator[Metric]:
     yield up
     lag = GaugeMetricFamily(
         PREFIX + "consumer_group_lag",
-        "Messages of the topic not yet delivered to the group (at the last sample).",
+        "Messages of the topic the group has not completed (at the last sample).",
         labels=["group", "topic"],
     )
     age = GaugeMetricFamily(
