@@ -721,6 +721,20 @@ def ensure_installed(kafka: bool = True, postgres: bool = True, redis: bool = Tr
         _INSTALLED.update(wanted)
 
 
+def promtool() -> str:
+    """The path of ``promtool`` (rule and exposition linter), installing Debian's ``prometheus``
+    package when it is missing: Debian 12 ships promtool in no smaller package. Installed with
+    the service start suppressed, like the others."""
+    with _INSTALL_LOCK:
+        found = shutil.which("promtool")
+        if found is None:
+            apt_install(["prometheus"])
+            found = shutil.which("promtool")
+        if found is None:
+            raise ServiceError("no promtool after installing prometheus")
+        return found
+
+
 # --------------------------------------------------------------------------- kafka jars
 
 

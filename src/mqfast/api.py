@@ -32,7 +32,7 @@ from mqfast.access import (
 )
 from mqfast.auth import Authenticator, Forbidden, Principal
 from mqfast.config import Settings, parse_duration
-from mqfast.groups import Groups, SettleItem, SettleResult, Unacked, check_id, now_ms
+from mqfast.groups import Groups, SettleItem, SettleResult, Unacked, check_id, dlq_name, now_ms
 from mqfast.messages import (
     AcknowledgeRequest,
     BatchAcknowledgeRequest,
@@ -177,6 +177,10 @@ class App:
         }
         self._openapi: bytes | None = None
         self._group_health: dict[str, object] = {"status": "unknown", "checked_at": None}
+        # The sampler's last look, for the metrics scrape: (group, topic, lag, oldest unacked
+        # lease in ms or None) per pair, and the dead-letter size per origin topic.
+        self._group_levels: list[tuple[str, str, int, int | None]] = []
+        self._dead_letters: dict[str, int] = {}
 
     def attach(self, core: Server) -> None:
         """Give the app the core it refreshes (topic cache)."""
@@ -678,9 +682,25 @@ class App:
     def health(self, params: list[str], query: bytes, body: bytes) -> Response:
         """``ok``; ``degraded`` (200) when PostgreSQL or Redis is down but produce works;
         ``down`` (503) when the engine cannot store messages or the server is stopping."""
+        status, checks, degraded = self._health_state()
+        out: dict[str, object] = {
+            "status": status,
+            "version": __version__,
+            "engine": self.sink.name,
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "checks": checks,
+        }
+        if status == "degraded":
+            out["degraded"] = degraded
+        # A group behind is the consumers' trouble, not the gateway's: reported, never 503.
+        out["consumer_groups"] = self._group_health
+        return _ok(out, 503 if status == "down" else 200)
+
+    def _health_state(self) -> tuple[str, dict[str, Any], list[str]]:
+        """The overall status, every check's answer, and the dependencies that are not up."""
         engine = self._engine_check()
         up = engine.get("status") == "up"
-        checks: dict[str, object] = {"engine": engine}
+        checks: dict[str, Any] = {"engine": engine}
         degraded = []
         if self.settings.engine == "embedded":
             # The embedded engine keeps metadata and shared state itself: nothing else to reach.
@@ -698,18 +718,27 @@ class App:
             status = "down"
         else:
             status = "degraded" if degraded else "ok"
-        out: dict[str, object] = {
+        return status, checks, degraded
+
+    def metric_levels(self) -> dict[str, Any]:
+        """Gauges for the metrics scrape: the health status and checks, read now (the checks are
+        the cheap ones /health runs), and the groups' lags, oldest unacknowledged age and
+        dead-letter sizes of the sampler's last look (the scrape never waits for the engine)."""
+        status, checks, _ = self._health_state()
+        now = now_ms()
+        return {
             "status": status,
-            "version": __version__,
-            "engine": self.sink.name,
-            "uptime_s": round(time.monotonic() - self.started, 3),
-            "checks": checks,
+            "checks": {
+                name: c.get("status") == "up"
+                for name, c in checks.items()
+                if c.get("status") != "not_used"
+            },
+            "groups": [
+                (group, topic, lag, None if oldest is None else max(0, now - oldest) / 1000)
+                for group, topic, lag, oldest in self._group_levels
+            ],
+            "dead_letters": self._dead_letters,
         }
-        if status == "degraded":
-            out["degraded"] = degraded
-        # A group behind is the consumers' trouble, not the gateway's: reported, never 503.
-        out["consumer_groups"] = self._group_health
-        return _ok(out, 503 if status == "down" else 200)
 
     def note_group_health(
         self, infos: dict[str, TopicInfo], unacked: list[Unacked] | None, now: int
@@ -723,8 +752,10 @@ class App:
         for name, info in infos.items():
             for g in info.consumer_groups:
                 pairs[(g.group_id, name)] = {"group_id": g.group_id, "topic": name, "lag": g.lag}
+        oldest: dict[tuple[str, str], int] = {}
         expired_total = 0
         for u in unacked or ():
+            oldest[(u.group, u.topic)] = u.oldest_ms
             entry = pairs.setdefault(
                 (u.group, u.topic), {"group_id": u.group, "topic": u.topic, "lag": 0}
             )
@@ -743,6 +774,12 @@ class App:
             if reasons:
                 behind.append({**entry, "reasons": reasons})
         behind.sort(key=lambda e: (-e["lag"], e["group_id"], e["topic"]))
+        self._group_levels = [
+            (e["group_id"], e["topic"], e["lag"], oldest.get(key)) for key, e in pairs.items()
+        ]
+        self._dead_letters = {
+            name: infos[dlq_name(name)].messages for name in infos if dlq_name(name) in infos
+        }
         self._group_health = {
             "status": "behind" if behind else "ok",
             "checked_at": format_rfc3339(now),

@@ -31,7 +31,7 @@ import msgspec
 
 from mqfast.side import JSON, Handler, Response, error_response, serve_side
 
-__all__ = ["gc_stats", "install_gc_monitor", "start_debug_server"]
+__all__ = ["gc_pause_totals", "gc_stats", "install_gc_monitor", "start_debug_server"]
 
 log = logging.getLogger("mqfast.debug")
 
@@ -49,13 +49,16 @@ _PROFILE_FORMATS = {
 
 
 class _GcPauses:
-    __slots__ = ("count", "max_s", "started", "total_s")
+    # count and total_s only grow (Prometheus counters); a reset of /debug/gc moves the base.
+    __slots__ = ("base_count", "base_total_s", "count", "max_s", "started", "total_s")
 
     def __init__(self) -> None:
         self.started = 0.0
         self.count = 0
         self.total_s = 0.0
         self.max_s = 0.0
+        self.base_count = 0
+        self.base_total_s = 0.0
 
 
 _pauses = _GcPauses()
@@ -101,8 +104,8 @@ def gc_stats(*, reset: bool = False) -> dict[str, Any]:
         "collections": sum(g["collections"] for g in gens),
         "collected": sum(g["collected"] for g in gens),
         "uncollectable": sum(g["uncollectable"] for g in gens),
-        "pauses": _pauses.count,
-        "pause_total_s": _pauses.total_s,
+        "pauses": _pauses.count - _pauses.base_count,
+        "pause_total_s": _pauses.total_s - _pauses.base_total_s,
         "pause_max_s": _pauses.max_s,
         "monitor_installed": _on_gc in gc.callbacks,
         "gc_enabled": gc.isenabled(),
@@ -114,10 +117,15 @@ def gc_stats(*, reset: bool = False) -> dict[str, Any]:
         "rss_bytes": _rss_bytes(),
     }
     if reset:
-        _pauses.count = 0
-        _pauses.total_s = 0.0
+        _pauses.base_count = _pauses.count
+        _pauses.base_total_s = _pauses.total_s
         _pauses.max_s = 0.0
     return out
+
+
+def gc_pause_totals() -> tuple[int, float]:
+    """Collections measured and their pause seconds since the monitor started; never reset."""
+    return _pauses.count, _pauses.total_s
 
 
 def _rss_bytes() -> int | None:

@@ -21,6 +21,7 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 
+from mqfast.debug import gc_pause_totals
 from mqfast.side import Response, serve_side
 
 __all__ = ["PREFIX", "StatsCollector", "build_registry", "start_metrics_server"]
@@ -28,6 +29,8 @@ __all__ = ["PREFIX", "StatsCollector", "build_registry", "start_metrics_server"]
 PREFIX = "message_queue_"
 Snapshot = Callable[[], Mapping[str, Any]]
 Extra = Callable[[], Mapping[str, float]]
+Levels = Callable[[], Mapping[str, Any]]
+STATUSES = ("ok", "degraded", "down")
 
 _GAUGES = (
     ("connections", "http_connections", "Open client HTTP connections."),
@@ -43,11 +46,15 @@ class StatsCollector:
     ``extra()`` supplies gauges owned by other parts: ``"active_consumers"`` becomes
     ``message_queue_active_consumers`` (0 when absent) and any other key ``k`` becomes
     ``message_queue_<k>``. Every contract metric family is exported even when it has no series.
+    ``levels()`` (``App.metric_levels``) supplies the health and per-group gauges.
     """
 
-    def __init__(self, snapshot: Snapshot, extra: Extra | None = None) -> None:
+    def __init__(
+        self, snapshot: Snapshot, extra: Extra | None = None, levels: Levels | None = None
+    ) -> None:
         self._snapshot = snapshot
         self._extra = extra
+        self._levels = levels
 
     def collect(self) -> Iterator[Metric]:
         """Yield the metric families of one snapshot."""
@@ -58,6 +65,17 @@ class StatsCollector:
         for key, name, doc in _GAUGES:
             yield GaugeMetricFamily(PREFIX + name, doc, value=float(snap.get(key, 0) or 0))
         yield from _extra_families(dict(self._extra()) if self._extra is not None else {})
+        count, pause_s = gc_pause_totals()
+        yield CounterMetricFamily(
+            PREFIX + "gc_pauses", "Garbage collections whose pause was measured.", value=count
+        )
+        yield CounterMetricFamily(
+            PREFIX + "gc_pause_seconds",
+            "Time the process stood still in garbage collections.",
+            value=pause_s,
+        )
+        if self._levels is not None:
+            yield from _level_families(self._levels())
 
 
 def _topic_families(topics: Mapping[str, Mapping[str, int]]) -> Iterator[Metric]:
@@ -154,14 +172,59 @@ def _extra_families(extra: dict[str, float]) -> Iterator[Metric]:
         yield GaugeMetricFamily(name, f"Gauge {key!r} reported by another part.", value=value)
 
 
-def build_registry(snapshot: Snapshot, extra: Extra | None = None) -> CollectorRegistry:
+def _level_families(levels: Mapping[str, Any]) -> Iterator[Metric]:
+    status = GaugeMetricFamily(
+        PREFIX + "health_status",
+        "1 for the status /health reports now (ok, degraded or down), 0 for the others.",
+        labels=["status"],
+    )
+    for s in STATUSES:
+        status.add_metric([s], 1.0 if levels.get("status") == s else 0.0)
+    yield status
+    up = GaugeMetricFamily(
+        PREFIX + "health_check_up",
+        "1 when the /health check (engine, postgres, redis) answers up, else 0.",
+        labels=["check"],
+    )
+    for name, ok in sorted((levels.get("checks") or {}).items()):
+        up.add_metric([name], 1.0 if ok else 0.0)
+    yield up
+    lag = GaugeMetricFamily(
+        PREFIX + "consumer_group_lag",
+        "Messages of the topic the group has not completed (at the last sample).",
+        labels=["group", "topic"],
+    )
+    age = GaugeMetricFamily(
+        PREFIX + "oldest_unacked_age_seconds",
+        "Age of the group's oldest delivery not acknowledged yet; absent when none is.",
+        labels=["group", "topic"],
+    )
+    for group, topic, n, age_s in sorted(levels.get("groups") or ()):
+        lag.add_metric([group, topic], n)
+        if age_s is not None:
+            age.add_metric([group, topic], age_s)
+    yield lag
+    yield age
+    dead = GaugeMetricFamily(
+        PREFIX + "dead_letter_messages",
+        "Messages in <topic>.dlq (at the last sample).",
+        labels=["topic"],
+    )
+    for topic, n in sorted((levels.get("dead_letters") or {}).items()):
+        dead.add_metric([topic], n)
+    yield dead
+
+
+def build_registry(
+    snapshot: Snapshot, extra: Extra | None = None, levels: Levels | None = None
+) -> CollectorRegistry:
     """A fresh registry with the stats collector plus process, platform and GC collectors.
 
     A private registry (not prometheus_client's global one) so that tests and several gateways
     in one process do not see each other's metrics.
     """
     registry = CollectorRegistry()
-    registry.register(StatsCollector(snapshot, extra))
+    registry.register(StatsCollector(snapshot, extra, levels))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)

@@ -284,6 +284,7 @@ async def serve(settings: Settings, *, index: int = 0, reuse_port: bool = False)
                 "active_consumers": float(consumer_counts[0]),
                 **({f"quota_{k}": v for k, v in quotas.stats().items()} if quotas else {}),
             },
+            app.metric_levels,
         )
         side.append(
             await _listen(

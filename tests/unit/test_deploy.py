@@ -737,6 +737,35 @@ def test_service_monitor_scrapes_the_metrics_port() -> None:
     assert (endpoint["path"], endpoint["interval"]) == ("/metrics", "15s")
 
 
+def test_prometheus_rule_goes_with_the_service_monitor() -> None:
+    # Both found by the operator's selectors on the same labels (the contents are tested by
+    # tests/unit/test_monitoring.py).
+    rule = k8s("PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["metadata"]["labels"] == k8s("ServiceMonitor")["metadata"]["labels"]
+    assert rule["spec"]["groups"]
+
+
+def test_dashboard_config_map_is_generated_for_grafana() -> None:
+    import kubernetes_validate
+
+    [gen] = k8s("Kustomization")["configMapGenerator"]
+    assert gen["options"]["labels"] == {"grafana_dashboard": "1"}
+    # A fixed name, so that a re-apply replaces the dashboard instead of adding one.
+    assert gen["options"]["disableNameSuffixHash"] is True
+    [name] = gen["files"]
+    dashboard = json.loads((K8S / name).read_text())
+    assert dashboard["uid"]
+    # What kustomize generates from it, validated like the manifests.
+    generated = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": gen["name"], "labels": gen["options"]["labels"]},
+        "data": {name: (K8S / name).read_text()},
+    }
+    kubernetes_validate.validate(generated, kubernetes_validate.latest_version(), strict=True)
+
+
 def test_k8s_readme_names_the_secret_to_create() -> None:
     text = (K8S / "README.md").read_text()
     assert k8s("Secret")["metadata"]["name"] in text

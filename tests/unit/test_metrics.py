@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -11,6 +12,11 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from mqfast.api import App
+from mqfast.config import Settings
+from mqfast.debug import gc_stats, install_gc_monitor
+from mqfast.groups import Unacked, now_ms
+from mqfast.messages import GroupLag, TopicInfo
 from mqfast.metrics import build_registry, start_metrics_server
 from mqfast.side import Response, serve_side
 
@@ -127,6 +133,92 @@ def test_empty_snapshot_still_names_every_contract_metric() -> None:
         assert name in fams, name
     assert value(fams["message_queue_active_consumers"], "message_queue_active_consumers") == 0
     assert value(fams["message_queue_http_connections"], "message_queue_http_connections") == 0
+
+
+def test_levels_become_health_group_and_dead_letter_gauges() -> None:
+    levels = {
+        "status": "degraded",
+        "checks": {"engine": True, "redis": False},
+        "groups": [("slow", "orders", 7, 42.5), ("quick", "orders", 0, None)],
+        "dead_letters": {"orders": 3},
+    }
+    fams = families(generate_latest(build_registry(snapshot, None, lambda: levels)).decode())
+    p = "message_queue_"
+    status = fams[p + "health_status"]
+    assert {s.labels["status"]: s.value for s in status.samples} == {
+        "ok": 0,
+        "degraded": 1,
+        "down": 0,
+    }
+    assert value(fams[p + "health_check_up"], p + "health_check_up", check="engine") == 1
+    assert value(fams[p + "health_check_up"], p + "health_check_up", check="redis") == 0
+    lag = fams[p + "consumer_group_lag"]
+    assert value(lag, p + "consumer_group_lag", group="slow", topic="orders") == 7
+    assert value(lag, p + "consumer_group_lag", group="quick", topic="orders") == 0
+    age = fams[p + "oldest_unacked_age_seconds"]
+    # A group with nothing unacknowledged has no age series (not a misleading 0).
+    assert [s.labels for s in age.samples] == [{"group": "slow", "topic": "orders"}]
+    assert value(age, p + "oldest_unacked_age_seconds", group="slow", topic="orders") == 42.5
+    assert value(fams[p + "dead_letter_messages"], p + "dead_letter_messages", topic="orders") == 3
+
+
+class DownSink:
+    name = "embedded"
+
+    def health(self) -> dict[str, object]:
+        return {"status": "down", "engine": self.name, "detail": "disk full"}
+
+
+def topic_info(name: str, messages: int, lags: dict[str, int]) -> TopicInfo:
+    groups = [GroupLag(g, n) for g, n in lags.items()]
+    return TopicInfo(name, 1, 1, 0, 0, 0, False, messages, 0, [], groups)
+
+
+def test_app_levels_come_from_the_sampler_and_the_health_checks_at_scrape_time() -> None:
+    app = App(Settings.from_env({}), DownSink())  # type: ignore[arg-type]
+    app.dependencies["redis"] = lambda: {"status": "down"}
+    now = now_ms()
+    infos = {
+        "orders": topic_info("orders", 9, {"slow": 7, "quick": 0}),
+        "orders.dlq": topic_info("orders.dlq", 2, {}),
+    }
+    app.note_group_health(infos, [Unacked("slow", "orders", now - 5_000, 0)], now)
+    fams = families(generate_latest(build_registry(dict, None, app.metric_levels)).decode())
+    p = "message_queue_"
+    assert value(fams[p + "health_status"], p + "health_status", status="down") == 1
+    # The embedded engine's not_used postgres/redis/kafka entries are no checks.
+    up = {s.labels["check"]: s.value for s in fams[p + "health_check_up"].samples}
+    assert up == {"engine": 0, "redis": 0}
+    lag = fams[p + "consumer_group_lag"]
+    assert value(lag, p + "consumer_group_lag", group="slow", topic="orders") == 7
+    assert value(lag, p + "consumer_group_lag", group="quick", topic="orders") == 0
+    age = value(fams[p + "oldest_unacked_age_seconds"], p + "oldest_unacked_age_seconds",
+                group="slow", topic="orders")  # fmt: skip
+    assert age >= 5.0  # measured at the scrape, from the lease time, not frozen at the sample
+    dead = fams[p + "dead_letter_messages"]
+    assert [(s.labels, s.value) for s in dead.samples] == [({"topic": "orders"}, 2)]
+
+
+def test_gc_pause_counters_only_grow_across_a_debug_reset() -> None:
+    reg = build_registry(dict)
+    p = "message_queue_"
+
+    def pauses() -> tuple[float, float]:
+        fams = families(generate_latest(reg).decode())
+        return (
+            value(fams[p + "gc_pauses"], p + "gc_pauses_total"),
+            value(fams[p + "gc_pause_seconds"], p + "gc_pause_seconds_total"),
+        )
+
+    install_gc_monitor()
+    gc.collect()
+    count, seconds = pauses()
+    assert count >= 1 and seconds > 0
+    gc_stats(reset=True)  # what GET /debug/gc?reset=1 does, for a benchmark's window
+    gc.collect()
+    later, later_s = pauses()
+    assert later >= count + 1 and later_s > seconds
+    assert gc_stats()["pauses"] < later
 
 
 async def request(port: int, raw: bytes) -> tuple[int, dict[str, str], bytes]:
