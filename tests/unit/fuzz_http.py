@@ -48,7 +48,7 @@ import uvloop
 
 from mqfast._core import debug_counters
 from mqfast.messages import PartitionStats, TopicInfo
-from tests.unit.test_protocol import Harness, MemorySink
+from tests.unit.test_protocol import Harness, MemorySink, post
 
 # Small limits, so that the size checks are within reach of short inputs.
 LIMITS = {"max_size": 2048, "max_header_bytes": 1024, "max_batch_bytes": 8192}
@@ -201,13 +201,6 @@ def one_input(data: bytes) -> None:
 
 def seed_corpus(directory: Path) -> None:
     """Valid requests of every route (and a few pipelined), for the fuzzer to mutate."""
-
-    def post(path: str, body: object) -> bytes:
-        raw = json.dumps(body).encode()
-        return (
-            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(raw)}\r\n\r\n"
-        ).encode() + raw
 
     reqs = [
         post("/api/v1/messages", {"topic": "t", "content": "hi", "key": "k", "priority": 3,
