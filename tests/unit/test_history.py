@@ -18,6 +18,7 @@ from mqfast.meta.history import (
     HistoryRecorder,
     TopicSample,
     format_rfc3339,
+    parse_audit_query,
     parse_metrics_query,
     parse_rfc3339,
 )
@@ -102,7 +103,7 @@ def test_format_rfc3339_pads_early_years() -> None:
 
 
 def test_default_start_never_falls_before_year_one() -> None:
-    start, end, _ = parse_metrics_query(b"end_time=0001-01-01T00:30:00Z", NOW)
+    start, end, _ = parse_audit_query(b"end_time=0001-01-01T00:30:00Z", NOW)
     assert format_rfc3339(start) == "0001-01-01T00:00:00.000Z"
     assert format_rfc3339(end) == "0001-01-01T00:30:00.000Z"
 
