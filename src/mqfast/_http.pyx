@@ -523,7 +523,16 @@ cdef class HttpProtocol(RequestHead):
         self._write_ready()
 
     def eof_received(self):
-        return None
+        # The client shut down its sending side (half-close): what it sent completely is still
+        # answered, then the connection closes. Returning true keeps the transport open (plain
+        # TCP; TLS closes regardless), and the last answer owed carries the close.
+        cdef Pending last
+        if not self.pending or self.transport is None:
+            return None
+        last = self.pending[len(self.pending) - 1]  # wraparound is off in the core
+        last.close_after = True
+        self.closing = True
+        return True
 
     # ---- httptools callbacks --------------------------------------------------------------
 

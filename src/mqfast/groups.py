@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -42,6 +43,9 @@ PRIORITY_LEVELS = 10
 PRIORITY_WEIGHTS = tuple(p + 1 for p in range(PRIORITY_LEVELS))
 # Group and consumer ids appear in SQL keys, metric labels and DLQ headers: keep them tame.
 MAX_ID_LENGTH = 249
+# What an id may not hold: control characters (C0, DEL, C1), as the OpenAPI document's pattern
+# says, and lone surrogates, which UTF-8 cannot encode (Redis keys, PostgreSQL text).
+_NOT_IN_ID = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 DLQ_SUFFIX = ".dlq"
 # With several workers sharing an embedded database, idle long-polls re-check the store this
 # often, to notice messages produced by another process (in-process produce wakes them at once).
@@ -228,10 +232,11 @@ class GroupStore(Protocol):
 
 
 def check_id(value: str, field: str) -> None:
-    """Group and consumer ids: 1-249 printable characters."""
-    if not value or len(value) > MAX_ID_LENGTH or not value.isprintable():
+    """Group and consumer ids: 1-249 characters, none of them a control character."""
+    if not value or len(value) > MAX_ID_LENGTH or _NOT_IN_ID.search(value):
         raise errors.BadRequest(
-            f"{field} must be 1 to {MAX_ID_LENGTH} printable characters", field=field
+            f"{field} must be 1 to {MAX_ID_LENGTH} characters, none of them a control character",
+            field=field,
         )
 
 
@@ -423,13 +428,7 @@ class Groups:
         check_id(group, "group_id")
         check_id(consumer, "consumer_id")
         wait_ms = duration_ms(timeout, "timeout", 0, self.max_poll_ms)
-        vis_ms = duration_ms(
-            visibility, "visibility_timeout", self.policy.visibility_ms, self.max_visibility_ms
-        )
-        if vis_ms <= 0:
-            raise errors.BadRequest(
-                "visibility_timeout must be positive", field="visibility_timeout"
-            )
+        vis_ms = self.visibility_ms(visibility, "visibility_timeout")
         info = await self._consumer(consumer)
         if info is not None and info.group_id != group:
             raise errors.Conflict(
@@ -535,7 +534,8 @@ class Groups:
     def visibility_ms(self, value: int | str | None, field: str) -> int:
         ms = duration_ms(value, field, self.policy.visibility_ms, self.max_visibility_ms)
         if ms <= 0:
-            raise errors.BadRequest(f"{field} must be positive", field=field)
+            # 855 (ns) is positive, but leases are kept in milliseconds
+            raise errors.BadRequest(f"{field} must be at least 1ms", field=field)
         return ms
 
     def merge_stats(self, stats: dict[str, Any]) -> dict[str, Any]:

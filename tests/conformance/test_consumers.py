@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from tests.conformance.conftest import (
+    CONSUME,
     CONSUMERS,
     Background,
     Gateway,
@@ -77,6 +78,23 @@ def test_registration_is_validated(engine_server: Gateway) -> None:
     ):
         r = gw.call("POST", CONSUMERS, {**base, **bad})
         assert r.status == 400, (bad, r.status, r.body)
+
+
+def test_ids_are_any_characters_but_controls(engine_server: Gateway) -> None:
+    # Found by schemathesis: the document allows every character but C0/C1 controls, the server
+    # refused more (no-break space, format characters, unassigned code points).
+    gw = engine_server
+    for odd in ("a\u00a0b", "zero\u200bwidth", "\U0007641f", "ÇčļĳH", "x y"):
+        cid, topic = f"{unique('c')}{odd}", gw.topic()
+        out = register(gw, consumer_id=cid, group_id=odd, topics=[topic])
+        assert out["consumer_id"] == cid and out["group_id"] == odd
+        consume = {"topic": topic, "group_id": odd, "consumer_id": cid}
+        assert gw.ok("POST", CONSUME, consume)["count"] == 0
+    for bad in ("a\x00", "tab\t", "del\x7f", "c1\x85", "\x9f"):
+        for field in ("consumer_id", "group_id"):
+            body = {"consumer_id": "v", "group_id": "g", "topics": ["t"], field: bad}
+            r = gw.call("POST", CONSUMERS, body)
+            assert r.status == 400 and r.json()["error"]["field"] == field, (bad, r.body)
 
 
 def test_consume_in_another_group_than_registered_is_409(engine_server: Gateway) -> None:

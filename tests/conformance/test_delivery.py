@@ -120,6 +120,20 @@ def test_consume_request_is_validated(engine_server: Gateway) -> None:
         assert r.status == 400, (bad, r.status, r.body)
 
 
+def test_a_lease_shorter_than_a_millisecond_is_refused_saying_so(engine_server: Gateway) -> None:
+    # Found by schemathesis: 855 (ns) is positive, yet was refused as "must be positive".
+    gw = engine_server
+    t = gw.topic()
+    for path, body in (
+        (CONSUME, {"topic": t, "group_id": "g", "consumer_id": "c", "visibility_timeout": 855}),
+        (EXTEND, {"message_id": "m", "group_id": "g", "visibility_timeout": "999us"}),
+    ):
+        r = gw.call("POST", path, body)
+        assert r.status == 400, r.body
+        err = r.json()["error"]
+        assert err["field"] == "visibility_timeout" and "at least 1ms" in err["message"], err
+
+
 def test_idle_long_poll_waits_for_its_timeout(engine_server: Gateway) -> None:
     gw = engine_server
     t = gw.topic()

@@ -156,6 +156,24 @@ def test_pipelined_read_sees_earlier_writes(srv: MqfastProcess) -> None:
     assert replies[2].json()["messages"] == 2, replies[2].body
 
 
+def test_half_closed_client_gets_every_answer_then_the_close(srv: MqfastProcess) -> None:
+    # Found by the fuzz target (tests/unit/fuzz_http.py): a client that shuts down its sending
+    # side after its requests (`printf ... | nc -N`) got no answer from the routes answered
+    # later (produce, topics), the connection was closed at once.
+    seq = [
+        req("POST", PRODUCE, {"topic": "half-closed", "content": "a"}),
+        req("GET", "/api/v1/topics/half-closed"),
+        req("GET", "/health/live"),
+    ]
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s, s.makefile("rb") as f:
+        s.sendall(b"".join(seq))
+        s.shutdown(socket.SHUT_WR)
+        replies = [read_reply(f) for _ in seq]
+        assert f.read() == b"", "the server closes after the last answer"
+    assert [r.status for r in replies] == [200, 200, 200], [r.body for r in replies]
+    assert replies[1].json()["messages"] == 1
+
+
 def test_http10_closes_by_default(srv: MqfastProcess) -> None:
     with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s, s.makefile("rb") as f:
         s.sendall(req("POST", PRODUCE, {"topic": "h10", "content": "x"}, version="HTTP/1.0"))

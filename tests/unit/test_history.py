@@ -18,6 +18,7 @@ from mqfast.meta.history import (
     HistoryRecorder,
     TopicSample,
     format_rfc3339,
+    parse_audit_query,
     parse_metrics_query,
     parse_rfc3339,
 )
@@ -75,6 +76,10 @@ def test_parse_rfc3339(text: str, ms: int) -> None:
         "0000-01-01T00:00:00Z",
         "1704067200000",
         "٢٠٢٤-01-01T00:00:00Z",  # non-ASCII digits
+        # found by schemathesis: valid text, but the instant is in year 0 or 10000 in UTC
+        "0001-01-01T00:00:00+23:59",
+        "9999-12-31T23:59:59-00:01",
+        "9999-12-31T23:59:60Z",
     ],
 )
 def test_parse_rfc3339_rejects(text: str) -> None:
@@ -88,6 +93,19 @@ def test_format_rfc3339() -> None:
     assert format_rfc3339(0) == "1970-01-01T00:00:00.000Z"
     for ms in (JAN1, JAN1 + 1, JAN1 + 999, NOW + 123_456):
         assert parse_rfc3339(format_rfc3339(ms)) == ms
+
+
+def test_format_rfc3339_pads_early_years() -> None:
+    # found by schemathesis: years before 1000 were written with fewer than four digits
+    for text in ("0385-02-24T14:52:22.605Z", "0071-05-04T17:34:13.000Z",
+                 "0001-01-01T00:00:00.000Z", "9999-12-31T23:59:59.999Z"):  # fmt: skip
+        assert format_rfc3339(parse_rfc3339(text)) == text
+
+
+def test_default_start_never_falls_before_year_one() -> None:
+    start, end, _ = parse_audit_query(b"end_time=0001-01-01T00:30:00Z", NOW)
+    assert format_rfc3339(start) == "0001-01-01T00:00:00.000Z"
+    assert format_rfc3339(end) == "0001-01-01T00:30:00.000Z"
 
 
 # -- the query ---------------------------------------------------------------------------

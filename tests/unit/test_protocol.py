@@ -130,10 +130,12 @@ class FakeTransport(asyncio.Transport):
 
 
 class Harness:
-    def __init__(self, loop: asyncio.AbstractEventLoop, **overrides: Any) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, sink: MemorySink | None = None, **overrides: Any
+    ) -> None:
         self.loop = loop
         settings = Settings.from_env({}, **overrides)
-        self.sink = MemorySink()
+        self.sink = sink or MemorySink()
         self.app = App(settings, self.sink)  # type: ignore[arg-type]
         self.core = Server(loop, self.sink, self.app, ROUTES, settings)  # type: ignore[arg-type]
         self.app.attach(self.core)
@@ -449,6 +451,38 @@ def test_client_gone_before_the_engine_answers(loop: asyncio.AbstractEventLoop) 
         assert tr.data == b""
         assert len(h.sink.log[("t", 0)]) == 1  # still stored: the 2xx was simply not delivered
         assert h.core.inflight == 0
+
+    run(loop, go())
+
+
+def test_half_close_answers_what_was_sent_then_closes(loop: asyncio.AbstractEventLoop) -> None:
+    # Found by the fuzz target (fuzz_http.py): a client that shut down its sending side right
+    # after its requests got no answer to those answered later (produce, every slow route).
+    async def go() -> None:
+        h = Harness(loop)
+        proto, tr = h.connect()
+        proto.data_received(
+            post("/api/v1/messages", {"topic": "t", "content": "x"})
+            + b"GET /api/v1/topics HTTP/1.1\r\nHost: x\r\n\r\n"
+            + b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        assert proto.eof_received(), "the transport must stay open for the answers"
+        assert not tr.closed
+        await h.settle()
+        assert [r[0] for r in responses(tr.data)] == [200, 200, 200]
+        assert tr.closed
+
+    run(loop, go())
+
+
+def test_half_close_with_nothing_owed_closes_at_once(loop: asyncio.AbstractEventLoop) -> None:
+    async def go() -> None:
+        h = Harness(loop)
+        proto, tr = h.connect()
+        proto.data_received(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\nGET /hea")
+        await h.settle()
+        assert not proto.eof_received()  # asyncio closes the transport
+        assert [r[0] for r in responses(tr.data)] == [200]
 
     run(loop, go())
 

@@ -46,6 +46,9 @@ DEFAULT_RANGE_MS: Final = 3_600_000
 MAX_POINTS_PER_TOPIC: Final = 1000
 _EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _ONE_MS: Final = dt.timedelta(milliseconds=1)
+# The instants RFC 3339 can write (four-digit years), in UTC: what is parsed stays formattable.
+_MIN_MS: Final = (dt.datetime(1, 1, 1, tzinfo=dt.UTC) - _EPOCH) // _ONE_MS
+_MAX_MS: Final = (dt.datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=dt.UTC) - _EPOCH) // _ONE_MS
 _PARAMS: Final = ("start_time", "end_time", "topic", "step")
 # RFC 3339 section 5.6; lower-case "t"/"z" and a space separator are allowed by its notes.
 _RFC3339: Final = re.compile(
@@ -83,7 +86,10 @@ def parse_rfc3339(text: str) -> int:
         raise ValueError(f"{text!r} is not a valid date and time: {e}") from None
     frac = m.group(7) or ""
     frac_ms = int(frac[:3].ljust(3, "0")) if frac else 0
-    return (when - _EPOCH) // _ONE_MS + frac_ms + leap_ms
+    ms = (when - _EPOCH) // _ONE_MS + frac_ms + leap_ms
+    if not _MIN_MS <= ms <= _MAX_MS:  # e.g. 0001-01-01T00:00:00+01:00 is in year 0 in UTC
+        raise ValueError(f"{text!r} is outside the years 0001 to 9999 in UTC")
+    return ms
 
 
 def format_rfc3339(ms: int) -> str:
@@ -92,7 +98,8 @@ def format_rfc3339(ms: int) -> str:
     One fixed width keeps the strings in time order when sorted as text.
     """
     when = _EPOCH + dt.timedelta(milliseconds=ms)
-    return f"{when.strftime('%Y-%m-%dT%H:%M:%S')}.{ms % 1000:03d}Z"
+    # %Y does not pad years before 1000 to four digits
+    return f"{when.year:04d}-{when:%m-%dT%H:%M:%S}.{ms % 1000:03d}Z"
 
 
 def parse_audit_query(query: bytes, now_ms: int) -> tuple[int, int, int]:
@@ -189,8 +196,8 @@ def _unquote(raw: bytes, field: str | None) -> str:
 
 def _parse_time(values: dict[str, str], name: str, default: int) -> int:
     text = values.get(name)
-    if text is None:
-        return default
+    if text is None:  # the default start is end - 1h, which must not fall before year 1
+        return max(default, _MIN_MS)
     try:
         return parse_rfc3339(text)
     except ValueError as e:

@@ -925,11 +925,20 @@ class KafkaSink:
             raise errors.UnknownTopic(f"unknown topic {name!r}")
         futs = self._admin.delete_topics([name], request_timeout=ADMIN_TIMEOUT_S)
         await self._wait(futs[name])
+        await self._until_gone(name)
         self._topics.pop(name, None)
         if self.topic_deleted is not None:
             await self.topic_deleted(name)
         await self._unregister(name)
         self._encrypted.discard(name)
+
+    async def _until_gone(self, name: str) -> None:
+        """Kafka deletes a topic asynchronously: until the metadata stops listing it, a lookup
+        would find it again (as a topic the registry does not know, with default settings).
+        Answer the DELETE only once it is gone, within ADMIN_TIMEOUT_S."""
+        deadline = time.monotonic() + ADMIN_TIMEOUT_S
+        while name in (await self._metadata()).topics and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
 
     async def watermarks(self, name: str, partitions: int) -> list[tuple[int, int]]:
         """(low, high) offsets of every partition."""
