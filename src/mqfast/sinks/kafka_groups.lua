@@ -11,7 +11,7 @@
 --   mq:{G}:pos:T   hash p -> committed offset (every offset below is complete)
 --   mq:{G}:cur:T   hash "p:prio" -> next never-leased offset of that priority level
 --   mq:{G}:old:T   list of complete runs the position passed, newest first (at most OLD_RUNS,
---                  pruned after the grace period): state byte, done time, their ids; only read
+--                  pruned after the grace period): state, done time, deliveries, their ids; read
 --                  to answer "already acknowledged" rather than "unknown"
 --   mq:{G}:topics  set of topics of the group (an acknowledgement may name no topic)
 --   mq:cons:C      set "G\nT\np:first" of the runs consumer C may hold (checked when read)
@@ -25,8 +25,8 @@ local HDR = '<i8i8i8i4BBHHH'
 local HDR_LEN = 36
 local ID = 16
 local OLD_RUNS = 500
-local OLD_HDR = '<Bi8'
-local OLD_LEN = 9
+local OLD_HDR = '<Bi8i4'
+local OLD_LEN = 13
 -- states: leased, waiting after a nack, done (acknowledged), dead letter pending, done as
 -- expired, done as dead-lettered, waiting after a failed delivery (lease expired, released)
 local LEASED, NACKED, DONE, DEAD, DONE_EXPIRED, DONE_DEAD, FAILED = 1, 2, 3, 4, 5, 6, 7
@@ -129,7 +129,7 @@ local function advance(t, p, now)
     local r = decode(t, f, v)
     if not complete(r.s) then break end
     redis.call('HDEL', runs, f)
-    redis.call('LPUSH', old, struct.pack(OLD_HDR, r.s, now) .. r.ids)
+    redis.call('LPUSH', old, struct.pack(OLD_HDR, r.s, now, r.n) .. r.ids)
     c = r.last + 1
   end
   if c ~= start then
@@ -359,7 +359,10 @@ local function locate_old(id)
       olds[t] = l
     end
     for _, v in ipairs(l) do
-      if find_in(v, id, OLD_LEN + 1) then return t, struct.unpack(OLD_HDR, v) end
+      if find_in(v, id, OLD_LEN + 1) then
+        local s, _, n = struct.unpack(OLD_HDR, v)
+        return t, s, n
+      end
     end
   end
   return nil
@@ -443,9 +446,10 @@ for i = 1, #actions do
       end
     end
   else
-    local t, s = locate_old(id)
+    local t, s, n = locate_old(id)
     if t then
       ti = tix(t)
+      count = n
       if dry then
         code = 0
       elseif s == DONE then
