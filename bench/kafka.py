@@ -247,11 +247,16 @@ def plain_consume_loop(topic: str, messages: int, batch: int) -> dict[str, Any]:
         ok = [m for m in msgs if m.error() is None]
         if not ok:
             continue
+        done: dict[int, int] = {}
         for m in ok:  # what an application touches of each message
             m.value()
             m.headers()
+            done[m.partition()] = m.offset() + 1
         got += len(ok)
-        consumer.commit(asynchronous=False)
+        # (mqfast's settings store no offsets by themselves: commit the batch's explicitly)
+        consumer.commit(
+            offsets=[TopicPartition(topic, p, o) for p, o in done.items()], asynchronous=False
+        )
         idle_since = time.perf_counter()
     elapsed = time.perf_counter() - t0
     cpu = time.process_time() - cpu0

@@ -13,7 +13,8 @@
 --   mq:{G}:old:T   list of complete runs the position passed, newest first (at most OLD_RUNS,
 --                  pruned after the grace period): state, done time, deliveries, their ids; read
 --                  to answer "already acknowledged" rather than "unknown"
---   mq:{G}:topics  set of topics of the group (an acknowledgement may name no topic)
+--   mq:{G}:recent  zset of the group's topics by when they were last consumed (an
+--                  acknowledgement may name no topic: its message is looked for there)
 --   mq:cons:C      set "G\nT\np:first" of the runs consumer C may hold (checked when read)
 --   mq:groups:T    set of groups that consumed T;  mq:pairs  set "G\nT"
 -- Run record: struct HDR (last offset, deadline or due time, leased at, deliveries, state,
@@ -31,7 +32,7 @@ local OLD_LEN = 13
 -- expired, done as dead-lettered, waiting after a failed delivery (lease expired, released)
 local LEASED, NACKED, DONE, DEAD, DONE_EXPIRED, DONE_DEAD, FAILED = 1, 2, 3, 4, 5, 6, 7
 local function key(kind, g, t) return 'mq:{' .. g .. '}:' .. kind .. ':' .. t end
-local function topics_key(g) return 'mq:{' .. g .. '}:topics' end
+local function topics_key(g) return 'mq:{' .. g .. '}:recent' end
 local function cons_key(c) return 'mq:cons:' .. c end
 local function rk(p, first) return string.format('%d:%d', p, first) end
 local function split(f)
@@ -174,9 +175,14 @@ for p = 0, nparts - 1 do
   end
   positions[p + 1] = c
 end
-if redis.call('SADD', 'mq:groups:' .. T, G) == 1 then
-  redis.call('SADD', 'mq:pairs', G .. '\n' .. T)
-  redis.call('SADD', topics_key(G), T)
+redis.call('SADD', 'mq:groups:' .. T, G)
+redis.call('SADD', 'mq:pairs', G .. '\n' .. T)
+redis.call('ZADD', topics_key(G), now, T)
+if redis.call('EXISTS', key('st', G, T)) == 1 then
+  -- state of the per-message layout of earlier versions: its leases are not runs; deliver
+  -- everything from the committed position on again (at least once), and forget it
+  redis.call('DEL', key('st', G, T), key('done', G, T), key('cur', G, T), key('due', G, T),
+             'mq:{' .. G .. '}:ids')
 end
 local due = key('due', G, T)
 local dead, retries = {}, {}
@@ -315,7 +321,11 @@ local default_vis = tonumber(ARGV[9])
 local ids, actions, extras = ARGV[10], ARGV[11], ARGV[12]
 local dry = ARGV[13] == '1'
 local topics
-if topic ~= '' then topics = {topic} else topics = redis.call('SMEMBERS', topics_key(G)) end
+if topic ~= '' then
+  topics = {topic}
+else
+  topics = redis.call('ZREVRANGE', topics_key(G), 0, -1)
+end
 local cache, olds = {}, {}
 local function runs_of(t)
   local l = cache[t]
@@ -351,18 +361,35 @@ local function locate(id)
   end
   return nil
 end
+-- The passed runs of a topic as one string of ids, with where each run starts in it.
+local function old_of(t)
+  local o = olds[t]
+  if not o then
+    o = {starts = {}, states = {}, counts = {}}
+    local parts, at = {}, 1
+    for i, v in ipairs(redis.call('LRANGE', key('old', G, t), 0, -1)) do
+      local s, _, n = struct.unpack(OLD_HDR, v)
+      o.starts[i], o.states[i], o.counts[i] = at, s, n
+      parts[i] = string.sub(v, OLD_LEN + 1)
+      at = at + #parts[i]
+    end
+    o.blob = table.concat(parts)
+    olds[t] = o
+  end
+  return o
+end
 local function locate_old(id)
   for _, t in ipairs(topics) do
-    local l = olds[t]
-    if not l then
-      l = redis.call('LRANGE', key('old', G, t), 0, -1)
-      olds[t] = l
-    end
-    for _, v in ipairs(l) do
-      if find_in(v, id, OLD_LEN + 1) then
-        local s, _, n = struct.unpack(OLD_HDR, v)
-        return t, s, n
+    local o = old_of(t)
+    local k = find_in(o.blob, id, 1)
+    if k then
+      -- the run holding byte k*ID+1: the last one starting at or before it
+      local pos, lo, hi = k * ID + 1, 1, #o.starts
+      while lo < hi do
+        local mid = math.floor((lo + hi + 1) / 2)
+        if o.starts[mid] <= pos then lo = mid else hi = mid - 1 end
       end
+      return t, o.states[lo], o.counts[lo]
     end
   end
   return nil
@@ -585,7 +612,7 @@ for _, g in ipairs(redis.call('SMEMBERS', 'mq:groups:' .. T)) do
     redis.call('DEL', key(kind, g, T))
   end
   redis.call('SREM', 'mq:pairs', g .. '\n' .. T)
-  redis.call('SREM', topics_key(g), T)
+  redis.call('ZREM', topics_key(g), T)
 end
 redis.call('DEL', 'mq:groups:' .. T)
 return 1
