@@ -138,6 +138,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     elapsed = time.perf_counter() - t0
     result: dict[str, Any] = {
+        "topic": topic,
         "messages": counts[0],
         "consumers": args.consumers,
         "batch": args.batch,

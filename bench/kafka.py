@@ -222,6 +222,91 @@ def plain_loop_main(argv: list[str]) -> int:
     return 0
 
 
+def plain_consume_loop(topic: str, messages: int, batch: int) -> dict[str, Any]:
+    """Read ``topic`` from its start with a fresh consumer group in batches of ``batch``,
+    committing (synchronously) after each batch, as a plain confluent-kafka application would;
+    runs in its own (pinned) process. The reference for mqfast's consume + acknowledge.
+
+    The consumer settings are mqfast's own (``consumer_config``), so both read alike.
+    """
+    from confluent_kafka import Consumer, TopicPartition
+
+    from mqfast.config import Settings
+    from mqfast.sinks.kafka import consumer_config
+
+    settings = Settings.from_env()
+    consumer = Consumer(consumer_config(settings, f"plain-{uuid.uuid4().hex[:8]}"))
+    meta = consumer.list_topics(topic, timeout=15)
+    parts = sorted(meta.topics[topic].partitions)
+    consumer.assign([TopicPartition(topic, p, 0) for p in parts])
+    got = 0
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    idle_since = time.perf_counter()
+    while got < messages and time.perf_counter() - idle_since < 10:
+        msgs = consumer.consume(batch, 1.0)
+        ok = [m for m in msgs if m.error() is None]
+        if not ok:
+            continue
+        done: dict[int, int] = {}
+        for m in ok:  # what an application touches of each message
+            m.value()
+            m.headers()
+            done[m.partition()] = m.offset() + 1
+        got += len(ok)
+        # (mqfast's settings store no offsets by themselves: commit the batch's explicitly)
+        consumer.commit(
+            offsets=[TopicPartition(topic, p, o) for p, o in done.items()], asynchronous=False
+        )
+        idle_since = time.perf_counter()
+    elapsed = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
+    consumer.close()
+    return {
+        "messages": got,
+        "batch": batch,
+        "seconds": round(elapsed, 4),
+        "msg_per_s": got / elapsed,
+        "cpu": cpu / elapsed,
+    }
+
+
+def plain_consume_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="kafka.py --plain-consume")
+    p.add_argument("--topic", required=True)
+    p.add_argument("--messages", type=int, required=True)
+    p.add_argument("--batch", type=int, default=100)
+    p.add_argument("--json", required=True)
+    a = p.parse_args(argv)
+    res = plain_consume_loop(a.topic, a.messages, a.batch)
+    Path(a.json).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+def run_plain_consume(
+    args: argparse.Namespace, env: dict[str, str], tmp: Path, rep: int, topic: str, batch: int
+) -> dict[str, Any]:
+    out = tmp / f"plain-consume-{rep}.json"
+    cmd = (["taskset", "-c", "0"] if args.pin else []) + [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--plain-consume",
+        "--topic",
+        topic,
+        "--messages",
+        str(args.consume_messages),
+        "--batch",
+        str(batch),
+        "--json",
+        str(out),
+    ]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if p.returncode != 0:
+        raise RuntimeError(f"plain consume loop failed ({p.returncode}): {p.stderr[-800:]}")
+    res: dict[str, Any] = json.loads(out.read_text())
+    res["cmd"] = shlex.join(cmd).replace(str(tmp), "TMP").replace(str(ROOT) + "/", "")
+    return res
+
+
 def run_plain(
     args: argparse.Namespace, env: dict[str, str], tmp: Path, rep: int, kafka_pid: int | None
 ) -> dict[str, Any]:
@@ -562,6 +647,13 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             "p99_ms": med([r["latency"]["p99_ms"] for r in consume]),
             "server_cpu": med([r["server_cpu_avg"] for r in consume]),
             "kafka_cpu": cpu_cell([r.get("kafka_cpu") for r in consume]),
+            # (absent from results saved before the reference loop was added)
+            "plain_msg_per_s": med([r["plain"]["msg_per_s"] for r in consume if "plain" in r])
+            if "plain" in consume[0]
+            else None,
+            "plain_ratio": med([r["plain_ratio"] for r in consume if "plain" in r])
+            if "plain" in consume[0]
+            else None,
             "short": [
                 (r["messages"], r["prefilled"]) for r in consume if r["messages"] < r["prefilled"]
             ],
@@ -662,6 +754,15 @@ def render_md(results: dict[str, Any]) -> str:
             f" {c['server_cpu'][0]:.0%} | {c['kafka_cpu']} |",
             "",
         ]
+        if "plain" in c0:
+            lines += [
+                f"Reference, same run: a plain confluent-kafka consumer loop (`taskset -c 0`, "
+                f"mqfast's consumer settings) reading the same topic from its start in batches "
+                f"of {c0['plain']['batch']}, committing synchronously after each batch: "
+                f"{fmt(c['plain_msg_per_s'])} msg/s; mqfast consume + acknowledge ÷ that loop: "
+                f"**{fmt(c['plain_ratio'], '.2f')}** (bar ≥ 0.50).",
+                "",
+            ]
         if c["short"]:
             got = ", ".join(f"{n:,} of {of:,}" for n, of in c["short"])
             lines += [
@@ -677,6 +778,8 @@ def render_md(results: dict[str, Any]) -> str:
         cmds.insert(0, results["plain"][0]["cmd"])
     if results["consume"]:
         cmds.append(results["consume"][0]["cmd"])
+        if "plain" in results["consume"][0]:
+            cmds.append(results["consume"][0]["plain"]["cmd"])
     if cmds:
         lines += ["Commands (server: `" + results["server_cmd"] + "`):", ""]
         lines += [f"    {c}" for c in cmds]
@@ -767,6 +870,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--plain-loop"]:
         return plain_loop_main(argv[1:])
+    if argv[:1] == ["--plain-consume"]:
+        return plain_consume_main(argv[1:])
     args = parse_args(argv)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -860,9 +965,14 @@ def main(argv: list[str] | None = None) -> int:
                         )
                     if not args.no_consume:
                         c = run_consume(args, srv, tmp, rep, svc.kafka_pid)
+                        # The reference: a plain consumer loop over the same topic, same batch.
+                        c["plain"] = run_plain_consume(args, env, tmp, rep, c["topic"], c["batch"])
+                        c["plain_ratio"] = c["consumed_and_acked_per_s"] / c["plain"]["msg_per_s"]
                         consume_runs.append(c)
                         print(
                             f"    consume-ack {c['consumed_and_acked_per_s']:>9,} msg/s"
+                            f"  plain consumer loop {c['plain']['msg_per_s']:>9,.0f} msg/s"
+                            f"  ratio {c['plain_ratio']:.2f}"
                             f"  produce->delivery p50 {c['latency']['p50_ms']:.2f} ms"
                             f" p99 {c['latency']['p99_ms']:.2f} ms",
                             flush=True,

@@ -93,3 +93,25 @@ def test_a_broker_that_stops_answering_gives_503_with_an_unknown_outcome(
     assert "retry-after" in r.headers
     assert took < 10
     assert gw.call("POST", PRODUCE, {"topic": t, "content": "after"}, timeout=30).status == 200
+
+
+def test_group_state_left_by_the_per_message_layout_delivers_again(
+    replicas: Replicas, cluster_env: dict[str, str]
+) -> None:
+    # Redis state of an earlier version (a hash entry per message, no runs): its leases are
+    # unknown to the run layout, so the group goes on from its committed position and delivers
+    # what was in flight again (at least once), rather than skipping it.
+    import redis
+
+    [gw] = replicas(1)
+    t = gw.topic()
+    ids = {x["message_id"] for x in gw.produce_many(t, 3)}
+    assert len(gw.consume(t, "g", "c1", max_messages=3, timeout="5s")) == 3
+    r = redis.Redis(host=cluster_env["REDIS_HOST"], port=int(cluster_env["REDIS_PORT"]))
+    try:
+        r.delete(f"mq:{{g}}:run:{t}")
+        r.hset(f"mq:{{g}}:st:{t}", "0:0", '{"s": 1, "n": 1, "c": "c1"}')
+    finally:
+        r.close()
+    again = gw.consume_until(t, "g", "c2", 3)
+    assert {m["message_id"] for m in again} == ids

@@ -8,8 +8,11 @@ speed.
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
+
+import pytest
 
 from tests.conformance.conftest import (
     ACK_BATCH,
@@ -200,6 +203,47 @@ def test_every_group_sees_every_message(engine_server: Gateway) -> None:
         got = gw.consume_until(t, group, "c", 7, ack=group == "g1")
         assert {m["message_id"] for m in got} == ids
         assert all(m["delivery_count"] == 1 for m in got)
+
+
+@pytest.mark.parametrize("timeout", ["0s", "2s"])
+def test_a_consume_never_answers_empty_while_a_backlog_is_ready(
+    engine_server: Gateway, timeout: str
+) -> None:
+    # Several consumers drain a backlog (larger than what a gateway reads ahead) over two
+    # partitions in big batches, each acknowledging what it got: every consume answers at least
+    # one message until the whole backlog is consumed, so that a consumer that stops at an
+    # empty answer does not stop early. Without a timeout too: the messages are ready.
+    gw = engine_server
+    t = gw.topic(partitions=2)
+    total = 20_000
+    for _ in range(total // 1000):
+        gw.produce_many(t, 1000)
+    seen: set[str] = set()
+    empty: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def drain(name: str) -> None:
+        while True:
+            with lock:
+                if len(seen) >= total:
+                    return
+            msgs = gw.consume(t, "g", name, max_messages=500, timeout=timeout)
+            with lock:
+                if not msgs:
+                    if len(seen) < total:  # others may have taken the last ones meanwhile
+                        empty.append((name, len(seen)))
+                    return
+                seen.update(m["message_id"] for m in msgs)
+            acks = [{"message_id": m["message_id"]} for m in msgs]
+            out = gw.ok("POST", ACK_BATCH, {"group_id": "g", "acks": acks})
+            assert out["failed"] == 0, out
+
+    workers = [Background(lambda n=f"c{i}": drain(n)) for i in range(4)]
+    for w in workers:
+        w.result(timeout=300)
+    assert empty == [], f"empty answers (consumer, messages consumed by then): {empty}"
+    assert len(seen) == total
+    assert gw.consume(t, "g", "c0", timeout="0s") == []
 
 
 # ---- acknowledge ---------------------------------------------------------------------------

@@ -154,6 +154,9 @@ def consumer_config(settings: Settings, group: str | None) -> dict[str, Any]:
             # A consume waits for new messages on the broker, not in a sleep loop here.
             "fetch.wait.max.ms": 50,
             "queued.max.messages.kbytes": 16_384,
+            # With its queue full, a partition's next fetch waits this long (1 s by default):
+            # the window reads from that queue and must not find it drained and idle.
+            "fetch.queue.backoff.ms": 20,
         }
     )
     conf.update(_filtered(settings.kafka_options, skip=_PRODUCER_ONLY))
@@ -222,12 +225,13 @@ class _PartitionQueue:
     ``values`` is set for an encrypted topic: the ciphertexts sent, which the reports carry.
     """
 
-    __slots__ = ("deliveries", "trackers", "values")
+    __slots__ = ("deliveries", "trackers", "values", "written")
 
     def __init__(self, sealed: bool) -> None:
         self.deliveries: deque[Delivery] = deque()
         self.trackers: deque[_Batch] = deque()
         self.values: deque[bytes] | None = deque() if sealed else None
+        self.written = -1  # the offset of the last message this process wrote there
 
 
 class _Batch:
@@ -618,11 +622,21 @@ class KafkaSink:
                 log.error("kafka delivery report matches no message", extra={"topic": msg.topic()})
                 return
         if err is None:
-            d.offset = msg.offset()
+            d.offset = q.written = msg.offset()
         else:
             d.error = _map_error(err)
             self._last_error = err.str()
         tracker.settled(1)
+
+    def written(self, topic: str, partition: int) -> int:
+        """The offset of the last message this process wrote to a partition (-1: none): a
+        reader of that partition that has not reached it knows more is on the way."""
+        out = -1
+        for queues in (self._queues, self._sealed_queues):
+            q = queues.get(topic, {}).get(partition)
+            if q is not None and q.written > out:
+                out = q.written
+        return out
 
     def _finish_now(self, batch: list[Delivery]) -> None:
         assert self._loop is not None and self._on_done is not None

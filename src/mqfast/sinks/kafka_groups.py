@@ -9,11 +9,12 @@ replica loses nothing: its leases expire in Redis and the messages are delivered
 the others.
 
 Each replica keeps, per group and topic it serves, a read-ahead *window* of each partition from
-the group's committed position on (at most ``WINDOW`` messages per partition): priority and TTL
-are decided inside that window, and a partition cannot run further than ``WINDOW`` messages
-ahead of its oldest incomplete message. The committed position is also committed to Kafka for
-the consumer group ``mqfast.<group>`` (so Kafka's tools show the lag, and a group whose Redis
-state is lost resumes from there: at-least-once, never lost).
+the group's committed position on: it reads on until ``WINDOW`` messages per partition are
+ready (never leased), and a partition cannot run further than ``HOLD`` messages ahead of its
+oldest incomplete message. Priority and TTL are decided inside that window. The committed
+position is also committed to Kafka for the consumer group ``mqfast.<group>`` (so Kafka's tools
+show the lag, and a group whose Redis state is lost resumes from there: at-least-once, never
+lost).
 
 Where a lease expires: ``prepare`` in the Lua file, at the start of every lease call.
 """
@@ -23,8 +24,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import datetime as dt
+import hashlib
 import logging
+import struct
 import time
+from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
@@ -70,10 +75,14 @@ from mqfast.sinks.kafka import (
 
 log = logging.getLogger("mqfast.kafka.groups")
 
-WINDOW = 2000  # messages read ahead per partition, per group and topic
+WINDOW = 2000  # never-leased messages read ahead per partition, per group and topic
+HOLD = 4 * WINDOW  # messages kept per partition from its oldest incomplete one on, at most
 IDLE_WINDOW_S = 300.0  # a window nobody consumed through for this long is closed
 LOW_REFRESH_S = 5.0
 COMMIT_EVERY_S = 1.0
+# How long a lease that found nothing ready waits for messages known to be on the way (it
+# returns with the first): a fetch answered by the broker comes well within it.
+CATCH_UP_S = 0.5
 
 _json = msgspec.json.Decoder()
 
@@ -98,13 +107,153 @@ def _list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
+def _text(value: str | bytes) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def pack_id(message_id: str) -> bytes:
+    """A message id in 16 bytes, as run records keep them: a UUID's own bytes (mqfast's ids),
+    a 128-bit hash of any other id (one written by another Kafka client)."""
+    if len(message_id) == 36 and message_id == message_id.lower():
+        try:
+            raw = bytes.fromhex(message_id.replace("-", ""))
+        except ValueError:
+            raw = b""
+        dashes = message_id[8] + message_id[13] + message_id[18] + message_id[23]
+        if len(raw) == 16 and dashes == "----":
+            return raw
+    return hashlib.blake2b(message_id.encode(), digest_size=16).digest()
+
+
+def _cursors(prepared: dict[str, Any]) -> dict[str, int]:
+    """The prepare script's cursors: ``"partition:priority"`` -> next never-leased offset."""
+    flat = _list(prepared["cur"])
+    return {str(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+def _segments(
+    chosen: list[tuple[int, StoredMessage, int, str]],
+) -> list[tuple[int, int, str, list[StoredMessage]]]:
+    """The picks as runs: consecutive offsets of one partition, one priority, one origin (the
+    same retry run, or never leased) and one outcome (leased, expired, undeliverable)."""
+    out: list[tuple[int, int, str, list[StoredMessage]]] = []
+    for first, rec, expired, reason in sorted(chosen, key=lambda c: (c[1].partition, c[1].offset)):
+        if out:
+            f, e, why, recs = out[-1]
+            prev = recs[-1]
+            if (
+                f == first
+                and e == expired
+                and why == reason
+                and prev.partition == rec.partition
+                and prev.offset + 1 == rec.offset
+                and prev.priority == rec.priority
+            ):
+                recs.append(rec)
+                continue
+        out.append((first, expired, reason, [rec]))
+    return out
+
+
+# The settle script's per-item answer: code, topic index (1-based, 0: none), deliveries, value.
+_RESULT = struct.Struct("<bBHq")
+# Per nack or extension: delay (-1: the backoff), visibility (0: the default), error length.
+_EXTRA = struct.Struct("<qqH")
+_ACTIONS = {"ack": "a", "nack": "n", "extend": "e"}
+MAX_ERROR_BYTES = 8192
+_VERBS = {"ack": "acknowledge", "nack": "negatively acknowledge", "extend": "extend"}
+
+
+def _when(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="milliseconds")
+
+
+def _result(
+    group: str,
+    topic: str | None,
+    item: SettleItem,
+    names: list[str],
+    r: tuple[int, int, int, int],
+) -> SettleResult:
+    """One item's answer of the settle script as a ``SettleResult`` (codes: the Lua file)."""
+    code, ti, count, value = r
+    res = SettleResult(
+        message_id=item.message_id,
+        status=_STATUSES.get(code, ""),
+        topic=names[ti - 1] if ti else "",
+        delivery_count=count,
+    )
+    mid = item.message_id
+    if code == 1:
+        res.processing_ms = float(value)
+    elif code == 3:
+        res.redeliver_at = value
+    elif code == 5:
+        res.lease_deadline = value
+    elif code == -1:
+        where = f" in topic {topic!r}" if topic is not None else ""
+        res.error = errors.NotFound(
+            f"message {mid!r}{where} has no delivery to group {group!r}"
+            " (never delivered to it, or completed long ago)",
+            field="message_id",
+        )
+    elif code in (-2, -3):
+        detail = "dead-lettered" if code == -2 else "expired"
+        res.error = errors.Conflict(
+            f"message {mid!r} is no longer deliverable in group {group!r} ({detail})",
+            field="message_id",
+        )
+    elif code == -4:
+        res.error = errors.Conflict(
+            f"message {mid!r} is already acknowledged in group {group!r}", field="message_id"
+        )
+    elif code in (-5, -6):
+        then = (
+            f"it reached the delivery limit and went to {dlq_name(res.topic)!r}"
+            if code == -6
+            else "it will be delivered again"
+        )
+        res.error = errors.Conflict(
+            f"the lease of message {mid!r} expired; {then}", field="message_id"
+        )
+    elif code == -7:
+        res.error = errors.Conflict(
+            f"message {mid!r} is leased to another consumer of group {group!r}",
+            field="consumer_id",
+        )
+    elif code == -8:
+        res.error = errors.Conflict(
+            f"message {mid!r} was negatively acknowledged and waits for redelivery at "
+            f"{_when(value)}; it has no lease to {_VERBS.get(item.action, item.action)}",
+            field="message_id",
+        )
+    return res
+
+
+_STATUSES = {
+    1: "acknowledged",
+    2: "already_acknowledged",
+    3: "requeued",
+    4: "dead_lettered",
+    5: "extended",
+}
+
+
 class _Window:
     """Read-ahead of one group's partitions of one topic, on the reader thread only."""
 
     def __init__(
-        self, settings: Settings, group: str, topic: str, partitions: int, sealed: bool
+        self,
+        settings: Settings,
+        group: str,
+        topic: str,
+        partitions: int,
+        sealed: bool,
+        written: Callable[[str, int], int] | None = None,
     ) -> None:
         self.settings = settings
+        # The offset this process last wrote per partition: fresher than a cached watermark.
+        self.written = written
         self.group = group
         self.topic = topic
         self.partitions = partitions
@@ -112,6 +261,9 @@ class _Window:
         self.consumer: Any = None
         self.records: list[dict[int, StoredMessage]] = [{} for _ in range(partitions)]
         self.next = [0] * partitions  # next offset expected from the fetcher
+        self.start = [0] * partitions  # no record below this one is kept
+        self.fresh = [0] * partitions  # no record below this one is never leased
+        self.mixed = [False] * partitions  # records of more than priority 0 were read
         self.paused: set[int] = set()
         self.lows: list[int] = []
         self.lows_at = 0.0
@@ -126,6 +278,7 @@ class _Window:
             [TopicPartition(self.topic, p, positions[p]) for p in range(self.partitions)]
         )
         self.next = list(positions)
+        self.start = list(positions)
 
     def initial_positions(self) -> list[int]:
         """Where a group without state starts: Kafka's committed offset, else the log start."""
@@ -153,36 +306,49 @@ class _Window:
             self.lows_at = time.monotonic()
         return self.lows
 
-    def sync(self, positions: list[int], wait_s: float) -> None:
-        """Drop what the group completed, reposition if needed, read what is new."""
+    def sync(self, positions: list[int], cursors: dict[str, int], wait_s: float) -> None:
+        """Drop what the group completed, reposition if needed, read what is new.
+
+        ``cursors``: the next never-leased offset per ``"partition:priority"``.
+        """
         self.used = time.monotonic()
         self.committed = positions
+        # Where the never-leased messages start (with several priorities read: from the
+        # position on, as an estimate that reads no further than needed).
+        self.fresh = [
+            pos if self.mixed[p] else max(pos, cursors.get(f"{p}:0", 0))
+            for p, pos in enumerate(positions)
+        ]
         if self.consumer is None:
             self._open(positions)
         for p in range(self.partitions):
             recs = self.records[p]
-            if positions[p] > self.next[p] or (
-                positions[p] < self.next[p] and positions[p] not in recs and recs
-            ):
+            pos = positions[p]
+            if pos > self.next[p] or (pos < self.start[p] and pos < self.next[p]):
                 # The position moved outside what was read (retention, lost state): re-read.
-                self.consumer.seek(TopicPartition(self.topic, p, positions[p]))
+                self.consumer.seek(TopicPartition(self.topic, p, pos))
                 recs.clear()
-                self.next[p] = positions[p]
-            elif recs:
-                for off in [o for o in recs if o < positions[p]]:
-                    del recs[off]
-            elif positions[p] < self.next[p]:
-                self.consumer.seek(TopicPartition(self.topic, p, positions[p]))
-                self.next[p] = positions[p]
+                self.next[p] = self.start[p] = pos
+                self.mixed[p] = False
+            elif pos > self.start[p]:
+                # Offsets are read in order: what is complete is the range below the position.
+                for off in range(self.start[p], pos):
+                    recs.pop(off, None)
+                self.start[p] = pos
         self._fetch(wait_s)
-        if wait_s == 0 and self._behind():
-            # The broker has messages this window has not received yet (just resumed, or a
-            # fetch in flight): a consume without timeout must still see a backlog.
-            self._fetch(0.2)
+
+    def catch_up(self) -> bool:
+        """Wait (briefly) for what the broker has and this window has not received yet: a
+        fetch in flight, a partition just resumed. Returns whether anything came."""
+        if not self._behind():
+            return False
+        before = sum(self.next)
+        self._fetch(CATCH_UP_S)
+        return sum(self.next) > before
 
     def _behind(self) -> bool:
         for p in range(self.partitions):
-            if p in self.paused or len(self.records[p]) >= 100:
+            if p in self.paused:
                 continue
             try:
                 _, hi = self.consumer.get_watermark_offsets(
@@ -192,6 +358,8 @@ class _Window:
                 continue
             if hi > self.next[p]:
                 return True
+            if self.written is not None and self.written(self.topic, p) >= self.next[p]:
+                return True  # produced here and acknowledged by Kafka: a fetch brings it
         return False
 
     def _fetch(self, wait_s: float) -> None:
@@ -200,12 +368,19 @@ class _Window:
             first = self.consumer.poll(wait_s)
             if first is not None:
                 self._keep([first])
-        while True:
+        # Read on while fewer than WINDOW per partition are ready: what is not read yet waits
+        # in librdkafka's queue, fetched ahead in the background. (Pausing partitions instead
+        # would stall: a resumed partition's first fetch takes a second.)
+        target = WINDOW * self.partitions
+        while self._ready() < target:
             msgs = self.consumer.consume(1000, 0)
             self._keep(msgs)
             self._flow()
             if len(msgs) < 1000:
                 return
+
+    def _ready(self) -> int:
+        return sum(max(0, n - f) for n, f in zip(self.next, self.fresh, strict=True))
 
     def _keep(self, msgs: list[Any]) -> None:
         for msg in msgs:
@@ -215,17 +390,19 @@ class _Window:
             off = msg.offset()
             if p >= self.partitions or off < self.next[p]:
                 continue  # from before a seek
-            self.records[p][off] = parse_record(msg, self.sealed)
+            rec = self.records[p][off] = parse_record(msg, self.sealed)
+            if rec.priority:
+                self.mixed[p] = True
             self.next[p] = off + 1
 
     def _flow(self) -> None:
         for p in range(self.partitions):
             tp = [TopicPartition(self.topic, p)]
             n = len(self.records[p])
-            if n >= WINDOW and p not in self.paused:
+            if n >= HOLD and p not in self.paused:
                 self.consumer.pause(tp)
                 self.paused.add(p)
-            elif n < WINDOW // 2 and p in self.paused:
+            elif n < HOLD // 2 and p in self.paused:
                 self.consumer.resume(tp)
                 self.paused.discard(p)
 
@@ -376,7 +553,9 @@ class KafkaGroups:
             await self._reading(w.close)
             w = None
         if w is None:
-            w = _Window(self.settings, group, cfg.name, cfg.partitions, cfg.encrypted)
+            w = _Window(
+                self.settings, group, cfg.name, cfg.partitions, cfg.encrypted, self.sink.written
+            )
             self._windows[key] = w
         return w
 
@@ -406,7 +585,8 @@ class KafkaGroups:
         async with w.lock:
             out = LeaseOutcome([])
             want = max_messages
-            for attempt in range(3):
+            caught_up = False
+            for attempt in range(4):
                 res = await self._prepare(w, cfg, consumer, want, max_leased, now)
                 if attempt == 0:
                     out.reclaimed = int(res["reclaimed"])
@@ -419,12 +599,21 @@ class KafkaGroups:
                 if want - len(out.messages) <= 0:
                     break
                 positions = [int(x) for x in res["pos"]]
-                await self._reading(w.sync, positions, 0.5 if w.consumer is None else 0.0)
+                cursors = _cursors(res)
+                await self._reading(w.sync, positions, cursors, 0.5 if w.consumer is None else 0)
                 lost = await self._pick(
                     group, cfg, w, res, consumer, want - len(out.messages), visibility_ms, now,
                     picker, out,
                 )  # fmt: skip
-                if not lost:  # another replica took some of the candidates: look again
+                if lost:  # another replica took some of the candidates: look again
+                    continue
+                if out.messages or caught_up:
+                    break
+                # Nothing to lease in the window, but the broker may have more than the window
+                # received so far (a fetch in flight, a partition just resumed): a consume must
+                # not answer empty while messages are ready.
+                caught_up = True
+                if not await self._reading(w.catch_up):
                     break
             out.messages.sort(key=lambda m: -m.priority)
             return out
@@ -450,6 +639,38 @@ class KafkaGroups:
             res = await self._call("prepare", *args, *tail, *self._policy_args())
         return res
 
+    @staticmethod
+    def _fresh(
+        w: _Window, positions: list[int], cursors: dict[str, int], want: int
+    ) -> list[list[tuple[int, StoredMessage]]]:
+        """Up to ``want`` never-leased candidates per priority level and partition."""
+        fresh: list[list[tuple[int, StoredMessage]]] = [[] for _ in range(PRIORITY_LEVELS)]
+        for p in range(w.partitions):
+            recs = w.records[p]
+            if not w.mixed[p]:
+                # Only priority 0 was read: the candidates are the offsets from its cursor on.
+                level = fresh[0]
+                n = 0
+                for off in range(max(cursors.get(f"{p}:0", 0), positions[p]), w.next[p]):
+                    rec = recs.get(off)
+                    if rec is not None:
+                        level.append((-1, rec))
+                        n += 1
+                        if n >= want:
+                            break
+                continue
+            starts = [max(cursors.get(f"{p}:{pri}", 0), positions[p]) for pri in range(10)]
+            counts = [0] * PRIORITY_LEVELS
+            for off, rec in recs.items():
+                pri = rec.priority
+                if off >= starts[pri] and counts[pri] < want:
+                    fresh[pri].append((-1, rec))
+                    counts[pri] += 1
+        if w.partitions > 1:
+            for candidates in fresh:
+                candidates.sort(key=lambda c: (c[1].offset, c[1].partition))
+        return fresh
+
     async def _pick(
         self,
         group: str,
@@ -463,32 +684,25 @@ class KafkaGroups:
         picker: PriorityPicker,
         out: LeaseOutcome,
     ) -> int:
-        """Lease up to ``want`` into ``out``; returns how many picks another replica took."""
+        """Lease up to ``want`` into ``out``; returns how many runs another replica took."""
         positions = [int(x) for x in res["pos"]]
-        flat = _list(res["cur"])
-        cursors = {str(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
-        retries: list[list[tuple[str, StoredMessage]]] = [[] for _ in range(PRIORITY_LEVELS)]
-        for p, off, _n, _pri in _list(res["retries"]):
-            rec = w.records[p].get(off) if p < w.partitions else None
-            if rec is not None:
-                retries[rec.priority].append(("r", rec))
-        fresh: list[list[tuple[str, StoredMessage]]] = [[] for _ in range(PRIORITY_LEVELS)]
-        for p in range(w.partitions):
-            starts = [max(cursors.get(f"{p}:{pri}", 0), positions[p]) for pri in range(10)]
-            counts = [0] * PRIORITY_LEVELS
-            for off, rec in w.records[p].items():
-                pri = rec.priority
-                if off >= starts[pri] and counts[pri] < want:
-                    fresh[pri].append(("f", rec))
-                    counts[pri] += 1
-        if w.partitions > 1:
-            for candidates in fresh:
-                candidates.sort(key=lambda c: (c[1].offset, c[1].partition))
+        cursors = _cursors(res)
+        # (first offset of the retry run it is part of, or -1 for a fresh one; the record)
+        retries: list[list[tuple[int, StoredMessage]]] = [[] for _ in range(PRIORITY_LEVELS)]
+        for p, first, last, _n, _pri in _list(res["retries"]):
+            if p >= w.partitions:
+                continue
+            recs = w.records[p]
+            for off in range(first, last + 1):
+                rec = recs.get(off)
+                if rec is not None:
+                    retries[rec.priority].append((first, rec))
+        fresh = self._fresh(w, positions, cursors, want)
         ready = [len(retries[i]) + len(fresh[i]) for i in range(PRIORITY_LEVELS)]
         ri = [0] * PRIORITY_LEVELS
         fi = [0] * PRIORITY_LEVELS
-        picks: list[list[Any]] = []
-        chosen: list[StoredMessage] = []
+        # (run first or -1, record, expired: 0, 1 TTL passed, 2 undeliverable; reason)
+        chosen: list[tuple[int, StoredMessage, int, str]] = []
         leases = 0
         while leases < want:
             level = picker.pick(ready)
@@ -496,10 +710,10 @@ class KafkaGroups:
                 break
             ready[level] -= 1
             if ri[level] < len(retries[level]):
-                kind, rec = retries[level][ri[level]]
+                first, rec = retries[level][ri[level]]
                 ri[level] += 1
             else:
-                kind, rec = fresh[level][fi[level]]
+                first, rec = fresh[level][fi[level]]
                 fi[level] += 1
             expired = 1 if rec.expires_at and rec.expires_at <= now else 0
             reason = ""
@@ -516,23 +730,40 @@ class KafkaGroups:
                     )  # fmt: skip
             if not expired:
                 leases += 1
-            picks.append(
-                [kind, rec.partition, rec.offset, rec.priority, rec.message_id, expired,
-                 1 if cfg.dead_letter_expired else 0, reason]
-            )  # fmt: skip
-            chosen.append(rec)
-        if not picks:
+            chosen.append((first, rec, expired, reason))
+        if not chosen:
             return 0
+        segments = _segments(chosen)
         deadline = now + visibility_ms
-        claimed = await self._call(
-            "claim", group, cfg.name, now, deadline, consumer, msgspec.json.encode(picks).decode()
-        )
+        args: list[Any] = [
+            group, cfg.name, now, deadline, consumer, 1 if cfg.dead_letter_expired else 0,
+            len(segments),
+        ]  # fmt: skip
+        for first, expired, reason, recs in segments:
+            args += [
+                "r" if first >= 0 else "f", recs[0].partition, recs[0].offset, recs[-1].offset,
+                recs[0].priority, first, expired, reason,
+                b"" if first >= 0 else b"".join([pack_id(r.message_id) for r in recs]),
+            ]  # fmt: skip
+        codes, _positions = await self._call("claim", *args)
+        outcome: dict[tuple[int, int], int] = {}
         dead: list[list[Any]] = []
         lost = 0
-        for rec, pick, n in zip(chosen, picks, _list(claimed["out"]), strict=True):
+        for (_first, expired, reason, recs), n in zip(segments, codes, strict=True):
             if n == 0:
                 lost += 1
-            elif n > 0:
+            elif n == -1:
+                r0 = recs[0]
+                why = ("ttl", "expired") if expired == 1 else (reason, reason)
+                dead.append([cfg.name, r0.partition, r0.offset, recs[-1].offset, 0, *why])
+                out.expired += len(recs) if expired == 1 else 0
+            elif n == -2:
+                out.expired += len(recs)
+            for rec in recs:
+                outcome[rec.partition, rec.offset] = n
+        for _first, rec, _expired, _reason in chosen:
+            n = outcome[rec.partition, rec.offset]
+            if n > 0:
                 out.messages.append(
                     LeasedMessage(
                         message_id=rec.message_id,
@@ -549,15 +780,6 @@ class KafkaGroups:
                         expires_at=rec.expires_at,
                     )
                 )
-            elif n == -2:
-                out.expired += 1
-            elif n == -1 and pick[5] == 2:
-                reason = pick[7]
-                dead.append([f"{rec.partition}:{rec.offset}", 0, rec.message_id, reason, reason])
-            elif n == -1:
-                out.expired += 1
-                f = f"{rec.partition}:{rec.offset}"
-                dead.append([f, 0, rec.message_id, "ttl", "expired"])
         if dead:
             out.dead_lettered += await self._dead_letter(group, cfg, w, dead, now)
         return lost
@@ -567,7 +789,8 @@ class KafkaGroups:
     async def _dead_letter(
         self, group: str, cfg: TopicConfig, w: _Window | None, dead: list[list[Any]], now: int
     ) -> int:
-        """Write dead letters to ``<topic>.dlq``, then mark them complete; returns how many."""
+        """Write dead letters (runs ``[topic, partition, first, last, deliveries, error,
+        reason]``) to ``<topic>.dlq``, then mark them complete; returns how many."""
         dlq = dlq_name(cfg.name)
         if await self.sink.get_topic(dlq) is None:
             await self.sink.create_topic(
@@ -582,26 +805,27 @@ class KafkaGroups:
                 )
             )
         written: list[str] = []
-        for f, count, mid, error, reason in (d[:5] for d in dead):
-            p, _, off_s = str(f).partition(":")
-            part, off = int(p), int(off_s)
-            rec = w.records[part].get(off) if w is not None and part < w.partitions else None
-            if rec is None:
-                got = await self.sink.read(cfg.name, part, off, 1)
-                rec = got[0] if got and got[0].offset == off else None
-            stored = False  # copied as stored: it does not decrypt
-            if isinstance(rec, SealedMessage):
-                try:
-                    rec = await self.sink.open(rec)
-                except DecryptError:
-                    stored = True
-            if rec is not None:
+        n = 0
+        for _t, part, first, last, count, error, reason in dead:
+            error, reason = _text(error), _text(reason)
+            for off in range(int(first), int(last) + 1):
+                rec = w.records[part].get(off) if w is not None and part < w.partitions else None
+                if rec is None:
+                    got = await self.sink.read(cfg.name, part, off, 1)
+                    rec = got[0] if got and got[0].offset == off else None
+                n += 1
+                if rec is None:
+                    continue  # removed by retention meanwhile: nothing to copy
+                stored = False  # copied as stored: it does not decrypt
+                if isinstance(rec, SealedMessage):
+                    try:
+                        rec = await self.sink.open(rec)
+                    except DecryptError:
+                        stored = True
                 headers = [(k, v.encode()) for k, v in rec.headers.items()]
-                headers += [
-                    (H_PRIORITY, str(rec.priority).encode()),
-                ]
+                headers.append((H_PRIORITY, str(rec.priority).encode()))
                 why = dlq_headers(
-                    cfg.name, part, off, str(mid), group, count, str(error), str(reason), now
+                    cfg.name, part, off, rec.message_id, group, int(count), error, reason, now
                 )
                 headers += [(k, v.encode()) for k, v in why.items()]
                 headers.insert(0, (H_ID, message_id_at(now).encode()))
@@ -611,15 +835,13 @@ class KafkaGroups:
                     key = rec.key.encode() if rec.key is not None else None
                     value = rec.content.encode()
                 await self.sink.produce_one(dlq, 0, key, value, headers, as_stored=stored)
-            written.append(str(f))
-        positions = await self._call(
-            "finish", group, cfg.name, now, msgspec.json.encode(written).decode()
-        )
+            written.append(f"{part}:{first}")
+        positions = await self._call("finish", group, cfg.name, now, *written)
         if w is not None:
             for p, c in _list(positions):
                 if c is not None and p < len(w.committed):
                     w.committed[p] = int(c)
-        return len(written)
+        return n
 
     async def redrive(self, topic: str, max_messages: int, now: int) -> int:
         cfg = await self.sink.get_topic(topic)
@@ -691,125 +913,78 @@ class KafkaGroups:
         now: int,
         authorize: Authorize | None = None,
     ) -> list[SettleResult]:
-        # The topic each item must be on for the script to apply it ("" any; a topic is never
-        # "\n", so that finds nothing), and the items refused before the script ran.
-        on: list[str] = [topic or ""] * len(items)
-        denied: dict[int, errors.MqfastError] = {}
-        if authorize is not None and (topic is None or authorize(topic) is not None):
-            # Only without a named topic (or a refused one): learn each message's topic first,
-            # one more round trip, read-only; the script then applies an item only if the
-            # message is still on the topic that was authorised.
+        denied: dict[int, SettleResult] = {}
+        todo = items
+        if authorize is not None and items:
+            # Where each message lives first (nothing changes), so that one the caller may not
+            # settle in its topic is refused before anything happens to it.
+            blob, names, _, _ = await self._settle_call(group, topic, consumer, items, now, "1")
             verdicts: dict[str, errors.MqfastError | None] = {}
-            for i, t in enumerate(await self._topics_of(group, items)):
-                on[i] = "\n" if t is None else t
-                if t is not None and topic in (None, t):
+            for i, (_code, ti, _n, _v) in enumerate(_RESULT.iter_unpack(blob)):
+                if ti:
+                    t = names[ti - 1]
                     if t not in verdicts:
                         verdicts[t] = authorize(t)
-                    refusal = verdicts[t]
-                    if refusal is not None:
-                        denied[i] = refusal
-                        on[i] = "\n"
-        payload = [
-            [
-                it.message_id,
-                it.action,
-                it.error or "",
-                -1 if it.delay_ms is None else it.delay_ms,
-                it.visibility_ms or 0,
-                on[i],
+                    err = verdicts[t]
+                    if err is not None:
+                        mid = items[i].message_id
+                        # the topic is not told: the caller may not see it
+                        denied[i] = SettleResult(mid, "", error=err)
+            todo = [it for i, it in enumerate(items) if i not in denied]
+        results: list[SettleResult] = []
+        if todo:
+            blob, names, dead, positions = await self._settle_call(
+                group, topic, consumer, todo, now, "0"
+            )
+            for t, p, c in positions:
+                w = self._windows.get((group, t))
+                if w is not None and p < len(w.committed):
+                    w.committed[p] = int(c)
+            by_topic: dict[str, list[list[Any]]] = {}
+            for d in dead:
+                by_topic.setdefault(_text(d[0]), []).append(d)
+            for t, entries in by_topic.items():
+                cfg = await self.sink.get_topic(t)
+                if cfg is not None:
+                    await self._dead_letter(group, cfg, self._windows.get((group, t)), entries, now)
+            results = [
+                _result(group, topic, it, names, r)
+                for it, r in zip(todo, _RESULT.iter_unpack(blob), strict=True)
             ]
-            for i, it in enumerate(items)
-        ]
-        res = await self._call(
+        if not denied:
+            return results
+        merged = iter(results)
+        return [denied[i] if i in denied else next(merged) for i in range(len(items))]
+
+    async def _settle_call(
+        self,
+        group: str,
+        topic: str | None,
+        consumer: str | None,
+        items: list[SettleItem],
+        now: int,
+        dry: str,
+    ) -> tuple[bytes, list[str], list[list[Any]], list[list[Any]]]:
+        extras = bytearray()
+        for it in items:
+            if it.action != "ack":
+                err = (it.error or "").encode()[:MAX_ERROR_BYTES]
+                delay = -1 if it.delay_ms is None else it.delay_ms
+                extras += _EXTRA.pack(delay, it.visibility_ms or 0, len(err)) + err
+        blob, names, dead, positions = await self._call(
             "settle",
             group,
             topic or "",
             now,
             consumer or "",
-            msgspec.json.encode(payload).decode(),
             *self._policy_args(),
             self.policy.visibility_ms,
+            b"".join([pack_id(it.message_id) for it in items]),
+            "".join([_ACTIONS[it.action] for it in items]),
+            bytes(extras),
+            dry,
         )
-        for t, p, c in _list(res["pos"]):
-            w = self._windows.get((group, t))
-            if w is not None and c is not None and p < len(w.committed):
-                w.committed[p] = int(c)
-        dead = _list(res["dead"])
-        by_topic: dict[str, list[list[Any]]] = {}
-        for d in dead:
-            by_topic.setdefault(d[5], []).append(d)
-        for t, entries in by_topic.items():
-            cfg = await self.sink.get_topic(t)
-            if cfg is not None:
-                await self._dead_letter(group, cfg, self._windows.get((group, t)), entries, now)
-        results = []
-        for i, (item, r) in enumerate(zip(items, _list(res["results"]), strict=True)):
-            if i in denied:
-                results.append(SettleResult(item.message_id, "", error=denied[i]))
-            else:
-                results.append(self._result(group, topic, item, r))
-        return results
-
-    async def _topics_of(self, group: str, items: list[SettleItem]) -> list[str | None]:
-        """The topic of each item's message in ``group`` (None: never delivered to it)."""
-        try:
-            locs = await self.redis.hmget(f"mq:{{{group}}}:ids", [it.message_id for it in items])
-        except (RedisError, OSError) as e:
-            raise self._down(e) from None
-        self._up()
-        out: list[str | None] = []
-        for loc in locs:
-            text = loc.decode() if isinstance(loc, bytes) else loc
-            out.append(None if text is None else text.partition("\n")[0])
-        return out
-
-    @staticmethod
-    def _result(group: str, topic: str | None, item: SettleItem, r: dict[str, Any]) -> SettleResult:
-        res = SettleResult(
-            message_id=item.message_id,
-            status=r.get("status", ""),
-            topic=r.get("topic", ""),
-            delivery_count=int(r.get("count", 0)),
-        )
-        mid = item.message_id
-        err = r.get("err")
-        if err == "not_found":
-            where = f" in topic {topic!r}" if topic is not None else ""
-            res.error = errors.NotFound(
-                f"message {mid!r}{where} has no delivery to group {group!r}"
-                " (never delivered to it, or completed long ago)",
-                field="message_id",
-            )
-        elif err == "gone":
-            res.error = errors.Conflict(
-                f"message {mid!r} is no longer deliverable in group {group!r} ({r.get('detail')})",
-                field="message_id",
-            )
-        elif err == "acked":
-            res.error = errors.Conflict(
-                f"message {mid!r} is already acknowledged in group {group!r}", field="message_id"
-            )
-        elif err == "expired":
-            then = (
-                f"it reached the delivery limit and went to {dlq_name(res.topic)!r}"
-                if r.get("detail") == "dead"
-                else "it will be delivered again"
-            )
-            res.error = errors.Conflict(
-                f"the lease of message {mid!r} expired; {then}", field="message_id"
-            )
-        elif err == "other_consumer":
-            res.error = errors.Conflict(
-                f"message {mid!r} is leased to another consumer of group {group!r}",
-                field="consumer_id",
-            )
-        if "processing" in r:
-            res.processing_ms = float(r["processing"])
-        if "redeliver_at" in r:
-            res.redeliver_at = int(r["redeliver_at"])
-        if "deadline" in r:
-            res.lease_deadline = int(r["deadline"])
-        return res
+        return blob, [_text(t) for t in names], dead, [[_text(t), p, c] for t, p, c in positions]
 
     # ---- consumer rate limits -------------------------------------------------------------
 
