@@ -479,12 +479,14 @@ class EmbeddedGroups:
         self, conn: sqlite3.Connection, group: str, topic: str, now: int, touched: set[int]
     ) -> tuple[int, int]:
         """Expired leases are failed deliveries: schedule a retry or dead-letter them."""
+        # The state is written into the statement, not bound: measured, with ``state = ?``
+        # this search cost 40-400 us instead of 5 us although its plan names runs_due.
         runs = [
             _Run(row)
             for row in conn.execute(
-                f"SELECT {_RUN_COLUMNS} FROM runs WHERE group_id = ? AND topic = ? AND state = ?"
-                " AND due_ms <= ? AND state < 3",  # the condition of runs_due
-                (group, topic, LEASED, now),
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE group_id = ? AND topic = ?"
+                f" AND state = {LEASED} AND due_ms <= ? AND state < 3",  # runs_due's condition
+                (group, topic, now),
             )
         ]
         failed = dead = 0
@@ -562,10 +564,10 @@ class EmbeddedGroups:
         ]
         retry_runs: list[_Run] = []
         budget = want * 4
-        for row in conn.execute(
-            f"SELECT {_RUN_COLUMNS} FROM runs WHERE group_id = ? AND topic = ? AND state = ?"
+        for row in conn.execute(  # the state written in, as in _reclaim
+            f"SELECT {_RUN_COLUMNS} FROM runs WHERE group_id = ? AND topic = ? AND state = {RETRY}"
             " AND due_ms <= ? AND state < 3 ORDER BY due_ms LIMIT ?",  # runs_due's condition
-            (group, topic, RETRY, now, want),
+            (group, topic, now, want),
         ).fetchall():
             if budget <= 0:
                 break
