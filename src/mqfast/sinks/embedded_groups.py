@@ -29,6 +29,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterable
 from itertools import islice
+from operator import itemgetter
 from typing import Any, Final, TypeVar
 
 import msgspec
@@ -106,6 +107,7 @@ _PROBE_TERMS: Final = 250
 _RANGE_GAP: Final = 64
 # How many times one lease looks past messages it found expired before it answers.
 _SKIP_ROUNDS: Final = 10
+_BY_OFFSET: Final = itemgetter(1, 0)  # candidates (partition, offset, expires) by offset
 # Ids leased by this process, remembered to find them again without a search.
 _WHERE_MAX: Final = 200_000
 
@@ -694,7 +696,7 @@ class EmbeddedGroups:
         if partitions > 1:  # interleave partitions by offset so none starves another
             for rows in fresh:
                 if rows:
-                    rows.sort(key=lambda c: (c[1], c[0]))
+                    rows.sort(key=_BY_OFFSET)
         return fresh
 
     @staticmethod
@@ -747,6 +749,7 @@ class EmbeddedGroups:
         ]
         # per partition and priority level: the never-leased offsets leased now, with their ids
         fresh: dict[tuple[int, int], list[tuple[int, str]]] = {}
+        retried: set[int] = set()  # the levels of the retries leased now
         seen = 0
         chosen = {}
         last_p = -1
@@ -779,6 +782,7 @@ class EmbeddedGroups:
                     continue
             if run is not None:
                 run.changes[off] = (LEASED, consumer, deadline, now, count + 1, None, 0, 0)
+                retried.add(pri)
             else:
                 fresh.setdefault((p, pri), []).append((off, mid))
             where[mid] = (topic, p, off)
@@ -809,7 +813,8 @@ class EmbeddedGroups:
                 group, topic, p, pri, [(off, lease) for off, _ in offs], min(ids), max(ids)
             )
         # within one answer, higher priority first (each level already oldest first)
-        messages.sort(key=lambda m: -m.priority)
+        if len(retried.union(pri for _, pri in fresh)) > 1:
+            messages.sort(key=lambda m: -m.priority)
 
     # ---- dead letters ---------------------------------------------------------------------
 
@@ -1021,9 +1026,29 @@ class EmbeddedGroups:
         results = []
         shared: dict[Any, Any] = {}
         for item in items:
+            at = place.get(item.message_id)
+            if at is not None and item.action == "ack":
+                # The common case inline: an allowed acknowledgement of a live lease, held by
+                # the consumer named (if any). Everything else goes through _settle_one.
+                run, off = at
+                a = run.changes.get(off, run.attrs)
+                if (
+                    a[0] == LEASED
+                    and a[2] > now
+                    and (consumer is None or a[1] == consumer)
+                    and (authorize is None or authorize(run.topic) is None)
+                ):
+                    seen = shared.get(id(a))
+                    if seen is None:  # as _settle_one keys it, so that a run stays one row
+                        seen = shared[id(a)] = (a, (DONE, None, now, a[3], a[4], None, 0, now))
+                    run.changes[off] = seen[1]
+                    results.append(
+                        SettleResult(item.message_id, "acknowledged", run.topic, a[4],
+                                     float(max(0, now - a[3])))
+                    )  # fmt: skip
+                    continue
             res = SettleResult(message_id=item.message_id, status="")
             results.append(res)
-            at = place.get(item.message_id)
             if at is None:
                 where_ = f" in topic {topic!r}" if topic is not None else ""
                 res.error = errors.NotFound(
