@@ -23,11 +23,11 @@ acknowledgement of an expired lease is refused).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import functools
+import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from itertools import islice
 from operator import itemgetter
 from typing import Any, Final, TypeVar
@@ -110,6 +110,26 @@ _SKIP_ROUNDS: Final = 10
 _BY_OFFSET: Final = itemgetter(1, 0)  # candidates (partition, offset, expires) by offset
 # Ids leased by this process, remembered to find them again without a search.
 _WHERE_MAX: Final = 200_000
+
+# Transactional calls queued together that share one transaction at most (``_work``): more
+# would hold the database's write lock, and so produce, for longer.
+_COALESCE: Final = 8
+# A queued call: its future, that future's loop, the function, its arguments, transactional?
+_Job = tuple[
+    "asyncio.Future[Any]", asyncio.AbstractEventLoop, Callable[..., Any], tuple[Any, ...], bool
+]
+
+
+def _resolve(done: list[tuple[_Job, Any, BaseException | None]]) -> None:
+    for job, result, error in done:
+        fut = job[0]
+        if fut.cancelled():
+            continue
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+
 
 # state, consumer, due_ms, leased_ms, delivery_count, last_error, why, done_ms: what all
 # offsets of one run share (besides the priority)
@@ -217,23 +237,27 @@ class EmbeddedGroups:
         self.policy = policy
         self.encryptor = encryptor  # decrypts messages of encrypted topics as they are leased
         self.rate_limits: RateLimits = LocalRateLimits()
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._thread: threading.Thread | None = None
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._conn: sqlite3.Connection | None = None
         # message id -> (topic, partition, offset) of what this process leased; only a hint
         # (a topic deleted and created again reuses offsets), always checked against the row
         self._where: dict[str, tuple[str, int, int]] = {}
 
     async def start(self) -> None:
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="mqfast-embedded-groups"
+        self._jobs = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=self._work, name="mqfast-embedded-groups", daemon=True
         )
+        self._thread.start()
         await self._run(self._open)
 
     async def close(self) -> None:
-        if self._pool is not None:
+        if self._thread is not None:
             await self._run(self._close)
-            self._pool.shutdown(wait=True)
-            self._pool = None
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
 
     def _open(self) -> None:
         self._conn = self._connect()
@@ -243,21 +267,94 @@ class EmbeddedGroups:
             self._conn.close()
             self._conn = None
 
-    async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
-        if self._pool is None:
+    async def _run(self, fn: Callable[..., _T], *args: Any, txn: bool = False) -> _T:
+        """``fn(*args)`` on the store's thread; with ``txn``, ``fn(conn, *args)`` in a write
+        transaction (see ``_work``)."""
+        if self._thread is None:
             raise errors.Unavailable("embedded engine: consumer groups not started")
         loop = asyncio.get_running_loop()
+        fut: asyncio.Future[_T] = loop.create_future()
+        self._jobs.put((fut, loop, fn, args, txn))
         try:
-            return await loop.run_in_executor(self._pool, fn, *args)
+            return await fut
         except sqlite3.Error as e:
             raise errors.Unavailable(f"embedded engine: {e}") from e
 
-    def _txn(self, fn: Callable[..., _T], *args: Any) -> _T:
+    def _call(self, fn: Callable[..., _T], *args: Any) -> Awaitable[_T]:
+        return self._run(fn, *args, txn=True)
+
+    def _work(self) -> None:
+        """The store's thread: runs the calls queued, in order. Transactional calls queued
+        together (several consumers at once) share one transaction, each in a savepoint of
+        its own: one commit instead of several, and every answer only after that commit,
+        so a 2xx still means durable. Their results go back with one wake-up of the loop."""
+        get, get_nowait = self._jobs.get, self._jobs.get_nowait
+        stop = False
+        while not stop:
+            job = get()
+            if job is None:
+                return
+            jobs = [job]
+            while len(jobs) < _COALESCE:
+                try:
+                    job = get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stop = True
+                    break
+                jobs.append(job)
+            done: list[tuple[_Job, Any, BaseException | None]] = []
+            together: list[_Job] = []
+            for job in jobs:
+                if job[0].cancelled():  # its caller is gone: do not lease for nobody
+                    continue
+                if job[4]:
+                    together.append(job)
+                    continue
+                if together:
+                    self._commit(together, done)
+                    together = []
+                try:
+                    done.append((job, job[2](*job[3]), None))
+                except BaseException as e:
+                    done.append((job, None, e))
+            if together:
+                self._commit(together, done)
+            if done:
+                try:
+                    done[0][0][1].call_soon_threadsafe(_resolve, done)
+                except RuntimeError:  # the loop is closed: nobody waits any more
+                    pass
+
+    def _commit(self, jobs: list[_Job], done: list[tuple[_Job, Any, BaseException | None]]) -> None:
         conn = self._conn
         if conn is None:
-            raise errors.Unavailable("embedded engine: consumer groups not started")
-        with immediate(conn, self._lock):
-            return fn(conn, *args)
+            e = errors.Unavailable("embedded engine: consumer groups not started")
+            done += [(job, None, e) for job in jobs]
+            return
+        out: list[tuple[_Job, Any, BaseException | None]] = []
+        try:
+            with immediate(conn, self._lock):
+                if len(jobs) == 1:
+                    job = jobs[0]
+                    out.append((job, job[2](conn, *job[3]), None))
+                else:
+                    for job in jobs:
+                        conn.execute("SAVEPOINT call")
+                        try:
+                            result = job[2](conn, *job[3])
+                        except Exception as e:  # this call's changes go, the others' stay
+                            conn.execute("ROLLBACK TO call")
+                            conn.execute("RELEASE call")
+                            out.append((job, None, e))
+                            continue
+                        conn.execute("RELEASE call")
+                        out.append((job, result, None))
+        except BaseException as e:  # the transaction failed as a whole: none of it was kept
+            done += [(job, None, e) for job in jobs]
+            return
+        done += out
 
     # ---- public API (GroupStore) ----------------------------------------------------------
 
@@ -272,8 +369,7 @@ class EmbeddedGroups:
         picker: PriorityPicker,
         max_leased: int | None,
     ) -> LeaseOutcome:
-        return await self._run(
-            self._txn,
+        return await self._call(
             self._lease,
             group,
             topic,
@@ -294,21 +390,19 @@ class EmbeddedGroups:
         now: int,
         authorize: Authorize | None = None,
     ) -> list[SettleResult]:
-        return await self._run(
-            self._txn, self._settle, group, topic, consumer, items, now, authorize
-        )
+        return await self._call(self._settle, group, topic, consumer, items, now, authorize)
 
     async def release_consumer(self, consumer: str, now: int) -> int:
-        return await self._run(self._txn, self._release, consumer, now)
+        return await self._call(self._release, consumer, now)
 
     async def redrive(self, topic: str, max_messages: int, now: int) -> int:
-        return await self._run(self._txn, self._redrive, topic, max_messages, now)
+        return await self._call(self._redrive, topic, max_messages, now)
 
     async def prune(self, now: int) -> int:
-        return await self._run(self._txn, self._prune, now)
+        return await self._call(self._prune, now)
 
     async def unacked(self, now: int, limit: int) -> list[Unacked]:
-        return await self._run(self._txn, self._unacked, now, limit)
+        return await self._call(self._unacked, now, limit)
 
     def _unacked(self, conn: sqlite3.Connection, now: int, limit: int) -> list[Unacked]:
         out = []
