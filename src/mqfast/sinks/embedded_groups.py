@@ -1100,14 +1100,22 @@ class EmbeddedGroups:
         self._load_runs(conn, group, hints.values(), runs)
         place: dict[str, tuple[_Run, int]] = {}
         misses = []
+        run: _Run | None = None  # the run of the item before: a batch is mostly a few runs
         for item in items:
             mid = item.message_id
             if mid in place:
                 continue
             hint = hints.get(mid)
-            run = self._run_at(runs, *hint) if hint is not None else None
-            if run is not None and hint is not None and run.id_lo <= mid <= run.id_hi:
-                place[mid] = (run, hint[2])
+            if hint is None:
+                misses.append(mid)
+                continue
+            t, p, off = hint
+            if run is None or not (
+                run.first <= off <= run.last and run.partition == p and run.topic == t
+            ):
+                run = self._run_at(runs, t, p, off)
+            if run is not None and run.id_lo <= mid <= run.id_hi:
+                place[mid] = (run, off)
             else:
                 misses.append(mid)
         if misses:
