@@ -1,7 +1,9 @@
 """Consumer groups on the embedded engine: leases, retries, dead letters, committed positions.
 
-Every operation is one ``BEGIN IMMEDIATE`` transaction on the engine's database (tables in
-``embedded.MIGRATIONS``), run on a dedicated thread with its own connection. Because the state
+Every operation is atomic on the engine's database (tables in ``embedded.MIGRATIONS``), run on
+a dedicated thread with its own connection: one ``BEGIN IMMEDIATE`` transaction, shared by the
+operations queued meanwhile (several consumers at once), each in its own savepoint, and
+answered only once that transaction is committed (``_work``). Because the state
 lives in the database, not in memory, several worker processes sharing the file see one
 consistent group, and a ``kill -9`` loses nothing: leases that were out simply expire and the
 messages are delivered again.
