@@ -41,6 +41,7 @@ from mqfast.messages import (
     ExtendRequest,
     RedriveRequest,
     RegisterConsumerRequest,
+    Settled,
     TopicConfig,
     TopicInfo,
 )
@@ -419,18 +420,10 @@ class App:
         return _ok({"messages": msgs, "count": len(msgs)})
 
     @staticmethod
-    def _result(r: SettleResult) -> dict[str, object]:
-        out: dict[str, object] = {
-            "message_id": r.message_id,
-            "status": r.status,
-            "topic": r.topic,
-            "delivery_count": r.delivery_count,
-        }
-        if r.redeliver_at is not None:
-            out["redeliver_at"] = r.redeliver_at
-        if r.lease_deadline is not None:
-            out["lease_deadline"] = r.lease_deadline
-        return out
+    def _result(r: SettleResult) -> Settled:
+        return Settled(
+            r.message_id, r.status, r.topic, r.delivery_count, r.redeliver_at, r.lease_deadline
+        )
 
     async def acknowledge(
         self,
@@ -477,12 +470,16 @@ class App:
                 f"{self.settings.max_batch_messages} are allowed",
                 field="acks",
             )
+        # Made positionally, and the delay (with its field name) only where one is given:
+        # this runs once per message of the batch.
         items = [
             SettleItem(
-                message_id=a.message_id,
-                action="ack" if a.success else "nack",
-                error=a.error,
-                delay_ms=groups.nack_delay_ms(a.requeue_delay, f"acks[{i}].requeue_delay"),
+                a.message_id,
+                "ack" if a.success else "nack",
+                a.error,
+                None
+                if a.requeue_delay is None
+                else groups.nack_delay_ms(a.requeue_delay, f"acks[{i}].requeue_delay"),
             )
             for i, a in enumerate(req.acks)
         ]
@@ -493,19 +490,21 @@ class App:
             items,
             authorize=settle_authorizer(principal, req.group_id),
         )
-        out: list[dict[str, object]] = []
+        out: list[Settled | dict[str, object]] = []
+        refused: list[Forbidden] = []
+        failed = 0
+        result = self._result
         for r in results:
-            if r.error is None:
-                out.append(self._result(r))
-            else:
-                out.append(
-                    {
-                        "message_id": r.message_id,
-                        "error": {"code": str(r.error.code), "message": r.error.message},
-                    }
-                )
-        failed = sum(1 for r in results if r.error is not None)
-        refused = [r.error for r in results if isinstance(r.error, Forbidden)]
+            e = r.error
+            if e is None:
+                out.append(result(r))
+                continue
+            failed += 1
+            if isinstance(e, Forbidden):
+                refused.append(e)
+            out.append(
+                {"message_id": r.message_id, "error": {"code": str(e.code), "message": e.message}}
+            )
         if refused and principal is not None:
             # Answered 200, but a refusal all the same: the audit log records every one.
             self.audit.record(

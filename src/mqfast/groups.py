@@ -508,20 +508,27 @@ class Groups:
             group, topic, consumer, items, now_ms(), authorize=authorize
         )
         freed: set[str] = set()
+        # The results of a batch are mostly of one topic: its counters are looked up once
+        # per run of results of a topic, not once per message.
+        topic_of = ""
+        c = None
         for r in results:
             if r.error is not None:
                 continue
-            c = self._counters(r.topic)
-            if r.status == "acknowledged":
+            if c is None or r.topic != topic_of:
+                topic_of = r.topic
+                c = self._counters(topic_of)
+            status = r.status
+            if status == "acknowledged":
                 c.acknowledged += 1
                 if r.processing_ms is not None and len(c.processing_ms) < 100_000:
                     c.processing_ms.append(r.processing_ms)
-                freed.add(r.topic)
-            elif r.status in ("requeued", "dead_lettered"):
+                freed.add(topic_of)
+            elif status == "requeued" or status == "dead_lettered":
                 c.failed += 1
-                if r.status == "dead_lettered":
+                if status == "dead_lettered":
                     c.dead_lettered += 1
-                freed.add(r.topic)
+                freed.add(topic_of)
         if freed:
             self.notify(freed)  # consumers at their max_concurrency may go on
         return results

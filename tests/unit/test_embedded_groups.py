@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
+from mqfast import errors
 from mqfast.groups import Policy, PriorityPicker, SettleItem, SettleResult
 from mqfast.messages import LeasedMessage
 from mqfast.sinks.embedded import MIGRATIONS, SCHEMA_COMPONENT, apply_migrations, write_lock
@@ -215,6 +218,38 @@ def test_prune_forgets_complete_runs_after_the_grace_period(tmp_path: Path) -> N
         assert type(r.error).__name__ == "NotFound", r
         [r] = await settle(s, [ids[11]], now=NOW + 1)
         assert r.status == "acknowledged", r
+        await s.close()
+
+    with_sink(tmp_path, body)
+
+
+def test_calls_queued_together_share_a_transaction_and_one_failing_keeps_the_others(
+    tmp_path: Path,
+) -> None:
+    async def body(h: Harness) -> None:
+        await fill(h, 10)
+        s = await store(h)
+        got = await lease(s, 10)
+        ids = [m.message_id for m in got]
+        # Hold the store's thread so that the three calls are queued behind it, together.
+        gate = threading.Event()
+        held = asyncio.ensure_future(s._run(gate.wait, 5))
+        await asyncio.sleep(0.05)
+        calls = asyncio.gather(
+            settle(s, ids[:5]),
+            s.lease(GROUP, "nope", "c1", 1, 30_000, NOW, PriorityPicker(), None),
+            settle(s, ids[5:]),
+            return_exceptions=True,
+        )
+        await asyncio.sleep(0.05)
+        gate.set()
+        first, failed, second = await calls
+        assert await held
+        assert isinstance(failed, errors.UnknownTopic)
+        assert isinstance(first, list) and isinstance(second, list)
+        assert {r.status for r in first + second} == {"acknowledged"}
+        assert runs(h) == [(0, 0, 4, 3), (0, 5, 9, 3)]
+        assert committed(h) == {0: 10}
         await s.close()
 
     with_sink(tmp_path, body)
