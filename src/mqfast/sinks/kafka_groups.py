@@ -915,9 +915,10 @@ class KafkaGroups:
     ) -> list[SettleResult]:
         denied: dict[int, SettleResult] = {}
         todo = items
-        if authorize is not None and items:
+        if authorize is not None and items and (topic is None or authorize(topic) is not None):
             # Where each message lives first (nothing changes), so that one the caller may not
-            # settle in its topic is refused before anything happens to it.
+            # settle in its topic is refused before anything happens to it. A topic named and
+            # allowed needs no such pass: the script only finds messages of the topic named.
             blob, names, _, _ = await self._settle_call(group, topic, consumer, items, now, "1")
             verdicts: dict[str, errors.MqfastError | None] = {}
             for i, (_code, ti, _n, _v) in enumerate(_RESULT.iter_unpack(blob)):
