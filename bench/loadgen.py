@@ -75,6 +75,10 @@ PERCENTILES = (50.0, 90.0, 99.0, 99.9, 99.99)
 
 # --------------------------------------------------------------------------- requests
 
+# --idempotency-key: the header and the width of the per-request number written into it.
+KEY_HEADER = b"Idempotency-Key: "
+KEY_DIGITS = 20
+
 
 def build_pool(
     host: str,
@@ -84,8 +88,12 @@ def build_pool(
     topic: str,
     pool_size: int = POOL_SIZE,
     bearer: str | None = None,
+    idempotency: bool = False,
 ) -> list[bytes]:
-    """Pre-encode ``pool_size`` complete HTTP/1.1 requests; key and payload vary across the pool."""
+    """Pre-encode ``pool_size`` complete HTTP/1.1 requests; key and payload vary across the pool.
+
+    ``idempotency``: each carries ``Idempotency-Key: <KEY_DIGITS zeros>``, which ``Conn.send``
+    overwrites with a new number per request (every request a new key, none a retry)."""
     rnd = random.Random(1234)
     alphabet = string.ascii_letters + string.digits
     pool: list[bytes] = []
@@ -106,6 +114,8 @@ def build_pool(
             extra = "Prefer: respond-async\r\n" if scenario == "produce-async" else ""
         if bearer:
             extra += f"Authorization: Bearer {bearer}\r\n"
+        if idempotency:
+            extra += f"{KEY_HEADER.decode()}{'0' * KEY_DIGITS}\r\n"
         head = (
             f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
             f"{extra}Content-Length: {len(body)}\r\n\r\n"
@@ -140,6 +150,11 @@ class Shared:
         self.pending: deque[int] = deque()  # open loop: intended times waiting for a connection
         self.idle: deque[Conn] = deque()  # open loop: one entry per free pipeline slot
         self.conns: list[Conn] = []
+        # --idempotency-key: where each pooled request's key digits start, and the next key
+        # (random high digits: a rerun against the same data never repeats one)
+        self.key_at = [r.find(KEY_HEADER) + len(KEY_HEADER) for r in pool]
+        self.keyed = KEY_HEADER in pool[0]
+        self.next_key = random.randrange(10**KEY_DIGITS // 2)
 
     def flush(self) -> None:
         """Fold the buffered latencies into the HDR histogram (vectorised, off the hot path)."""
@@ -190,7 +205,12 @@ class Conn(asyncio.Protocol):
         """Send the next pooled request; ``t`` is its intended time (open) or 0 (closed)."""
         s = self.s
         self.times.append(t or time.perf_counter_ns())
-        self.transport.write(s.pool[self.idx])  # type: ignore[union-attr]
+        req = s.pool[self.idx]
+        if s.keyed:
+            at = s.key_at[self.idx]
+            s.next_key += 1
+            req = b"%s%020d%s" % (req[:at], s.next_key, req[at + KEY_DIGITS :])
+        self.transport.write(req)  # type: ignore[union-attr]
         self.idx = (self.idx + 1) & s.mask
         s.inflight += 1
 
@@ -264,7 +284,14 @@ async def connect(
 async def run_load(args: argparse.Namespace, host: str, port: int) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     pool = build_pool(
-        f"{host}:{port}", args.scenario, args.size, args.batch, args.topic, POOL_SIZE, args.bearer
+        f"{host}:{port}",
+        args.scenario,
+        args.size,
+        args.batch,
+        args.topic,
+        POOL_SIZE,
+        args.bearer,
+        args.idempotency_key,
     )
     shared = Shared(pool, args.mode, args.pipeline, args.scenario == "batch")
     shared.conns = await connect(shared, host, port, args.connections)
@@ -552,6 +579,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=100, help="messages per batch request")
     p.add_argument("--topic", default="bench")
     p.add_argument("--bearer", help="send 'Authorization: Bearer BEARER' with every request")
+    p.add_argument(
+        "--idempotency-key",
+        action="store_true",
+        help="send a new Idempotency-Key with every request (the cost of idempotent produce)",
+    )
     p.add_argument("--admin-bearer", help="the token that creates the topic (default --bearer)")
     p.add_argument("--no-create-topic", action="store_true", help="skip POST /api/v1/topics")
     p.add_argument("--json", help="write the result as JSON to this file")

@@ -688,6 +688,20 @@ def what_is_missing(kafka: bool = True, postgres: bool = True, redis: bool = Tru
     return missing
 
 
+def chromium() -> tuple[str, str]:
+    """Debian's ``chromium`` and ``chromium-driver`` (for the web console's browser test):
+    their paths, installed first when one is missing."""
+    with _INSTALL_LOCK:
+        found = shutil.which("chromium"), shutil.which("chromedriver")
+        if None in found:
+            apt_install(["chromium", "chromium-driver"])
+            found = shutil.which("chromium"), shutil.which("chromedriver")
+        browser, driver = found
+        if browser is None or driver is None:
+            raise ServiceError("no chromium or chromedriver after installing them")
+        return browser, driver
+
+
 def ensure_installed(kafka: bool = True, postgres: bool = True, redis: bool = True) -> None:
     """Install what the chosen services need and is missing; cheap when all is there.
 
@@ -929,7 +943,12 @@ def _cds_archive(lib: Path, exe: str) -> Path:
 
 
 def _cluster_id() -> str:
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    # Never one that opens with "-": kafka-storage would read it as an option (one id in 64
+    # failed to format). Kafka's own Uuid.randomUuid() draws again for the same reason.
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
 
 
 class KafkaNode(Service):

@@ -29,7 +29,7 @@ pytest_plugins = ["tests.backends"]
 def free_port(span: int = 4) -> int:
     """A free loopback port whose next ``span - 1`` neighbours are free too.
 
-    Workers serve their side listeners on base + worker index, so consecutive picks must not
+    Workers serve their debug listeners on base + worker index, so consecutive picks must not
     be adjacent.
     """
     for _ in range(100):

@@ -10,7 +10,7 @@ for _i, _b in enumerate(LATENCY_BUCKETS):
     _BUCKET_NS[_i] = <int64_t>(_b * 1e9 + 0.5)
 
 # Status codes get a slot each in a small per-route array; anything else lands in "other".
-STATUS_CODES = (200, 201, 202, 400, 401, 403, 404, 405, 409, 413, 415, 429, 431, 500, 503)
+STATUS_CODES = (200, 201, 202, 400, 401, 403, 404, 405, 409, 413, 415, 422, 429, 431, 500, 503)
 
 cdef enum:
     # Dropped topics whose counters are kept for a re-creation; bounds memory under topic churn
@@ -30,11 +30,12 @@ cdef inline int status_slot(int status) noexcept:
     if status == 409: return 8
     if status == 413: return 9
     if status == 415: return 10
-    if status == 429: return 11
-    if status == 431: return 12
-    if status == 500: return 13
-    if status == 503: return 14
-    return 15
+    if status == 422: return 11
+    if status == 429: return 12
+    if status == 431: return 13
+    if status == 500: return 14
+    if status == 503: return 15
+    return 16
 
 
 _log = logging.getLogger("mqfast.http")
@@ -54,6 +55,7 @@ cdef class Server:
         self.connections = set()
         self.batch = []
         self.flush_scheduled = False
+        self.keyed = 0
         self.flush_cb = self._flush
         self.sweeper = None
         self.stored_hook = None
@@ -95,6 +97,13 @@ cdef class Server:
     def forget_principals(self) -> None:
         """Drop every cached verification (keys rotated, grants changed)."""
         self.principals.clear()
+
+    def forget_subject(self, str subject) -> None:
+        """Drop the cached verifications of ``subject`` (its stored grants changed): its next
+        request is verified again and gets the new grants. A scan, once per change."""
+        stale = [h for h, p in self.principals.items() if p.subject == subject]
+        for h in stale:
+            del self.principals[h]
 
     def protocol(self) -> HttpProtocol:
         """Protocol factory for ``loop.create_server``."""
@@ -144,6 +153,24 @@ cdef class Server:
     cdef object enqueue(self, Delivery d):
         self.batch.append(d)
         self.inflight += 1
+        if d.idem is not None:
+            self.keyed += 1
+        if len(self.batch) >= BATCH_CUT:
+            self._flush()
+        elif not self.flush_scheduled:
+            self._schedule_flush()
+
+    cdef void enqueue_all(self, list deliveries):
+        # One request's deliveries in one engine batch, whatever BATCH_CUT: an engine settles
+        # the messages that share an idempotency key (a batch's header) together.
+        cdef Delivery d
+        if self.batch and len(self.batch) + len(deliveries) > BATCH_CUT:
+            self._flush()
+        for d in deliveries:
+            self.batch.append(d)
+            self.inflight += 1
+            if d.idem is not None:
+                self.keyed += 1
         if len(self.batch) >= BATCH_CUT:
             self._flush()
         elif not self.flush_scheduled:
@@ -159,8 +186,13 @@ cdef class Server:
             return
         batch = self.batch
         self.batch = []
+        keyed = self.keyed
+        self.keyed = 0
         try:
-            self.sink.submit(batch)
+            if keyed:
+                self.sink.submit_keyed(batch)
+            else:
+                self.sink.submit(batch)
         except Exception as exc:
             _log.error("engine refused a batch", exc_info=True)
             err = _errors.Unavailable(f"storage engine unavailable: {exc}")
@@ -177,8 +209,9 @@ cdef class Server:
         for d in batch:
             ts = d.tstate
             if d.error is None:
-                ts.produced += 1
-                ts.bytes_in += len(d.value)
+                if not d.replayed:
+                    ts.produced += 1
+                    ts.bytes_in += len(d.value)
             else:
                 ts.failed += 1
                 if isinstance(d.error, _errors.UnknownTopic):

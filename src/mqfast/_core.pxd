@@ -8,7 +8,7 @@ cdef enum:
     # Routes and histogram buckets are fixed-size C arrays: the route table is small and static.
     MAX_ROUTES = 32
     N_BUCKETS = 17
-    N_STATUS = 16
+    N_STATUS = 17
     # A batch handed to the engine is cut at this many deliveries even inside one loop tick,
     # so one transaction stays short and the first answers go out early.
     BATCH_CUT = 2048
@@ -56,6 +56,9 @@ cdef class Pending:
     cdef bytes authorization  # the raw Authorization header, None when absent
     cdef object principal     # auth.Principal once authenticated (None with auth off)
     cdef bint quota_checked   # the slow path already took this request's quota
+    cdef object poll_end      # a consume's future, done when its client goes (POLL_END)
+    cdef bytes idem_key       # the raw Idempotency-Key header, None when absent
+    cdef bytes idem_digest    # with it on a batch: the digest of the request body
 
     @staticmethod
     cdef Pending new(HttpProtocol conn, int route, int64_t t0_ns)
@@ -63,16 +66,20 @@ cdef class Pending:
 
 cdef class Delivery:
     cdef readonly str topic
-    cdef readonly int partition
+    # partition, timestamp_ms and message_id are rewritten by an engine that answers a retry
+    # of an idempotent produce with the original message (``replayed``)
+    cdef public int partition
     cdef readonly object key
     cdef readonly bytes value
     cdef readonly object headers
     cdef readonly int priority
-    cdef readonly int64_t timestamp_ms
+    cdef public int64_t timestamp_ms
     cdef readonly int64_t expires_ms
-    cdef readonly str message_id
+    cdef public str message_id
     cdef public int64_t offset
     cdef public object error
+    cdef public object idem       # IdemKey of an idempotent produce, None otherwise
+    cdef public bint replayed     # the engine answered with the original of a retry
     cdef Pending owner
     cdef TopicState tstate
 
@@ -91,6 +98,7 @@ cdef class Router:
     cdef list masks
     cdef readonly int produce_route
     cdef readonly int batch_route
+    cdef readonly int consume_route  # a long-poll: cancelled when its connection goes
 
     cdef int match(self, bytes path, list params)
 
@@ -105,6 +113,7 @@ cdef class Server:
     cdef set connections
     cdef list batch
     cdef bint flush_scheduled
+    cdef Py_ssize_t keyed     # deliveries of the current batch that carry an idempotency key
     cdef object flush_cb
     cdef object sweeper
     cdef object stored_hook
@@ -135,6 +144,7 @@ cdef class Server:
     cdef TopicState topic_state(self, str name)
     cdef void _retire(self, str name)
     cdef object enqueue(self, Delivery d)
+    cdef void enqueue_all(self, list deliveries)
     cdef void _schedule_flush(self)
 
 
@@ -149,6 +159,7 @@ cdef class RequestHead:
     cdef bint expect_continue
     cdef bint prefer_async
     cdef bytes authorization
+    cdef bytes idempotency_key
     cdef bytes content_type   # the raw Content-Type header, None when absent
     cdef bint json_body       # Content-Type is application/json or application/*+json
     cdef bytes content_coding # a Content-Encoding other than identity, None when absent
@@ -175,8 +186,11 @@ cdef class HttpProtocol(RequestHead):
     cdef int method
     cdef str peer             # "ip:port" of the client, for the audit log
     cdef bint closing
+    cdef bint peer_eof        # the client shut down its sending side (or closed)
     cdef bint reading_paused
     cdef bint writing_paused
+    cdef object stream        # the open stream of a streaming answer (mqfast.stream), or None
+    cdef bint stream_chunked
     cdef list out
     cdef list params
 
@@ -193,9 +207,13 @@ cdef class HttpProtocol(RequestHead):
                             Py_ssize_t messages, Py_ssize_t nbytes)
     cdef Delivery _delivery(self, TopicState ts, str content, object key, object headers,
                             int priority, object ttl, str where, Pending p)
+    cdef _make_idem(self, Pending p, Delivery d, str key, object ttl, str field)
     cdef _call_app(self, Pending p)
     cdef bint _authenticate(self, Pending p)
+    cdef _end_polls(self)
     cdef _complete(self, Pending p)
     cdef _write_ready(self)
     cdef _abort_with(self, object exc)
     cdef _linger(self)
+    cdef _open_stream(self, Pending p, object stream)
+    cdef _begin_stream(self)

@@ -15,6 +15,8 @@ from libc.string cimport memcpy
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
 import collections
+import contextvars
+import hashlib
 import logging
 import os
 import re
@@ -25,10 +27,11 @@ import msgspec
 
 from mqfast import errors as _errors
 from mqfast.config import parse_duration as _parse_duration
-from mqfast.messages import BatchProduceRequest, ProduceRequest
+from mqfast.messages import IDEMPOTENCY_KEY_MAX, BatchProduceRequest, IdemKey, ProduceRequest
 
 include "_util.pyx"
 include "_router.pyx"
 include "_pool.pyx"
 include "_batch.pyx"
 include "_http.pyx"
+include "_runs.pyx"

@@ -7,6 +7,7 @@ cdef enum:
     ST_BODY = 2
     ST_CLOSED = 3
     ST_LINGER = 4   # answered and shut down for writing; discarding input until the client closes
+    ST_STREAM = 5   # an answer that stays open (GET /api/v1/messages/stream): no timeouts
 
 cdef enum:
     METHOD_POST = 2     # the bits of _METHOD_BITS
@@ -25,7 +26,8 @@ cdef dict _REASONS = {
     100: b"Continue", 200: b"OK", 201: b"Created", 202: b"Accepted", 204: b"No Content",
     400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found",
     405: b"Method Not Allowed", 408: b"Request Timeout", 409: b"Conflict",
-    413: b"Content Too Large", 415: b"Unsupported Media Type", 429: b"Too Many Requests",
+    413: b"Content Too Large", 415: b"Unsupported Media Type", 422: b"Unprocessable Content",
+    429: b"Too Many Requests",
     431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
     501: b"Not Implemented", 503: b"Service Unavailable", 505: b"HTTP Version Not Supported",
 }
@@ -39,6 +41,47 @@ cdef bytes _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 cdef object _iscoroutine = __import__("inspect").isawaitable
+cdef object _blake2b = hashlib.blake2b
+cdef object _copy_context = contextvars.copy_context
+
+# The future a consume's long-poll ends on early: done when its client shuts down sending or
+# goes (eof_received, connection_lost). Set in the task's context by _call_app; read by
+# mqfast.groups, which answers at once, empty, without leasing anything more.
+POLL_END = contextvars.ContextVar("mqfast_poll_end", default=None)
+
+
+cdef _fingerprint(object h, Delivery d, object ttl):
+    # What the client sent of the message (the ttl as given, not the expiry it makes), so a
+    # retry of the same request always matches.
+    for part in (d.key, d.value, d.headers):
+        if part is None:
+            h.update(b"-;")
+        else:
+            h.update(b"%d;" % len(part))
+            h.update(part)
+    h.update(b"%d;%s;" % (d.priority, repr(ttl).encode()))
+
+
+cdef str _scope(Pending p, str key):
+    # per subject: one tenant's key never answers with another tenant's message
+    principal = p.principal
+    return (principal.subject if principal is not None else "") + "\x00" + key
+
+
+cdef str _idempotency_header(bytes value):
+    # The header's key, by the rule of a batch message's ``idempotency_key`` (messages.py).
+    cdef const char* s = PyBytes_AS_STRING(value)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(value), i
+    if n == 0 or n > IDEMPOTENCY_KEY_MAX:
+        raise _errors.BadRequest(
+            f"the Idempotency-Key header must be 1 to {IDEMPOTENCY_KEY_MAX} characters "
+            f"(got {n})", field="Idempotency-Key")
+    for i in range(n):
+        if s[i] < 33 or s[i] > 126:
+            raise _errors.BadRequest(
+                "the Idempotency-Key header must be visible ASCII characters (no spaces)",
+                field="Idempotency-Key")
+    return PyUnicode_DecodeASCII(s, n, NULL)
 # A \uD800-\uDBFF escape (after an even run of backslashes) not followed by a \uDC00-\uDFFF one.
 cdef object _LONE_SURROGATE = re.compile(
     rb"(?<!\\)(?:\\\\)*(\\u[dD][89abAB][0-9a-fA-F]{2})(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})")
@@ -140,13 +183,16 @@ cdef object _parse_failure(object exc):
 
 cdef bytes http_response(Server server, int status, bytes body, bint close, bytes extra,
                          bint http10_keepalive, bint head=False):
-    # ``head``: the answer to a HEAD request, its Content-Length that of the body it omits
+    # ``head``: the answer to a HEAD request, its Content-Length that of the body it omits.
+    # Every answer is JSON but the console's files, whose ``extra`` opens with their type.
     reason = _REASONS.get(status, b"Unknown")
     conn = b"connection: close\r\n" if close else (
         b"connection: keep-alive\r\n" if http10_keepalive else b"")
+    typed = extra is not None and extra.startswith(b"content-type:")
     return b"".join((
         b"HTTP/1.1 %d %s\r\n" % (status, reason),
         server.date_header,
+        b"content-length: %d\r\n" % len(body) if typed else
         b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body),
         conn,
         extra if extra is not None else b"",
@@ -237,6 +283,7 @@ cdef class _AppDone:
         cdef Pending p = self.p
         self.conn = None
         self.p = None
+        p.poll_end = None
         if task.cancelled():
             conn._fail(p, _errors.ShuttingDown("request cancelled: the server is stopping"))
         elif task.exception() is not None:
@@ -311,6 +358,7 @@ cdef class RequestHead:
         self.expect_continue = False
         self.prefer_async = False
         self.authorization = None
+        self.idempotency_key = None
         self.content_type = None
         self.json_body = False
         self.content_coding = None
@@ -373,6 +421,12 @@ cdef class RequestHead:
         elif n == 13:
             if strncasecmp(s, b"authorization", 13) == 0:
                 self.authorization = value
+        elif n == 15:
+            if strncasecmp(s, b"idempotency-key", 15) == 0:
+                if self.idempotency_key is not None:
+                    raise _errors.BadRequest("duplicate Idempotency-Key header",
+                                             field="Idempotency-Key")
+                self.idempotency_key = value
         elif n == 6:
             if strncasecmp(s, b"expect", 6) == 0:
                 if _is_token(value, b"100-continue", 12):
@@ -446,6 +500,7 @@ cdef class HttpProtocol(RequestHead):
         self.closing = False
         self.reading_paused = False
         self.writing_paused = False
+        self.stream = None
         self._reset_request()
 
     cdef _reset_request(self):
@@ -473,17 +528,29 @@ cdef class HttpProtocol(RequestHead):
         self.state = ST_CLOSED
         self.server.connections.discard(self)
         # Answers still owed go nowhere now; cut the links so nothing keeps this object alive.
+        # A long-poll still waiting ends (as in eof_received).
+        self._end_polls()
         for p in self.pending:
             p.conn = None
         self.pending.clear()
         self.transport = None
+        if self.stream is not None:
+            stream = self.stream
+            self.stream = None
+            stream.connection_lost()
 
     def pause_writing(self):
         self.writing_paused = True
-        self._pause_reading()
+        if self.stream is not None:
+            # The stream stops sending; reading goes on, so that the client's close is seen.
+            self.stream.pause_writing()
+        else:
+            self._pause_reading()
 
     def resume_writing(self):
         self.writing_paused = False
+        if self.stream is not None:
+            self.stream.resume_writing()
         self._maybe_resume_reading()
 
     def _pause_reading(self):
@@ -527,12 +594,25 @@ cdef class HttpProtocol(RequestHead):
         # answered, then the connection closes. Returning true keeps the transport open (plain
         # TCP; TLS closes regardless), and the last answer owed carries the close.
         cdef Pending last
+        self.peer_eof = True
         if not self.pending or self.transport is None:
             return None
+        self._end_polls()
         last = self.pending[len(self.pending) - 1]  # wraparound is off in the core
         last.close_after = True
         self.closing = True
         return True
+
+    cdef _end_polls(self):
+        # A long-poll still waiting answers now, empty, and leases nothing more: most clients
+        # that shut down sending have closed the socket (the difference shows only at the
+        # next write), and a poll left waiting would lease messages to nobody until their
+        # visibility timeout ran out. It is not cancelled: a cancel could land in the middle
+        # of a lease in the engine, and a client that only half-closed still gets its answer.
+        cdef Pending p
+        for p in self.pending:
+            if p.poll_end is not None and not p.poll_end.done():
+                p.poll_end.set_result(None)
 
     # ---- httptools callbacks --------------------------------------------------------------
 
@@ -615,6 +695,7 @@ cdef class HttpProtocol(RequestHead):
         p.head = self.method == METHOD_HEAD
         p.prefer_async = self.prefer_async
         p.authorization = self.authorization
+        p.idem_key = self.idempotency_key
         p.url = self.url or b"/"
         p.body = self.body
         p.method = self.parser.get_method()
@@ -698,9 +779,10 @@ cdef class HttpProtocol(RequestHead):
     def _authenticated(self, Pending p, object principal):
         cdef Server server = self.server
         p.principal = principal
-        if len(server.principals) >= 100_000:
-            server.principals.clear()  # bounded; verified again on the next request
-        server.principals[p.authorization] = principal
+        if not principal.revoked:  # else built before its subject's grants changed: not kept
+            if len(server.principals) >= 100_000:
+                server.principals.clear()  # bounded; verified again on the next request
+            server.principals[p.authorization] = principal
         self._start(p)
 
     cdef _respond_now(self, Pending p, int status, bytes body, bytes extra):
@@ -723,8 +805,64 @@ cdef class HttpProtocol(RequestHead):
         self._respond_now(p, exc.status, exc.to_body(), exc.extra_headers)
 
     def _answer(self, Pending p, object result):
+        if type(result) is not tuple:
+            self._open_stream(p, result)
+            return
         status, body, extra = result
         self._respond_now(p, status, body, extra)
+
+    cdef _open_stream(self, Pending p, object stream):
+        # An answer that stays open: the head now, then what the stream sends (started once
+        # the head is written, _write_ready). Chunked, so that the client tells the end from a
+        # lost connection (HTTP/1.0: the body ends with the connection). Nothing after it on
+        # this connection is answered: requests pipelined behind it are dropped at the close.
+        if p.conn is None or self.transport is None:
+            return  # the connection closed before: the stream never starts
+        self.stream_chunked = not p.http10
+        p.status = 200
+        p.payload = b"".join((
+            b"HTTP/1.1 200 OK\r\n", self.server.date_header,
+            b"content-type: text/event-stream\r\ncache-control: no-store\r\n",
+            b"transfer-encoding: chunked\r\n" if self.stream_chunked else b"",
+            b"connection: close\r\nx-accel-buffering: no\r\n\r\n"))
+        p.done = True
+        p.started = True
+        p.close_after = True
+        p.body = None
+        p.params = None
+        self.closing = True  # input is discarded from now on
+        if not p.head:
+            self.stream = stream
+
+    cdef _begin_stream(self):
+        self.state = ST_STREAM
+        self.state_since_ns = now_ns()
+        if self.reading_paused:  # keep reading: the client's close must be seen at once
+            self.reading_paused = False
+            self.transport.resume_reading()
+        self.stream.start(self)
+        if self.writing_paused:
+            self.stream.pause_writing()
+        if self.server.shutting_down:
+            self.stream.shutdown()
+
+    def stream_send(self, bytes data):
+        """Send ``data`` (whole events) on the open stream."""
+        if self.state != ST_STREAM or self.transport is None:
+            return
+        if self.stream_chunked:
+            self.transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+        else:
+            self.transport.write(data)
+
+    def stream_end(self):
+        """End the open stream cleanly (the last chunk) and close the connection."""
+        if self.state != ST_STREAM or self.transport is None:
+            return
+        self.stream = None
+        if self.stream_chunked:
+            self.transport.write(b"0\r\n\r\n")
+        self._linger()
 
     cdef _abort_with(self, object exc):
         # The framing is lost: answer after what is already queued, then close.
@@ -745,7 +883,16 @@ cdef class HttpProtocol(RequestHead):
                                    "GET" if p.head else p.method.decode(),
                                    p.params or [], query, body, p.principal, self.peer)
         if _iscoroutine(result):
-            task = server.loop.create_task(result)
+            if p.route == server.router.consume_route:
+                # The long-poll sees POLL_END in its context: done when its client goes.
+                p.poll_end = server.loop.create_future()
+                if self.peer_eof:
+                    p.poll_end.set_result(None)
+                ctx = _copy_context()
+                ctx.run(POLL_END.set, p.poll_end)
+                task = server.loop.create_task(result, context=ctx)
+            else:
+                task = server.loop.create_task(result)
             task.add_done_callback(_AppDone(self, p))
         else:
             self._answer(p, result)
@@ -759,11 +906,18 @@ cdef class HttpProtocol(RequestHead):
         body = p.body
         p.body = None
         req = decode_json(server.produce_decoder, body)
+        if p.idem_key is not None:
+            # the request's fingerprint: its body byte for byte (the IETF draft's), one digest
+            p.idem_digest = _blake2b(body, digest_size=16).digest()
         self._enqueue_one(p, req, p.prefer_async, True)
 
     def _enqueue_one(self, Pending p, object req, bint prefer_async, bint may_resolve):
         cdef Server server = self.server
         cdef TopicState ts = server.topic_state(req.topic)
+        cdef str idem = None
+        if p.idem_key is not None:
+            idem = _idempotency_header(p.idem_key)
+            prefer_async = False  # answered with the outcome: a retry gets the same answer
         principal = p.principal
         if principal is not None and (ts is None or ts.producer is not principal):
             # One principal at a time is remembered per topic: a producer sending one token
@@ -785,6 +939,8 @@ cdef class HttpProtocol(RequestHead):
         if server.quotas is not None and p.principal is not None and not self._within_quota(
                 p, req, False, prefer_async, 1, len(d.value)):
             return  # decided on the slow path (the delivery is made again then)
+        if idem is not None:
+            d.idem = IdemKey(_scope(p, idem), p.idem_digest, "Idempotency-Key", 1)
         if prefer_async:
             d.owner = None
             server.enqueue(d)
@@ -839,6 +995,11 @@ cdef class HttpProtocol(RequestHead):
             priority, ts_ms, ts_ms + ttl_ns // 1000000 if ttl_ns > 0 else 0,
             new_message_id(ts_ms), p)
 
+    cdef _make_idem(self, Pending p, Delivery d, str key, object ttl, str field):
+        h = _blake2b(digest_size=16)
+        _fingerprint(h, d, ttl)
+        d.idem = IdemKey(_scope(p, key), h.digest(), field, 1)
+
     def _prevalidate(self, str topic, str content, object ttl, str where, str topic_field=None):
         """The checks of ``_delivery`` that need no topic, for requests that may create one."""
         reason = topic_name_error(topic)
@@ -857,6 +1018,10 @@ cdef class HttpProtocol(RequestHead):
         body = p.body
         p.body = None
         req = decode_json(server.batch_decoder, body)
+        if p.idem_key is not None:
+            # a batch's header key stands for the request: its body byte for byte (the IETF
+            # draft's fingerprint), one digest, not one per message
+            p.idem_digest = _blake2b(body, digest_size=16).digest()
         n = len(req.messages)
         if n == 0:
             raise _errors.BadRequest("messages must not be empty", field="messages")
@@ -870,6 +1035,9 @@ cdef class HttpProtocol(RequestHead):
 
     def _enqueue_batch(self, Pending p, object req, bint prefer_async, bint may_resolve):
         cdef Server server = self.server
+        cdef str hkey = None
+        if p.idem_key is not None:
+            hkey = _idempotency_header(p.idem_key)
         cdef list deliveries = []
         cdef TopicState ts
         cdef Delivery d
@@ -908,6 +1076,8 @@ cdef class HttpProtocol(RequestHead):
         # Build every delivery before enqueuing any: a bad message rejects the whole batch and
         # nothing of it is written (nor any of the subject's allowance spent).
         cdef Py_ssize_t nbytes = 0
+        cdef bint keyed = False
+        cdef list group = None  # the messages the header keys, as one
         for i, m in enumerate(req.messages):
             topic = m.topic if m.topic is not None else default_topic
             ts = server.topic_state(topic)
@@ -915,6 +1085,25 @@ cdef class HttpProtocol(RequestHead):
                                f"messages[{i}].", None if prefer_async else p)
             nbytes += len(d.value)
             deliveries.append(d)
+            mkey = m.idempotency_key
+            if mkey is not None:
+                self._make_idem(p, d, mkey, m.ttl, f"messages[{i}].idempotency_key")
+                keyed = True
+            elif hkey is not None:
+                if group is None:
+                    group = []
+                group.append(d)
+        if group is not None:
+            # one key for the batch's messages without their own: a retry answers them all
+            # as the first time, another batch under the key is refused whole
+            k = IdemKey(_scope(p, hkey), p.idem_digest, "Idempotency-Key", len(group))
+            for d in group:
+                d.idem = k
+            keyed = True
+        if keyed and prefer_async:
+            prefer_async = False  # answered with the outcome: a retry gets the same answer
+            for d in deliveries:
+                d.owner = p
         if server.quotas is not None and p.principal is not None and not self._within_quota(
                 p, req, True, prefer_async, len(deliveries), nbytes):
             return  # decided on the slow path (the deliveries are made again then)
@@ -926,6 +1115,9 @@ cdef class HttpProtocol(RequestHead):
             return
         p.deliveries = deliveries
         p.waiting = len(deliveries)
+        if keyed:
+            server.enqueue_all(deliveries)
+            return
         for d in deliveries:
             server.enqueue(d)
 
@@ -952,8 +1144,12 @@ cdef class HttpProtocol(RequestHead):
             body = results_json(p.deliveries, True, &failed)
             if failed == len(p.deliveries):
                 d = p.deliveries[0]
-                self._fail(p, _errors.Unavailable(
-                    f"no message of the batch was stored: {d.error}"))
+                if all(isinstance(x.error, _MqfastError) and x.error.status < 500
+                       for x in p.deliveries):
+                    self._fail(p, d.error)  # refused, not unavailable (a reused key)
+                else:
+                    self._fail(p, _errors.Unavailable(
+                        f"no message of the batch was stored: {d.error}"))
             else:
                 self._respond_now(p, 200, body, None)
             p.deliveries = None
@@ -1005,6 +1201,9 @@ cdef class HttpProtocol(RequestHead):
             for p in pending:
                 p.conn = None
             pending.clear()
+            if self.stream is not None:
+                self._begin_stream()
+                return
             self._linger()
             return
         if not pending:
@@ -1052,6 +1251,9 @@ cdef class HttpProtocol(RequestHead):
     def _shutdown(self):
         cdef Pending last
         if self.transport is None:
+            return
+        if self.stream is not None and self.state == ST_STREAM:
+            self.stream.shutdown()  # it releases its leases, then ends the answer
             return
         if self.state == ST_LINGER or self.state == ST_IDLE and not self.pending:
             self.transport.close()

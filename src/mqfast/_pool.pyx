@@ -61,7 +61,10 @@ cdef class Pending:
         p.status = 0
         p.authorization = None
         p.principal = None
+        p.poll_end = None
         p.quota_checked = False
+        p.idem_key = None
+        p.idem_digest = None
         return p
 
 
@@ -94,5 +97,7 @@ cdef class Delivery:
         d.message_id = message_id
         d.offset = -1
         d.error = None
+        d.idem = None
+        d.replayed = False
         d.owner = owner
         return d

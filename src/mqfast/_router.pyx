@@ -3,6 +3,7 @@
 
 PRODUCE_TEMPLATE = "/api/v1/messages"
 BATCH_TEMPLATE = "/api/v1/messages/batch"
+CONSUME_TEMPLATE = "/api/v1/messages/consume"
 
 cdef dict _METHOD_BITS = {
     b"GET": 1, b"POST": 2, b"PUT": 4, b"DELETE": 8, b"HEAD": 16, b"PATCH": 32, b"OPTIONS": 64,
@@ -24,6 +25,7 @@ cdef class Router:
         self.masks = []
         self.produce_route = -1
         self.batch_route = -1
+        self.consume_route = -1
         for i, (template, methods) in enumerate(routes):
             self.templates.append(template)
             self.methods.append(tuple(methods))
@@ -40,6 +42,8 @@ cdef class Router:
                 self.produce_route = i
             elif template == BATCH_TEMPLATE:
                 self.batch_route = i
+            elif template == CONSUME_TEMPLATE:
+                self.consume_route = i
 
     cdef int match(self, bytes path, list params):
         cdef object hit = self.exact.get(path)

@@ -11,6 +11,8 @@ POST /api/v1/messages (and batch), to a topic      ``produce`` on the topic; ``a
                                                    well when it does not exist (auto-creation)
 POST /api/v1/messages/consume                      ``consume`` on the topic, with that group
                                                    (a heartbeat only of a consumer of that group)
+GET /api/v1/messages/stream                        the same, from the query (checked by the
+                                                   handler once the query is parsed)
 POST /api/v1/messages/acknowledge[/batch], extend  ``consume`` with that group on the topic each
                                                    message really belongs to (checked per item
                                                    once the store found it: a refused item of a
@@ -23,6 +25,7 @@ GET /api/v1/metrics                                any permission on ``topic`` w
                                                    it, the points of the topics the caller has
                                                    any permission on
 POST /api/v1/topics, DELETE, redrive               ``admin`` on that topic
+GET /api/v1/topics/{name}/dlq                      ``admin`` on that topic (not on its DLQ)
 POST /api/v1/consumers                             ``admin`` on each of its topics
 DELETE /api/v1/consumers/{id}                      ``admin`` (cluster-wide)
 GET /api/v1/consumers[/{id}], heartbeat            a consumer is visible to a caller that may
@@ -30,6 +33,10 @@ GET /api/v1/consumers[/{id}], heartbeat            a consumer is visible to a ca
                                                    or ``admin`` one of them: the list shows
                                                    those, the others are 403
 GET /api/v1/audit                                  ``admin`` (cluster-wide)
+GET, POST /api/v1/grants, DELETE .../{grant_id}    ``admin`` (cluster-wide): a grant may give
+                                                   any subject anything, so only who may do
+                                                   everything may give it
+/health, /openapi.json, /console                   anyone (the console asks for a token)
 =================================================  =============================================
 
 Without authentication every caller may do and see everything.
@@ -67,6 +74,7 @@ class _Fields(msgspec.Struct, gc=False):
     name: Any = None
     consumer_id: Any = None
     topics: Any = None
+    subject: Any = None
 
 
 _NO_FIELDS: Final = _Fields()
@@ -83,7 +91,10 @@ AUDITED = frozenset(
         ("DELETE", "/api/v1/consumers/{consumer_id}"),
     }
 )
-PUBLIC_ROUTES = frozenset({"/health", "/health/live", "/health/ready", "/openapi.json"})
+# The console's files are public: its page asks for a token and sends it with each API call.
+PUBLIC_ROUTES = frozenset(
+    {"/health", "/health/live", "/health/ready", "/openapi.json", "/console", "/console/{file}"}
+)
 ACK_ROUTES = frozenset(
     {
         "/api/v1/messages/acknowledge",
@@ -220,7 +231,8 @@ def authorize(
         else:
             require_see_topic(principal, name)
         return
-    if template == "/api/v1/topics/{name}/redrive":
+    if template in ("/api/v1/topics/{name}/redrive", "/api/v1/topics/{name}/dlq"):
+        # A dead letter is read and moved by the topic's administrators (it was given up on).
         principal.require("admin", params[0])
         return
     if template == "/api/v1/consumers" and method == "POST":
@@ -235,7 +247,7 @@ def authorize(
     if template == "/api/v1/consumers/{consumer_id}" and method == "DELETE":
         principal.require("admin")
         return
-    if template == "/api/v1/audit":
+    if template in ("/api/v1/audit", "/api/v1/grants", "/api/v1/grants/{grant_id}"):
         principal.require("admin")
         return
 
@@ -243,7 +255,7 @@ def authorize(
 def target_of(body: bytes) -> str:
     """What an administrative request acts on, for the audit log (never message content)."""
     f = _fields(body)
-    for value in (_str(f.name), _str(f.consumer_id), _str(f.topic)):
+    for value in (_str(f.name), _str(f.consumer_id), _str(f.topic), _str(f.subject)):
         if value:
             return value[:256]
     return ""

@@ -32,28 +32,47 @@ from mqfast.access import (
 )
 from mqfast.auth import Authenticator, Forbidden, Principal
 from mqfast.config import Settings, parse_duration
-from mqfast.groups import Groups, SettleItem, SettleResult, Unacked, check_id, dlq_name, now_ms
+from mqfast.grants import GrantCache, check_request
+from mqfast.groups import (
+    DLQ_HEADER_PREFIX,
+    Groups,
+    SettleItem,
+    SettleResult,
+    Unacked,
+    check_id,
+    check_topic,
+    dlq_name,
+    now_ms,
+)
 from mqfast.messages import (
     AcknowledgeRequest,
     BatchAcknowledgeRequest,
     ConsumeRequest,
+    CreateGrantRequest,
     CreateTopicRequest,
+    DeadLetter,
+    DeadLetterOrigin,
     ExtendRequest,
     RedriveRequest,
     RegisterConsumerRequest,
     Settled,
+    StoredGrant,
+    StoredMessage,
     TopicConfig,
     TopicInfo,
 )
 from mqfast.meta import MetaStore
 from mqfast.meta.history import format_rfc3339, parse_audit_query, parse_metrics_query
 from mqfast.sinks import Sink
+from mqfast.stream import EventStream, Streams, heartbeat_s
 
 Response = tuple[int, bytes, bytes | None]
+# What a handler answers: a response, or a stream the core keeps open (``mqfast.stream``).
+Answer = Response | EventStream
 Handler = Callable[[list[str], bytes, bytes], Response | Coroutine[Any, Any, Response]]
 # A handler whose answer depends on who asks (what the caller may see or settle), and from where.
 ScopedHandler = Callable[
-    [list[str], bytes, bytes, Principal | None, str], Response | Coroutine[Any, Any, Response]
+    [list[str], bytes, bytes, Principal | None, str], Answer | Coroutine[Any, Any, Answer]
 ]
 
 log = logging.getLogger("mqfast.api")
@@ -66,18 +85,24 @@ ROUTES: list[tuple[str, tuple[str, ...]]] = [
     ("/api/v1/messages/acknowledge", ("POST",)),
     ("/api/v1/messages/acknowledge/batch", ("POST",)),
     ("/api/v1/messages/extend", ("POST",)),
+    ("/api/v1/messages/stream", ("GET",)),
     ("/api/v1/topics", ("GET", "POST")),
     ("/api/v1/topics/{name}", ("GET", "DELETE")),
     ("/api/v1/topics/{name}/redrive", ("POST",)),
+    ("/api/v1/topics/{name}/dlq", ("GET",)),
     ("/api/v1/consumers", ("GET", "POST")),
     ("/api/v1/consumers/{consumer_id}", ("GET", "DELETE")),
     ("/api/v1/consumers/{consumer_id}/heartbeat", ("POST",)),
     ("/api/v1/metrics", ("GET",)),
     ("/api/v1/audit", ("GET",)),
+    ("/api/v1/grants", ("GET", "POST")),
+    ("/api/v1/grants/{grant_id}", ("DELETE",)),
     ("/health", ("GET",)),
     ("/health/live", ("GET",)),
     ("/health/ready", ("GET",)),
     ("/openapi.json", ("GET",)),
+    ("/console", ("GET",)),
+    ("/console/{file}", ("GET",)),
 ]
 
 _json = msgspec.json.Encoder()
@@ -88,10 +113,17 @@ _ack_batch = msgspec.json.Decoder(BatchAcknowledgeRequest)
 _extend = msgspec.json.Decoder(ExtendRequest)
 _register = msgspec.json.Decoder(RegisterConsumerRequest)
 _redrive = msgspec.json.Decoder(RedriveRequest)
+_create_grant = msgspec.json.Decoder(CreateGrantRequest)
 # /health names at most this many groups behind (the largest lags), and counts the rest;
 # the group store reports deliveries in flight of at most HEALTH_PAIRS groups and topics.
 HEALTH_LISTED = 100
 HEALTH_PAIRS = 10_000
+# A stream holds at most this many unacknowledged leases (as a consume answers at most 1,000).
+MAX_INFLIGHT = 1000
+STREAM_HEARTBEAT_S = 15.0
+_STREAM_QUERY = frozenset(
+    ("topic", "group_id", "consumer_id", "max_inflight", "visibility_timeout", "heartbeat")
+)
 # A metrics query answers at most this many points; a wider one is asked to narrow down.
 MAX_METRIC_POINTS = 50_000
 # How a point of several intervals is made of them (also in the OpenAPI document).
@@ -104,6 +136,24 @@ _AGGREGATION = {
 }
 
 
+# The console's files and their types. Its page runs only its own script and style and
+# talks only to this origin, and may not be framed by another site.
+CONSOLE_FILES = {
+    "index.html": b"text/html; charset=utf-8",
+    "console.js": b"text/javascript; charset=utf-8",
+    "console.css": b"text/css; charset=utf-8",
+}
+CONSOLE_HEADERS = (
+    b"content-type: %s\r\n"
+    b"content-security-policy: default-src 'none'; script-src 'self'; style-src 'self'; "
+    b"connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+    b"frame-ancestors 'none'\r\n"
+    b"x-content-type-options: nosniff\r\n"
+    b"referrer-policy: no-referrer\r\n"
+    b"cache-control: no-cache\r\n"
+)
+
+
 def _ok(obj: object, status: int = 200) -> Response:
     return status, _json.encode(obj), None
 
@@ -112,6 +162,15 @@ def _check_topic_name(name: str, field: str = "name") -> None:
     reason = topic_name_error(name)
     if reason is not None:
         raise errors.BadRequest(f"{reason} (got {name!r})", field=field)
+
+
+def _query_args(query: bytes, allowed: frozenset[str]) -> dict[str, str]:
+    """The query's parameters (the last of a repeated one); any other is a 400 naming it."""
+    q = parse_qs(query.decode("latin-1"), keep_blank_values=True)
+    unknown = sorted(set(q) - allowed)
+    if unknown:
+        raise errors.InvalidQuery(f"unknown query parameter {unknown[0]!r}", field=unknown[0])
+    return {k: v[-1] for k, v in q.items()}
 
 
 def _size(value: int | str | None, field: str) -> int:
@@ -131,6 +190,56 @@ def _size(value: int | str | None, field: str) -> int:
     return value
 
 
+def _query_param(query: bytes, name: str) -> str | None:
+    """The value of ``name``, the one query parameter of a list route (the last one given), or
+    None; any other parameter is a 400 naming it."""
+    return _query_args(query, frozenset((name,))).get(name)
+
+
+def _page_query(query: bytes) -> tuple[int, int]:
+    """``offset`` (default 0) and ``limit`` (1 to 1000, default 100) of a DLQ page."""
+    q = _query_args(query, frozenset(("offset", "limit")))
+    out = []
+    for field, default, lo, hi in (("offset", 0, 0, 1 << 62), ("limit", 100, 1, 1000)):
+        raw = q.get(field, str(default)).strip()
+        if not (raw.isascii() and raw.isdigit()) or not lo <= int(raw) <= hi:
+            raise errors.InvalidQuery(
+                f"{field}: expected an integer from {lo} to {hi}, got {raw!r}", field=field
+            )
+        out.append(int(raw))
+    return out[0], out[1]
+
+
+def _int_header(headers: dict[str, str], name: str) -> int | None:
+    value = headers.get(DLQ_HEADER_PREFIX + name, "")
+    return int(value) if value.isascii() and value.isdigit() else None
+
+
+def _dead_letter(m: StoredMessage) -> DeadLetter:
+    h = m.headers
+    p = DLQ_HEADER_PREFIX
+    return DeadLetter(
+        message_id=m.message_id,
+        offset=m.offset,
+        key=m.key,
+        content=m.content,
+        headers=h,
+        priority=m.priority,
+        timestamp=m.timestamp,
+        reason=h.get(p + "reason"),
+        error=h.get(p + "error"),
+        dead_lettered_at=_int_header(h, "time"),
+        origin=DeadLetterOrigin(
+            topic=h.get(p + "topic"),
+            partition=_int_header(h, "partition"),
+            offset=_int_header(h, "offset"),
+            message_id=h.get(p + "message-id"),
+            group_id=h.get(p + "group"),
+            delivery_count=_int_header(h, "delivery-count"),
+        ),
+    )
+
+
 class App:
     """The slow-path handlers, bound to one worker's core ``Server`` and engine."""
 
@@ -145,10 +254,12 @@ class App:
         self.sink = sink
         self.groups = groups
         self.meta = meta
+        self.streams = Streams(groups, meta) if groups is not None else None
         self.core: Server | None = None
         self.started = time.monotonic()
         self.ready = False
         self.auth: Authenticator | None = None  # set when authentication is on
+        self.grants: GrantCache | None = None  # likewise: stored grants count only then
         self.audit = AuditLog(meta)
         # Cluster dependencies besides the engine (name -> cheap health check), e.g. postgres.
         self.dependencies: dict[str, Callable[[], dict[str, object]]] = {}
@@ -157,6 +268,7 @@ class App:
             ("/api/v1/topics/{name}", "GET"): self.get_topic,
             ("/api/v1/topics/{name}", "DELETE"): self.delete_topic,
             ("/api/v1/topics/{name}/redrive", "POST"): self.redrive,
+            ("/api/v1/topics/{name}/dlq", "GET"): self.dead_letters,
             ("/api/v1/messages/consume", "POST"): self.consume,
             ("/api/v1/consumers", "POST"): self.register_consumer,
             ("/api/v1/consumers/{consumer_id}", "DELETE"): self.delete_consumer,
@@ -165,22 +277,31 @@ class App:
             ("/health/live", "GET"): self.live,
             ("/health/ready", "GET"): self.ready_check,
             ("/openapi.json", "GET"): self.openapi,
+            ("/console", "GET"): self.console,
+            ("/console/{file}", "GET"): self.console,
         }
         self._scoped: dict[tuple[str, str], ScopedHandler] = {
             ("/api/v1/topics", "GET"): self.list_topics,
             ("/api/v1/messages/acknowledge", "POST"): self.acknowledge,
             ("/api/v1/messages/acknowledge/batch", "POST"): self.acknowledge_batch,
             ("/api/v1/messages/extend", "POST"): self.extend,
+            ("/api/v1/messages/stream", "GET"): self.stream,
             ("/api/v1/consumers", "GET"): self.list_consumers,
             ("/api/v1/consumers/{consumer_id}", "GET"): self.get_consumer,
             ("/api/v1/consumers/{consumer_id}/heartbeat", "POST"): self.heartbeat,
             ("/api/v1/metrics", "GET"): self.metric_history,
+            ("/api/v1/grants", "GET"): self.list_grants,
+            ("/api/v1/grants", "POST"): self.create_grant,
+            ("/api/v1/grants/{grant_id}", "DELETE"): self.delete_grant,
         }
         self._openapi: bytes | None = None
+        self._console_files: dict[str, bytes] = {}
         self._group_health: dict[str, object] = {"status": "unknown", "checked_at": None}
         # The sampler's last look, for the metrics scrape: (group, topic, lag, oldest unacked
         # lease in ms or None) per pair, and the dead-letter size per origin topic.
         self._group_levels: list[tuple[str, str, int, int | None]] = []
+        # (group, topic) -> when its oldest delivery not acknowledged was leased (unix ms)
+        self._oldest_unacked: dict[tuple[str, str], int] = {}
         self._dead_letters: dict[str, int] = {}
 
     def attach(self, core: Server) -> None:
@@ -196,7 +317,7 @@ class App:
         body: bytes,
         principal: Principal | None = None,
         peer: str = "",
-    ) -> Response | Awaitable[Response]:
+    ) -> Answer | Awaitable[Answer]:
         """Entry point from the core for every route it does not answer itself."""
         handler = self._handlers.get((template, method))
         scoped = self._scoped.get((template, method))
@@ -365,7 +486,13 @@ class App:
 
     async def get_topic(self, params: list[str], query: bytes, body: bytes) -> Response:
         _check_topic_name(params[0])
-        return _ok(await self.sink.describe_topic(params[0]))
+        info = await self.sink.describe_topic(params[0])
+        now = now_ms()
+        for g in info.consumer_groups:
+            leased = self._oldest_unacked.get((g.group_id, info.name))
+            if leased is not None:
+                g.oldest_unacked_age_s = max(0, now - leased) / 1000
+        return _ok(info)
 
     async def delete_topic(self, params: list[str], query: bytes, body: bytes) -> Response:
         name = params[0]
@@ -378,14 +505,50 @@ class App:
         return _ok({"name": name, "deleted": True})
 
     async def redrive(self, params: list[str], query: bytes, body: bytes) -> Response:
-        """Move the messages of ``<name>.dlq`` back to ``<name>`` (all, or ``max_messages``)."""
-        _check_topic_name(params[0])
-        limit = decode_json(_redrive, body).max_messages if body.strip() else 100_000
-        moved = await self._groups().store.redrive(params[0], limit, now_ms())
+        """Move the messages of ``<name>.dlq`` back to ``<name>`` (all, ``max_messages``, or
+        the one ``message_id``)."""
+        name = params[0]
+        _check_topic_name(name)
+        req = decode_json(_redrive, body) if body.strip() else RedriveRequest()
+        store = self._groups().store
+        if req.message_id is not None:
+            if not await store.redrive_message(name, req.message_id, now_ms()):
+                raise errors.NotFound(
+                    f"{dlq_name(name)!r} holds no message {req.message_id!r} "
+                    "(never dead-lettered here, or redriven already)",
+                    field="message_id",
+                )
+            moved = 1
+        else:
+            moved = await store.redrive(name, req.max_messages, now_ms())
         if moved:
-            self._groups().notify([params[0]])
-            log.info("dead letters redriven", extra={"topic": params[0], "moved": moved})
-        return _ok({"topic": params[0], "moved": moved})
+            self._groups().notify([name])
+            log.info("dead letters redriven", extra={"topic": name, "moved": moved})
+        out: dict[str, object] = {"topic": name, "moved": moved}
+        if req.message_id is not None:
+            out["message_id"] = req.message_id
+        return _ok(out)
+
+    async def dead_letters(self, params: list[str], query: bytes, body: bytes) -> Response:
+        """A page of ``<name>.dlq`` from ``offset`` on: read, nothing leased or changed."""
+        name = params[0]
+        _check_topic_name(name)
+        offset, limit = _page_query(query)
+        if await self.sink.get_topic(name) is None:
+            raise errors.UnknownTopic(f"unknown topic {name!r}", field="name")
+        dlq = dlq_name(name)
+        read = await self.sink.read(dlq, 0, offset, limit) if await self.sink.get_topic(dlq) else []
+        skip = await self._groups().store.redriven(name, offset, read[-1].offset) if read else set()
+        return _ok(
+            {
+                "topic": name,
+                "dead_letter_topic": dlq,
+                "offset": offset,
+                # where the next page starts; null at the end of what is stored now
+                "next_offset": read[-1].offset + 1 if len(read) == limit else None,
+                "messages": [_dead_letter(m) for m in read if m.offset not in skip],
+            }
+        )
 
     # ---- consume and acknowledge ----------------------------------------------------------
 
@@ -418,6 +581,47 @@ class App:
             req.visibility_timeout,
         )
         return _ok({"messages": msgs, "count": len(msgs)})
+
+    async def stream(
+        self,
+        params: list[str],
+        query: bytes,
+        body: bytes,
+        principal: Principal | None,
+        peer: str,
+    ) -> EventStream:
+        """``GET /api/v1/messages/stream``: consume as Server-Sent Events (``mqfast.stream``)."""
+        arg = _query_args(query, _STREAM_QUERY)
+        for name in ("topic", "group_id", "consumer_id"):
+            if name not in arg:
+                raise errors.InvalidQuery(f"query parameter {name} is required", field=name)
+        topic, group, consumer = arg["topic"], arg["group_id"], arg["consumer_id"]
+        check_topic(topic)
+        check_id(group, "group_id")
+        check_id(consumer, "consumer_id")
+        if principal is not None:
+            principal.require("consume", topic, group)
+        text = arg.get("max_inflight", "10").strip()
+        if not (text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_INFLIGHT):
+            raise errors.InvalidQuery(
+                f"max_inflight must be an integer from 1 to {MAX_INFLIGHT}, got {text!r}",
+                field="max_inflight",
+            )
+        groups = self._groups()
+        assert self.streams is not None
+        vis_ms = groups.visibility_ms(arg.get("visibility_timeout"), "visibility_timeout")
+        beat_s = heartbeat_s(arg.get("heartbeat"), STREAM_HEARTBEAT_S)
+        if await self.sink.get_topic(topic) is None:
+            raise errors.UnknownTopic(f"unknown topic {topic!r}", field="topic")
+        info = await groups.consumer_settings(topic, group, consumer)
+        if info is not None:
+            # A registered consumer is touched at each heartbeat: often enough to stay active.
+            beat_s = min(beat_s, max(0.5, self.settings.consumer_timeout_ns / 4e9))
+        if self.meta is not None:
+            self.meta.touch(consumer, now_ms())
+        if self.core is not None and self.core.shutting_down:
+            raise errors.ShuttingDown("the server is shutting down")
+        return EventStream(self.streams, topic, group, consumer, int(text), vis_ms, beat_s, info)
 
     @staticmethod
     def _result(r: SettleResult) -> Settled:
@@ -568,17 +772,7 @@ class App:
         principal: Principal | None,
         peer: str,
     ) -> Response:
-        group = None
-        if query:
-            q = parse_qs(query.decode("latin-1"), keep_blank_values=True)
-            unknown = set(q) - {"group_id"}
-            if unknown:
-                raise errors.InvalidQuery(
-                    f"unknown query parameter {sorted(unknown)[0]!r}", field=sorted(unknown)[0]
-                )
-            if "group_id" in q:
-                group = q["group_id"][-1]
-        consumers = await self._meta().list_consumers(group)
+        consumers = await self._meta().list_consumers(_query_param(query, "group_id"))
         return _ok({"consumers": [c for c in consumers if may_see_consumer(principal, c)]})
 
     async def get_consumer(
@@ -669,6 +863,105 @@ class App:
                 "entries": [{**e, "time": format_rfc3339(int(e["time_ms"]))} for e in entries],
             }
         )
+
+    # ---- grants kept in the metadata store (mqfast.grants) -----------------------------------
+
+    async def create_grant(
+        self,
+        params: list[str],
+        query: bytes,
+        body: bytes,
+        principal: Principal | None,
+        peer: str,
+    ) -> Response:
+        """Store a grant for a subject: 201, or 200 with the one stored when it exists already."""
+
+        async def create() -> tuple[Response, str, StoredGrant]:
+            req: CreateGrantRequest = decode_json(_create_grant, body)
+            grant = check_request(req)
+            actor = "" if principal is None else principal.subject
+            stored, created = await self._meta().create_grant(req.subject, grant, actor, now_ms())
+            if created:
+                await self._grants_changed(stored.subject)
+                log.info("grant created", extra={"subject": stored.subject, "id": stored.id})
+            return _ok(stored, 201 if created else 200), stored.subject, stored
+
+        return await self._audited_grant(
+            "POST /api/v1/grants", target_of(body), principal, peer, create
+        )
+
+    async def list_grants(
+        self,
+        params: list[str],
+        query: bytes,
+        body: bytes,
+        principal: Principal | None,
+        peer: str,
+    ) -> Response:
+        return _ok({"grants": await self._meta().list_grants(_query_param(query, "subject"))})
+
+    async def delete_grant(
+        self,
+        params: list[str],
+        query: bytes,
+        body: bytes,
+        principal: Principal | None,
+        peer: str,
+    ) -> Response:
+        raw = params[0]
+
+        async def delete() -> tuple[Response, str, StoredGrant]:
+            if not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
+                raise errors.BadRequest(
+                    f"grant_id must be the id of a grant, a positive integer (got {raw[:32]!r})",
+                    field="grant_id",
+                )
+            stored = await self._meta().delete_grant(int(raw))
+            if stored is None:
+                raise errors.NotFound(f"no grant {raw!r} is stored", field="grant_id")
+            await self._grants_changed(stored.subject)
+            log.info("grant deleted", extra={"subject": stored.subject, "id": stored.id})
+            answer = {"id": stored.id, "subject": stored.subject, "deleted": True}
+            return _ok(answer), stored.subject, stored
+
+        return await self._audited_grant(
+            "DELETE /api/v1/grants/{grant_id}", raw, principal, peer, delete
+        )
+
+    async def _grants_changed(self, subject: str) -> None:
+        # This process applies its own change before it answers; the others follow the
+        # store's notification within about a second.
+        if self.grants is None:
+            return
+        try:
+            await self.grants.reload(subject)
+        except errors.Unavailable:
+            self.grants.changed(subject)  # committed all the same: applied once readable
+
+    async def _audited_grant(
+        self,
+        action: str,
+        target: str,
+        principal: Principal | None,
+        peer: str,
+        change: Callable[[], Awaitable[tuple[Response, str, StoredGrant]]],
+    ) -> Response:
+        """``change()`` with one audit entry: the grant and its subject on success, the reason
+        otherwise (refusals, 403, are recorded by ``forbidden``)."""
+        actor = "" if principal is None else principal.subject
+        try:
+            result, subject, stored = await change()
+        except errors.MqfastError as e:
+            self.audit.record(
+                actor=actor, action=action, target=target[:256], outcome="failed", peer=peer,
+                detail={"status": e.status, "reason": e.message},
+            )  # fmt: skip
+            raise
+        self.audit.record(
+            actor=actor, action=action, target=subject[:256], outcome="ok", peer=peer,
+            detail={"status": result[0], "grant": msgspec.to_builtins(stored)},
+        )  # fmt: skip
+        return result
 
     # ---- health ---------------------------------------------------------------------------
 
@@ -776,6 +1069,7 @@ class App:
         self._group_levels = [
             (e["group_id"], e["topic"], e["lag"], oldest.get(key)) for key, e in pairs.items()
         ]
+        self._oldest_unacked = oldest
         self._dead_letters = {
             name: infos[dlq_name(name)].messages for name in infos if dlq_name(name) in infos
         }
@@ -799,6 +1093,23 @@ class App:
         ok = self.ready and engine.get("status") == "up" and not shutting
         reason = "ok" if ok else ("shutting down" if shutting else "engine not ready")
         return _ok({"status": "ready" if ok else "not_ready", "reason": reason}, 200 if ok else 503)
+
+    def console(self, params: list[str], query: bytes, body: bytes) -> Response:
+        """The web console's files (``/console`` is its page), when it is on."""
+        if not self.settings.console_enabled:
+            raise errors.NotFound(
+                "the web console is off: it is served on a loopback listener or with "
+                "authentication on, or with MESSAGE_QUEUE_CONSOLE=on"
+            )
+        name = params[0] if params else "index.html"
+        ctype = CONSOLE_FILES.get(name)
+        if ctype is None:
+            raise errors.NotFound(f"no such console file: {name!r}")
+        data = self._console_files.get(name)
+        if data is None:
+            data = resources.files("mqfast").joinpath("console", name).read_bytes()
+            self._console_files[name] = data
+        return 200, data, CONSOLE_HEADERS % ctype
 
     def openapi(self, params: list[str], query: bytes, body: bytes) -> Response:
         if self._openapi is None:

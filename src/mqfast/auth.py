@@ -225,7 +225,7 @@ class Principal:
     audit), which only the admin role or a grant on ``*`` with ``admin`` allows.
     """
 
-    __slots__ = ("_memo", "expires_at", "grants", "quota_key", "roles", "subject")
+    __slots__ = ("_memo", "expires_at", "grants", "quota_key", "revoked", "roles", "subject")
 
     def __init__(
         self,
@@ -240,6 +240,9 @@ class Principal:
         self.grants = tuple(grants)
         self.expires_at = expires_at
         self.quota_key = subject if quota_key is None else quota_key
+        # Set when the subject's stored grants changed after this was built: a cache of
+        # principals must not keep it (see Authenticator.forget_subject).
+        self.revoked = False
         self._memo: dict[tuple[str, str | None, str | None], bool] = {}
 
     def __repr__(self) -> str:
@@ -552,6 +555,10 @@ class Authenticator:
 
     ``on_keys_changed`` (optional) is called when a refresh removed or replaced keys: the token
     cache here is dropped then, and so should be any cache of principals built on top of it.
+
+    ``stored_grants`` (optional, ``grants.GrantCache.get``) gives the grants kept in the metadata
+    store for a subject; they are added to the claim grants of each principal verified. When
+    they change, ``forget_subject`` drops that subject's principals from the cache.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -559,6 +566,7 @@ class Authenticator:
         self._stats: dict[str, int] = {"verified": 0, "failures": 0}
         self._hits = 0  # verifications answered from the cache
         self.on_keys_changed: Callable[[], None] | None = None
+        self.stored_grants: Callable[[str], tuple[Grant, ...]] | None = None
         self._cache: dict[str, Principal] = {}
         self._secret = settings.jwt_secret.encode("utf-8") if settings.jwt_secret else b""
         self._pem: _Key | None = None
@@ -781,6 +789,15 @@ class Authenticator:
         del self._cache[token]
         return None
 
+    def forget_subject(self, subject: str) -> None:
+        """Drop the cached principals of ``subject`` (its stored grants changed): a scan of the
+        cache, once per change, never per request."""
+        stale = [token for token, p in self._cache.items() if p.subject == subject]
+        for token in stale:
+            # One may be on its way into the core's cache (verified, its answer not handed
+            # over yet): marked, the core does not keep it.
+            self._cache.pop(token).revoked = True
+
     def _remember(self, token: str, p: Principal) -> None:
         cache = self._cache
         if len(cache) >= CACHE_MAX:
@@ -962,6 +979,8 @@ class Authenticator:
             grants = parse_grants(claims.get(s.jwt_grants_claim))
         except ValueError as e:
             raise Unauthorized(f"invalid grants claim: {e}", reason="bad_claims") from None
+        if self.stored_grants is not None:
+            grants += self.stored_grants(subject)  # a union: see mqfast.grants
         quota_key = claims.get(s.quota_claim, subject)
         if isinstance(quota_key, int) and not isinstance(quota_key, bool):
             quota_key = str(quota_key)

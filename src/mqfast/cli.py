@@ -1,4 +1,9 @@
-"""The ``mqfast`` command: ``mqfast serve`` runs the gateway; flags override the environment."""
+"""The ``mqfast`` command: ``mqfast serve`` runs the gateway; flags override the environment.
+
+``produce``, ``consume``, ``topics`` and ``dlq`` talk to a running gateway through
+:mod:`mqfast.client` (``--url``, default ``MQFAST_URL`` or ``http://127.0.0.1:8087``; the token
+from ``MQFAST_TOKEN``), written in :mod:`mqfast.cli_client`.
+"""
 
 from __future__ import annotations
 
@@ -63,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--engine", choices=["embedded", "kafka"], help="MESSAGE_QUEUE_ENGINE")
     r.add_argument("--data-dir", help="embedded engine directory (MESSAGE_QUEUE_DATA_DIR)")
+    from mqfast.cli_client import add_commands
+
+    add_commands(p, sub)
     return p
 
 
@@ -167,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         return _token(args)
     if args.command == "rewrap":
         return _rewrap(args)
+    if getattr(args, "client_command", None) is not None:
+        from mqfast.cli_client import run_command
+
+        return run_command(args)
     if args.command != "serve":
         _parser().print_help()
         return 0 if args.command is None else 2

@@ -109,6 +109,13 @@ def _bool(value: str, var: str) -> bool:
     raise ConfigError(f"{var}={value!r}: expected true or false")
 
 
+def _console(value: str) -> str:
+    v = value.lower()
+    if v == "auto":
+        return v
+    return "on" if _bool(v, "MESSAGE_QUEUE_CONSOLE (or auto)") else "off"
+
+
 def _int(value: str, var: str, lo: int, hi: int) -> int:
     try:
         n = int(value.strip())
@@ -122,6 +129,7 @@ def _int(value: str, var: str, lo: int, hi: int) -> int:
 # A bare integer is nanoseconds (the contract's unit), so ``MESSAGE_QUEUE_TTL=24`` is 24 ns: every
 # duration variable refuses a value (other than 0) below what it can sensibly mean.
 _MIN_DURATION_NS = 1_000_000  # 1 ms: no timeout, interval or backoff of mqfast is shorter
+MAX_IDEMPOTENCY_WINDOW_NS = 30 * 24 * 3600 * 1_000_000_000
 _DURATION_FORMS = "a number with a unit ('500ms', '30s', '5m', '24h') or integer nanoseconds"
 
 
@@ -196,8 +204,10 @@ ENV_VARS: tuple[str, ...] = (
     "MESSAGE_QUEUE_HEALTH_MAX_LAG",
     "MESSAGE_QUEUE_HEALTH_MAX_UNACKED_AGE",
     "MESSAGE_QUEUE_HOST",
+    "MESSAGE_QUEUE_IDEMPOTENCY_WINDOW",
     "MESSAGE_QUEUE_IDLE_TIMEOUT",
     "MESSAGE_QUEUE_INSECURE",
+    "MESSAGE_QUEUE_CONSOLE",
     "MESSAGE_QUEUE_JWT_ALGORITHMS",
     "MESSAGE_QUEUE_JWT_AUDIENCE",
     "MESSAGE_QUEUE_JWT_GRANTS_CLAIM",
@@ -273,6 +283,7 @@ def _security(e: Mapping[str, str]) -> dict[str, object]:
     algs = tuple(a.strip() for a in f("MESSAGE_QUEUE_JWT_ALGORITHMS").split(",") if a.strip())
     return {
         "insecure": _bool(f("MESSAGE_QUEUE_INSECURE", "0"), "MESSAGE_QUEUE_INSECURE"),
+        "console": _console(f("MESSAGE_QUEUE_CONSOLE", "auto")),
         "jwt_secret": _read_secret(e, "MESSAGE_QUEUE_JWT_SECRET"),
         "jwt_public_key_file": f("MESSAGE_QUEUE_JWT_PUBLIC_KEY_FILE"),
         "jwt_jwks_url": f("MESSAGE_QUEUE_JWT_JWKS_URL"),
@@ -340,6 +351,8 @@ class Settings:
     default_ttl_ns: int = 24 * 3600 * NS_PER_SECOND
     default_retention_ns: int = 7 * 24 * 3600 * NS_PER_SECOND
     default_partitions: int = 1
+    # How long an Idempotency-Key is remembered (README "Idempotent produce").
+    idempotency_window_ns: int = 24 * 3600 * NS_PER_SECOND
     auto_create_topics: bool = True
     header_timeout_s: float = 10.0
     idle_timeout_s: float = 75.0
@@ -374,6 +387,9 @@ class Settings:
     meta: str = "sqlite"
     # ---- security (README "Security") ----
     insecure: bool = False  # run without authentication on a non-loopback address
+    # The web console at /console: "auto" serves it on a loopback listener or with
+    # authentication on (never open to other machines by default), "on" or "off" decide.
+    console: str = "auto"
     jwt_secret: str = field(default="", repr=False)  # HMAC secret (HS256/384/512)
     jwt_public_key_file: str = ""  # PEM public key (RS256, ES256, EdDSA)
     jwt_jwks_url: str = ""
@@ -448,6 +464,11 @@ class Settings:
             ),
             "default_retention_ns": _duration(
                 e.get("MESSAGE_QUEUE_RETENTION", "168h"), "MESSAGE_QUEUE_RETENTION", NS_PER_SECOND
+            ),
+            "idempotency_window_ns": _duration(
+                e.get("MESSAGE_QUEUE_IDEMPOTENCY_WINDOW", "24h"),
+                "MESSAGE_QUEUE_IDEMPOTENCY_WINDOW",
+                NS_PER_SECOND,
             ),
             "default_partitions": _int(
                 e.get("MESSAGE_QUEUE_DEFAULT_PARTITIONS", "1"),
@@ -546,6 +567,13 @@ class Settings:
         """True when the HTTP listener is reachable from this machine only."""
         return is_loopback(self.host)
 
+    @property
+    def console_enabled(self) -> bool:
+        """Whether /console is served (see ``console``)."""
+        if self.console == "auto":
+            return self.loopback_only or self.auth_enabled
+        return self.console == "on"
+
     def _validate(self) -> None:
         if not self.auth_enabled and not self.insecure and not self.loopback_only:
             raise ConfigError(
@@ -584,6 +612,12 @@ class Settings:
             raise ConfigError(
                 f"MESSAGE_QUEUE_LOG_LEVEL={self.log_level!r}: "
                 "expected DEBUG, INFO, WARNING or ERROR"
+            )
+        if not 0 < self.idempotency_window_ns <= MAX_IDEMPOTENCY_WINDOW_NS:
+            # every key is kept that long (SQLite, or Redis with the Kafka engine): bounded
+            raise ConfigError(
+                "MESSAGE_QUEUE_IDEMPOTENCY_WINDOW must be > 0 and at most 30 days "
+                f"(got {_format_ns(self.idempotency_window_ns)})"
             )
         if self.header_timeout_s <= 0 or self.idle_timeout_s <= 0:
             raise ConfigError(

@@ -255,8 +255,10 @@ class _Debug:
         }
 
     async def index(self, query: dict[str, str]) -> Response:
+        # With --workers N each worker has its own listener (PPROF_ADDR's port + its index):
+        # every answer is about this one process.
         text = (
-            "mqfast debug endpoints\n\n"
+            f"mqfast debug endpoints of process {os.getpid()}\n\n"
             "/debug/stacks                    every thread's stack and the asyncio tasks\n"
             "/debug/gc[?reset=1]              GC counts and pause times (JSON); reset=1 zeroes"
             " the pause counters after reporting\n"

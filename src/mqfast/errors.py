@@ -30,6 +30,8 @@ class ErrorCode(enum.StrEnum):
     METHOD_NOT_ALLOWED = "method_not_allowed"
     TOPIC_EXISTS = "topic_exists"
     CONFLICT = "conflict"
+    IDEMPOTENCY_KEY_IN_FLIGHT = "idempotency_key_in_flight"
+    IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     HEADERS_TOO_LARGE = "headers_too_large"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
@@ -107,6 +109,13 @@ class TopicExists(Conflict):
     code = ErrorCode.TOPIC_EXISTS
 
 
+class IdempotencyKeyReused(MqfastError):
+    """An idempotency key sent again within the window with another message."""
+
+    status = 422
+    code = ErrorCode.IDEMPOTENCY_KEY_REUSED
+
+
 class PayloadTooLarge(MqfastError):
     status = 413
     code = ErrorCode.PAYLOAD_TOO_LARGE
@@ -133,6 +142,13 @@ RETRY_AFTER_1S: Final = b"retry-after: 1\r\n"
 class RateLimited(MqfastError):
     status = 429
     code = ErrorCode.RATE_LIMITED
+    extra_headers = RETRY_AFTER_1S
+
+
+class IdempotencyKeyInFlight(Conflict):
+    """A retry of an idempotent produce whose first attempt is still undecided."""
+
+    code = ErrorCode.IDEMPOTENCY_KEY_IN_FLIGHT
     extra_headers = RETRY_AFTER_1S
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import re
 import time
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from mqfast import errors
-from mqfast._core import topic_name_error
+from mqfast._core import POLL_END, topic_name_error
 from mqfast.config import Settings, parse_duration
 from mqfast.messages import ConsumerInfo, LeasedMessage
 from mqfast.sinks import Delivery
@@ -45,7 +46,7 @@ PRIORITY_WEIGHTS = tuple(p + 1 for p in range(PRIORITY_LEVELS))
 MAX_ID_LENGTH = 249
 # What an id may not hold: control characters (C0, DEL, C1), as the OpenAPI document's pattern
 # says, and lone surrogates, which UTF-8 cannot encode (Redis keys, PostgreSQL text).
-_NOT_IN_ID = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+NOT_IN_ID = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 DLQ_SUFFIX = ".dlq"
 # With several workers sharing an embedded database, idle long-polls re-check the store this
 # often, to notice messages produced by another process (in-process produce wakes them at once).
@@ -221,6 +222,15 @@ class GroupStore(Protocol):
     async def redrive(self, topic: str, max_messages: int, now: int) -> int:
         """Move up to ``max_messages`` from ``<topic>.dlq`` back to ``topic``; returns how many."""
 
+    async def redrive_message(self, topic: str, message_id: str, now: int) -> bool:
+        """Move the dead letter ``message_id`` of ``<topic>.dlq`` back to ``topic`` (as a new
+        message), once: False when the DLQ does not hold it (any more)."""
+
+    async def redriven(self, topic: str, first: int, last: int) -> set[int]:
+        """The offsets of ``<topic>.dlq`` from ``first`` to ``last`` that are still stored
+        but were redriven one at a time (a Kafka log cannot drop one record): readers of the
+        DLQ leave them out."""
+
     async def prune(self, now: int) -> int:
         """Forget complete messages older than the grace period; returns how many."""
 
@@ -233,7 +243,7 @@ class GroupStore(Protocol):
 
 def check_id(value: str, field: str) -> None:
     """Group and consumer ids: 1-249 characters, none of them a control character."""
-    if not value or len(value) > MAX_ID_LENGTH or _NOT_IN_ID.search(value):
+    if not value or len(value) > MAX_ID_LENGTH or NOT_IN_ID.search(value):
         raise errors.BadRequest(
             f"{field} must be 1 to {MAX_ID_LENGTH} characters, none of them a control character",
             field=field,
@@ -327,11 +337,14 @@ class Groups:
         self.recheck_s = CROSS_PROCESS_RECHECK_S if settings.workers > 1 else float("inf")
         self.max_visibility_ms = 12 * 3600 * 1000
         self._pickers: dict[tuple[str, str], PriorityPicker] = {}
-        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        # topic -> group -> the long-polls waiting there, oldest first: (wake-up, capped)
+        self._waiters: dict[str, dict[str, list[tuple[asyncio.Future[None], bool]]]] = {}
         self._consumers: dict[str, tuple[float, ConsumerInfo | None]] = {}
         self.lookup_consumer: ConsumerLookup | None = None
         self.topics: dict[str, TopicCounters] = {}
         self.consumed_by_group: dict[tuple[str, str], int] = {}
+        # Told the results of every settle (open streams count their leases settled here).
+        self.on_settled: Callable[[list[SettleResult]], None] | None = None
         self._closing = False
 
     # ---- wake-ups -------------------------------------------------------------------------
@@ -339,14 +352,29 @@ class Groups:
     def waiting_topics(self) -> set[str]:
         return {t for t, w in self._waiters.items() if w}
 
-    def notify(self, topics: Iterable[str]) -> None:
-        """New messages (or freed capacity) on ``topics``: wake the long-polls waiting there."""
+    def notify(self, topics: Iterable[str], capped_only: bool = False) -> None:
+        """New messages (or freed capacity) on ``topics``: wake the long-polls waiting there.
+
+        Per group, the long-poll waiting longest is woken, not every one: it leases up to its
+        ``max_messages`` and wakes the next when it took a full batch (``lease_round``).
+        Waking all of them made each message cost an empty lease per idle consumer. Consumers
+        capped by ``max_concurrency``, ``rate_limit`` or a stream's credit are always woken
+        (they may take nothing where another could), and ``capped_only`` (capacity freed by
+        acknowledgements) wakes only them: nothing new is ready for the others.
+        """
         for t in topics:
-            waiters = self._waiters.get(t)
-            if waiters:
-                for fut in waiters:
-                    if not fut.done():
+            for waiters in self._waiters.get(t, {}).values():
+                woke = capped_only
+                for fut, capped in waiters:
+                    if not fut.done() and (capped or not woke):
                         fut.set_result(None)
+                        woke = woke or not capped
+
+    def _wake_next(self, topic: str, group: str) -> None:
+        for fut, capped in self._waiters.get(topic, {}).get(group, ()):
+            if not fut.done() and not capped:
+                fut.set_result(None)
+                return
 
     def on_stored(self, batch: list[Delivery]) -> None:
         """The core's hook after each engine batch: wake long-polls on those topics."""
@@ -356,25 +384,61 @@ class Groups:
     def shutdown(self) -> None:
         """Wake every long-poll so it answers now (empty) and the server can drain."""
         self._closing = True
-        for waiters in self._waiters.values():
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(None)
+        for groups in self._waiters.values():
+            for waiters in groups.values():
+                for fut, _ in waiters:
+                    if not fut.done():
+                        fut.set_result(None)
 
-    async def _wait(self, topic: str, seconds: float) -> None:
+    async def wait(
+        self,
+        topic: str,
+        group: str,
+        seconds: float,
+        fut: asyncio.Future[None] | None = None,
+        capped: bool = False,
+        gone: asyncio.Future[None] | None = None,
+    ) -> None:
+        """Until a wake-up on ``topic`` for ``group`` (``notify``, ``shutdown``), ``fut`` or
+        ``gone`` is done, or ``seconds`` pass (``math.inf``: no timer at all, so that an idle
+        waiter costs nothing). ``capped``: the waiter may be unable to take what is ready
+        (``notify``). ``gone``: the waiter's client went; a wake-up it was given is passed on."""
         if seconds <= 0 or self._closing:
             return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        waiters = self._waiters.setdefault(topic, set())
-        waiters.add(fut)
+        if fut is None:
+            fut = asyncio.get_running_loop().create_future()
+        if gone is not None:
+            if gone.done():
+                return
+            woken = fut
+
+            def end(_: asyncio.Future[None]) -> None:
+                if not woken.done():
+                    woken.set_result(None)
+
+            gone.add_done_callback(end)
+        groups = self._waiters.setdefault(topic, {})
+        waiters = groups.setdefault(group, [])
+        entry = (fut, capped)
+        waiters.append(entry)
         try:
-            await asyncio.wait_for(fut, seconds)
+            await asyncio.wait_for(fut, None if math.isinf(seconds) else seconds)
+            if gone is not None and gone.done():
+                self._wake_next(topic, group)  # the wake-up, if this was one, is not lost
         except TimeoutError:
             pass
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self._wake_next(topic, group)  # woken, but gone: the wake-up is not lost
+            raise
         finally:
-            waiters.discard(fut)
+            if gone is not None:
+                gone.remove_done_callback(end)
+            waiters.remove(entry)
             if not waiters:
-                self._waiters.pop(topic, None)
+                del groups[group]
+                if not groups:
+                    del self._waiters[topic]
 
     # ---- consumers ------------------------------------------------------------------------
 
@@ -429,6 +493,27 @@ class Groups:
         check_id(consumer, "consumer_id")
         wait_ms = duration_ms(timeout, "timeout", 0, self.max_poll_ms)
         vis_ms = self.visibility_ms(visibility, "visibility_timeout")
+        info = await self.consumer_settings(topic, group, consumer)
+        deadline = time.monotonic() + wait_ms / 1000.0
+        capped = info is not None and bool(info.max_concurrency or info.rate_limit)
+        # Done when the client goes (the core's eof_received/connection_lost): nothing more is
+        # leased to it, and the poll answers at once.
+        gone: asyncio.Future[None] | None = POLL_END.get()
+        while True:
+            if gone is not None and gone.done():
+                return []
+            msgs, pause = await self.lease_round(topic, group, consumer, max_messages, vis_ms, info)
+            if msgs:
+                return msgs
+            left = deadline - time.monotonic()
+            if left <= 0 or self._closing:
+                return []
+            seconds = min(left, self.recheck_s, pause)
+            await self.wait(topic, group, seconds, capped=capped, gone=gone)
+
+    async def consumer_settings(self, topic: str, group: str, consumer: str) -> ConsumerInfo | None:
+        """The registered settings of ``consumer`` (None: not registered), refused with 409
+        when it is registered for another group or for topics without ``topic``."""
         info = await self._consumer(consumer)
         if info is not None and info.group_id != group:
             raise errors.Conflict(
@@ -440,50 +525,63 @@ class Groups:
                 f"consumer {consumer!r} is registered for topics {info.topics}, not {topic!r}",
                 field="topic",
             )
-        deadline = time.monotonic() + wait_ms / 1000.0
-        picker = self._pickers.setdefault((group, topic), PriorityPicker())
-        counters: TopicCounters | None = None  # made after the first lease: the topic exists
-        while True:
-            want = max_messages
-            bucket_wait = 0.0
-            rates = self.store.rate_limits
-            if info is not None and info.rate_limit:
-                want, bucket_wait = await rates.take_tokens(consumer, info.rate_limit, want)
-            out = LeaseOutcome([])
-            if want > 0:
-                out = await self.store.lease(
-                    group,
-                    topic,
-                    consumer,
-                    want,
-                    vis_ms,
-                    now_ms(),
-                    picker,
-                    info.max_concurrency if info is not None else None,
-                )
-                if info is not None and info.rate_limit and len(out.messages) < want:
-                    await rates.return_tokens(consumer, want - len(out.messages))
-            if counters is None:
-                counters = self._counters(topic)
-            counters.expired += out.expired
-            counters.dead_lettered += out.dead_lettered
-            counters.failed += out.reclaimed
-            if out.messages:
-                n = len(out.messages)
-                counters.consumed += n
-                counters.retried += sum(1 for m in out.messages if m.delivery_count > 1)
-                key = (topic, group)
-                self.consumed_by_group[key] = self.consumed_by_group.get(key, 0) + n
-                return out.messages
-            left = deadline - time.monotonic()
-            if left <= 0 or self._closing:
-                return []
-            pause = min(left, self.recheck_s)
-            if bucket_wait:
-                pause = min(pause, bucket_wait)
-            if out.next_due_ms:
-                pause = min(pause, max(0.001, (out.next_due_ms - now_ms()) / 1000.0))
-            await self._wait(topic, pause)
+        return info
+
+    async def lease_round(
+        self,
+        topic: str,
+        group: str,
+        consumer: str,
+        max_messages: int,
+        vis_ms: int,
+        info: ConsumerInfo | None,
+        max_leased: int | None = None,
+    ) -> tuple[list[LeasedMessage], float]:
+        """One lease of up to ``max_messages`` within the consumer's rate limit, its
+        ``max_concurrency`` and ``max_leased`` (the fewer): the messages, and when there are
+        none, the seconds after which trying again may find some without a wake-up (a rate
+        limit's next token, a retry or lease deadline coming due; ``math.inf``: none)."""
+        want = max_messages
+        bucket_wait = 0.0
+        rates = self.store.rate_limits
+        if info is not None and info.rate_limit:
+            want, bucket_wait = await rates.take_tokens(consumer, info.rate_limit, want)
+        cap = info.max_concurrency if info is not None else None
+        if max_leased is not None:
+            cap = max_leased if cap is None else min(cap, max_leased)
+        out = LeaseOutcome([])
+        if want > 0:
+            out = await self.store.lease(
+                group,
+                topic,
+                consumer,
+                want,
+                vis_ms,
+                now_ms(),
+                self._pickers.setdefault((group, topic), PriorityPicker()),
+                cap,
+            )
+            if info is not None and info.rate_limit and len(out.messages) < want:
+                await rates.return_tokens(consumer, want - len(out.messages))
+        counters = self._counters(topic)  # after the first lease: the topic exists
+        counters.expired += out.expired
+        counters.dead_lettered += out.dead_lettered
+        counters.failed += out.reclaimed
+        if out.messages:
+            n = len(out.messages)
+            counters.consumed += n
+            counters.retried += sum(1 for m in out.messages if m.delivery_count > 1)
+            key = (topic, group)
+            self.consumed_by_group[key] = self.consumed_by_group.get(key, 0) + n
+            if n >= want:  # a full batch: more may be ready for the next one waiting
+                self._wake_next(topic, group)
+            return out.messages, 0.0
+        pause = math.inf
+        if bucket_wait:
+            pause = bucket_wait
+        if out.next_due_ms:
+            pause = min(pause, max(0.001, (out.next_due_ms - now_ms()) / 1000.0))
+        return [], pause
 
     # ---- acknowledge ----------------------------------------------------------------------
 
@@ -507,7 +605,8 @@ class Groups:
         results = await self.store.settle(
             group, topic, consumer, items, now_ms(), authorize=authorize
         )
-        freed: set[str] = set()
+        freed: set[str] = set()  # capacity freed: capped consumers may go on
+        requeued: set[str] = set()  # messages to deliver again
         # The results of a batch are mostly of one topic: its counters are looked up once
         # per run of results of a topic, not once per message.
         topic_of = ""
@@ -528,9 +627,15 @@ class Groups:
                 c.failed += 1
                 if status == "dead_lettered":
                     c.dead_lettered += 1
+                else:
+                    requeued.add(topic_of)
                 freed.add(topic_of)
-        if freed:
-            self.notify(freed)  # consumers at their max_concurrency may go on
+        if requeued:
+            self.notify(requeued)
+        if freed - requeued:
+            self.notify(freed - requeued, capped_only=True)
+        if self.on_settled is not None:
+            self.on_settled(results)
         return results
 
     def nack_delay_ms(self, value: int | str | None, field: str) -> int | None:

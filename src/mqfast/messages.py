@@ -18,6 +18,12 @@ Duration = int | str | None
 Headers = dict[str, str] | None
 # A message id to settle: an empty one is a 400 naming the field, not an unknown message.
 MessageId = Annotated[str, msgspec.Meta(min_length=1)]
+# An idempotency key (the Idempotency-Key header or a batch message's ``idempotency_key``):
+# visible ASCII, short enough to keep per message for the whole window.
+IDEMPOTENCY_KEY_MAX = 255
+IdempotencyKey = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=IDEMPOTENCY_KEY_MAX, pattern=r"^[!-~]+$")
+]
 # Topics one registered consumer may list (each is checked and stored with it).
 MAX_CONSUMER_TOPICS = 100
 
@@ -42,6 +48,7 @@ class BatchMessage(msgspec.Struct, gc=False, forbid_unknown_fields=True):
     headers: Headers = None
     priority: Priority = 0
     ttl: Duration = None
+    idempotency_key: IdempotencyKey | None = None
 
 
 class BatchProduceRequest(msgspec.Struct, gc=False, forbid_unknown_fields=True):
@@ -49,6 +56,23 @@ class BatchProduceRequest(msgspec.Struct, gc=False, forbid_unknown_fields=True):
 
     messages: list[BatchMessage]
     topic: str | None = None
+
+
+class IdemKey(msgspec.Struct, frozen=True, gc=False):
+    """What an engine needs to make one produce idempotent (``Delivery.idem``).
+
+    ``scope`` is the subject (empty without authentication), a NUL, then the client's key:
+    keys are kept per topic and subject, so one tenant never sees another's result.
+    ``fingerprint`` digests what the message is made of; ``field`` names where the key came
+    from, for the error of a key reused with another message. ``count`` > 1: the key of a
+    batch's header, shared by that many deliveries (in order, in one engine batch) that are
+    stored or answered together, ``fingerprint`` digesting them all.
+    """
+
+    scope: str
+    fingerprint: bytes
+    field: str
+    count: int = 1
 
 
 class CreateTopicRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -95,9 +119,12 @@ class PartitionStats(msgspec.Struct, gc=False):
     high_offset: int  # next offset to be written
 
 
-class GroupLag(msgspec.Struct, gc=False):
+class GroupLag(msgspec.Struct, gc=False, omit_defaults=True):
     group_id: str
     lag: int
+    # Age of the group's oldest delivery not acknowledged, as of the last metric sample;
+    # absent when it has none (or before the first sample).
+    oldest_unacked_age_s: float | None = None
 
 
 class TopicInfo(msgspec.Struct, gc=False):
@@ -211,9 +238,39 @@ class Settled(msgspec.Struct, gc=False, omit_defaults=True):
 
 
 class RedriveRequest(msgspec.Struct, gc=False, forbid_unknown_fields=True):
-    """``POST /api/v1/topics/{name}/redrive`` (the body is optional)."""
+    """``POST /api/v1/topics/{name}/redrive`` (the body is optional): the oldest
+    ``max_messages`` dead letters, or the one ``message_id`` (its id in the DLQ)."""
 
     max_messages: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 100_000
+    message_id: MessageId | None = None
+
+
+class DeadLetterOrigin(msgspec.Struct, gc=False):
+    """Where a dead letter was first stored, and who gave up on it."""
+
+    topic: str | None
+    partition: int | None
+    offset: int | None
+    message_id: str | None
+    group_id: str | None
+    delivery_count: int | None
+
+
+class DeadLetter(msgspec.Struct, gc=False):
+    """One message of ``GET /api/v1/topics/{name}/dlq``: as stored in the DLQ, with the
+    reason, the last error and the origin read from its ``x-mqfast-dlq-*`` headers."""
+
+    message_id: str
+    offset: int
+    key: str | None
+    content: str
+    headers: dict[str, str]
+    priority: int
+    timestamp: int
+    reason: str | None
+    error: str | None
+    dead_lettered_at: int | None
+    origin: DeadLetterOrigin
 
 
 class ExtendRequest(msgspec.Struct, gc=False, forbid_unknown_fields=True):
@@ -250,6 +307,29 @@ class ConsumerInfo(msgspec.Struct):
     registered_at: int  # unix ms
     last_seen: int  # unix ms; any consume or heartbeat
     active: bool = True
+
+
+class CreateGrantRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """``POST /api/v1/grants``: the shape of a grant of the token's grants claim, and whom it
+    is for. Checked further by ``grants.check_request`` (actions, glob, group ids)."""
+
+    subject: str
+    topics: str
+    actions: list[str]
+    groups: list[str] | None = None
+
+
+class StoredGrant(msgspec.Struct):
+    """A grant kept in the metadata store, as stored and returned. ``actions`` are in the order
+    of ``auth.ACTIONS`` and ``groups`` sorted, so that one grant has one form."""
+
+    id: int
+    subject: str
+    topics: str
+    actions: list[str]
+    groups: list[str] | None
+    created_at: int  # unix ms
+    created_by: str  # the subject that created it ("" without authentication)
 
 
 class MetricPoint(msgspec.Struct):

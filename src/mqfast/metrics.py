@@ -3,15 +3,20 @@
 The hot path only bumps C counters; :class:`StatsCollector` turns one ``stats()`` snapshot into
 metric families at scrape time, so nothing in this module runs per request. Metric names are the
 contract's (``message_queue_*``); labels are route templates and topic names, never raw paths.
+
+With ``--workers N`` the supervisor serves METRICS_ADDR: at each scrape it asks every worker for
+its families (:func:`encode_families`) and :class:`PodMetrics` merges them into one exposition
+(:func:`merge_families`, the rules in :data:`POD_GAUGES`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import msgspec
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.metrics_core import (
@@ -20,11 +25,24 @@ from prometheus_client.metrics_core import (
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.registry import Collector
 
 from mqfast.debug import gc_pause_totals
 from mqfast.side import Response, serve_side
 
-__all__ = ["PREFIX", "StatsCollector", "build_registry", "start_metrics_server"]
+__all__ = [
+    "POD_GAUGES",
+    "PREFIX",
+    "WORKER_LABEL",
+    "Family",
+    "PodMetrics",
+    "StatsCollector",
+    "build_registry",
+    "decode_families",
+    "encode_families",
+    "merge_families",
+    "start_metrics_server",
+]
 
 PREFIX = "message_queue_"
 Snapshot = Callable[[], Mapping[str, Any]]
@@ -231,12 +249,170 @@ def build_registry(
     return registry
 
 
-async def start_metrics_server(host: str, port: int, registry: CollectorRegistry) -> asyncio.Server:
-    """Serve ``GET /metrics`` (Prometheus text format 0.0.4) on ``host:port``."""
+async def start_metrics_server(
+    host: str,
+    port: int,
+    registry: CollectorRegistry,
+    refresh: Callable[[], Awaitable[None]] | None = None,
+) -> asyncio.Server:
+    """Serve ``GET /metrics`` (Prometheus text format 0.0.4) on ``host:port``; ``refresh()`` is
+    awaited before each rendering (the supervisor gathers its workers' families there)."""
 
     async def metrics(query: dict[str, str]) -> Response:
+        if refresh is not None:
+            await refresh()
         # Rendered on the loop thread on purpose: the snapshot reads counters the loop owns, and
         # a scrape costs about a millisecond every few seconds.
         return 200, CONTENT_TYPE_PLAIN_0_0_4, generate_latest(registry)
 
     return await serve_side(host, port, {"/metrics": metrics}, name="metrics")
+
+
+# ---- one endpoint for several workers ------------------------------------------------------
+
+Sample = tuple[str, dict[str, str], float]
+Family = tuple[str, str, str, str, list[Sample]]
+"""A metric family as a worker sends it: name, help, type, unit, samples (name, labels, value)."""
+
+WORKER_LABEL = "worker"
+POD_GAUGES: dict[str, str] = {
+    # Per worker: how evenly SO_REUSEPORT spreads the connections is worth seeing.
+    PREFIX + "http_connections": "worker",
+    PREFIX + "inflight_messages": "sum",
+    PREFIX + "engine_queue_depth": "sum",
+    # Every worker reads these from the same store; they differ only by when they looked.
+    PREFIX + "active_consumers": "max",
+    PREFIX + "consumer_group_lag": "max",
+    PREFIX + "oldest_unacked_age_seconds": "max",
+    PREFIX + "dead_letter_messages": "max",
+    # The pod is as healthy as its least healthy worker.
+    PREFIX + "health_status": "worst",
+    PREFIX + "health_check_up": "min",
+}
+"""How the pod's exposition combines one gauge of several workers: ``sum``, ``max``, ``min``,
+``worst`` (a one-hot status: the worst one any worker reports) or ``worker`` (one series per
+worker, labelled ``worker="<index>"``: the default for a gauge not named here, as neither a sum
+nor a maximum is right for every gauge). Counters and histograms are summed; ``process_*`` and
+``python_*`` families (CPU, memory, file descriptors, the interpreter's GC) are per worker."""
+
+_FAMILIES = msgspec.msgpack.Decoder(list[tuple[str, str, str, str, list[Sample]]])
+
+
+def pod_rule(name: str, typ: str) -> str:
+    """The rule that combines family ``name`` of type ``typ`` over workers (see POD_GAUGES)."""
+    if name.startswith(("process_", "python_")):
+        return "worker"
+    if typ != "gauge":
+        return "sum"
+    return POD_GAUGES.get(name, "worker")
+
+
+def families_of(collector: Collector) -> list[Family]:
+    """What ``collector`` (a registry too) collects now, as plain tuples."""
+    return [
+        (m.name, m.documentation, m.type, m.unit, [(s.name, s.labels, s.value) for s in m.samples])
+        for m in collector.collect()
+    ]
+
+
+def encode_families(registry: CollectorRegistry) -> bytes:
+    """A worker's answer to the supervisor's scrape: every family, msgpack-encoded."""
+    return msgspec.msgpack.encode(families_of(registry))
+
+
+def decode_families(data: bytes) -> list[Family]:
+    """The families :func:`encode_families` encoded."""
+    return _FAMILIES.decode(data)
+
+
+def merge_families(sources: Sequence[tuple[str, Sequence[Family]]]) -> list[Family]:
+    """The families of several ``(worker label, families)`` merged by :func:`pod_rule`, in the
+    order they first appear. Families without samples are kept (the contract's are always
+    exported)."""
+    merged: dict[str, tuple[Family, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
+    for worker, families in sources:
+        for family in families:
+            name, _, typ, _, samples = family
+            rule = pod_rule(name, typ)
+            values = merged.setdefault(name, (family, {}))[1]
+            for sample, labels, value in samples:
+                if rule == "worker":
+                    labels = {**labels, WORKER_LABEL: worker}
+                key = (sample, tuple(labels.items()))
+                old = values.get(key)
+                if old is None:
+                    values[key] = value
+                elif rule == "sum":
+                    values[key] = old + value
+                elif rule == "min":
+                    values[key] = min(old, value)
+                else:
+                    values[key] = max(old, value)
+    out: list[Family] = []
+    for (name, doc, typ, unit, _), values in merged.values():
+        samples = [(sample, dict(labels), value) for (sample, labels), value in values.items()]
+        if pod_rule(name, typ) == "worst":
+            samples = _worst_only(samples)
+        out.append((name, doc, typ, unit, samples))
+    return out
+
+
+def _worst_only(samples: list[Sample]) -> list[Sample]:
+    # After "max" every status some worker reports is 1; the pod's is the worst of them.
+    on = [labels.get("status", "") for _, labels, value in samples if value]
+    worst = max(on, key=lambda s: STATUSES.index(s) if s in STATUSES else -1, default=None)
+    return [(s, labels, 1.0 if labels.get("status") == worst else 0.0) for s, labels, _ in samples]
+
+
+class PodMetrics:
+    """The supervisor's collector: its workers' families merged into one exposition.
+
+    :meth:`update` stores a worker's latest answer; a worker that does not answer a scrape
+    keeps contributing its previous one. When a worker exits, :meth:`retire` keeps what it had
+    counted (counters and histograms, as of its last answer) in the pod's totals, so that a
+    restart does not make them go down; its gauges go with it. What it counted after its last
+    answer is lost. The supervisor's own ``process_*`` series carry ``worker="supervisor"``, and
+    ``message_queue_worker_restarts_total`` counts the workers it restarted.
+    """
+
+    def __init__(self) -> None:
+        self.restarts = 0
+        self._live: dict[int, tuple[int, list[Family]]] = {}  # pid -> (index, last answer)
+        self._retired: list[Family] = []
+        self._own = ProcessCollector(registry=None)
+
+    def add(self, pid: int, index: int) -> None:
+        """A worker started: ``pid`` serves as worker ``index`` until :meth:`retire`."""
+        self._live[pid] = (index, [])
+
+    def update(self, pid: int, families: list[Family]) -> None:
+        """Worker ``pid`` answered a scrape (ignored once it is retired)."""
+        if pid in self._live:
+            self._live[pid] = (self._live[pid][0], families)
+
+    def retire(self, pid: int) -> None:
+        """Worker ``pid`` exited: fold its counters and histograms into the retired totals."""
+        gone = self._live.pop(pid, None)
+        if gone is not None:
+            kept = merge_families([("", self._retired), (str(gone[0]), gone[1])])
+            self._retired = [f for f in kept if pod_rule(f[0], f[2]) == "sum"]
+
+    def describe(self) -> list[Metric]:
+        # Nothing to check at registration: the families are whatever the workers send.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the merged families of the workers' last answers."""
+        sources: list[tuple[str, Sequence[Family]]] = [("", self._retired)]
+        sources += [(str(i), f) for i, f in sorted(self._live.values(), key=lambda x: x[0])]
+        sources.append(("supervisor", families_of(self._own)))
+        for name, doc, typ, unit, samples in merge_families(sources):
+            metric = Metric(name, doc, typ, unit)
+            for sample, labels, value in samples:
+                metric.add_sample(sample, labels, value)
+            yield metric
+        yield CounterMetricFamily(
+            PREFIX + "worker_restarts",
+            "Workers the supervisor restarted after they exited unexpectedly.",
+            value=self.restarts,
+        )

@@ -1,19 +1,26 @@
 """Lifecycle: build one worker (engine, app, compiled core, listeners), run it, stop it cleanly.
 
 With ``--workers N`` a small supervisor forks N workers that share the port (SO_REUSEPORT); the
-kernel spreads connections over them. SIGTERM: stop accepting, answer what is in flight, flush
+kernel spreads connections over them. The supervisor serves METRICS_ADDR: each scrape asks every
+worker for its metric families over a socket pair made at fork (nothing is counted twice, nothing
+runs per request) and answers with their merge (``metrics.PodMetrics``). PPROF_ADDR is per
+process: worker *i* serves its own debug listener on that port + *i*. Workers get SIGTERM when
+the supervisor dies (PR_SET_PDEATHSIG). SIGTERM: stop accepting, answer what is in flight, flush
 the engine, exit 0 within ``MESSAGE_QUEUE_SHUTDOWN_TIMEOUT``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import faulthandler
 import gc
 import logging
 import os
 import signal
+import socket
 import ssl
+import struct
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -21,25 +28,42 @@ from typing import Any
 from urllib.parse import quote
 
 import uvloop
+from prometheus_client import CollectorRegistry
 
 from mqfast import __version__
 from mqfast._core import Server, reseed_ids
 from mqfast.access import PUBLIC_ROUTES
 from mqfast.api import HEALTH_PAIRS, ROUTES, App
+from mqfast.auth import Authenticator
 from mqfast.config import Settings
 from mqfast.crypto import Keyring
 from mqfast.debug import install_gc_monitor, start_debug_server
 from mqfast.errors import ConfigError, MqfastError
+from mqfast.grants import GrantCache
 from mqfast.groups import Groups, GroupStore, Policy, Unacked, dlq_name, now_ms
 from mqfast.log import configure_logging
 from mqfast.meta import MetaStore
 from mqfast.meta.history import HistoryRecorder, TopicSample
-from mqfast.metrics import build_registry, start_metrics_server
+from mqfast.metrics import (
+    PodMetrics,
+    build_registry,
+    decode_families,
+    encode_families,
+    start_metrics_server,
+)
 from mqfast.sinks import Sink, describe_all
 
 log = logging.getLogger("mqfast.server")
 
 PRUNE_INTERVAL_S = 30.0
+# Under the ServiceMonitor's 10 s scrape timeout: a worker slower than this to answer is
+# reported with its previous answer.
+WORKER_SCRAPE_TIMEOUT_S = 5.0
+# The supervisor's scrape request (a sequence number) and a worker's answer (the sequence
+# number, then the length of the msgpack body that follows).
+_PR_SET_PDEATHSIG = 1
+_ASK = struct.Struct("!I")
+_ANSWER = struct.Struct("!II")
 
 
 class Engine:
@@ -70,6 +94,7 @@ class Engine:
             fsync=settings.fsync,
             retention_interval_s=settings.retention_interval_s,
             keyring=Keyring.from_settings(settings),
+            idempotency_window_ms=settings.idempotency_window_ns // 1_000_000,
         )
         self.sink: Sink = sink
         groups = EmbeddedGroups(
@@ -181,8 +206,8 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
 
 
 def _side_port(addr: tuple[str, int] | None, index: int) -> tuple[str, int] | None:
-    # Each worker has its own counters, so each gets its own side port (base + index): a scrape
-    # never mixes two workers' counters under one target.
+    # Stacks, heap traces and profiles are of one process, so each worker gets its own debug
+    # port (base + index).
     if addr is None:
         return None
     return addr[0], addr[1] + index if addr[1] else 0
@@ -203,8 +228,32 @@ async def _listen(
         raise ConfigError(f"{var}: cannot listen on {_fmt_addr(addr)}: {e.strerror or e}") from None
 
 
-async def serve(settings: Settings, *, index: int = 0, reuse_port: bool = False) -> None:
-    """Run one worker until SIGTERM/SIGINT, then shut it down gracefully."""
+def _stored_grants(meta: MetaStore, auth: Authenticator, core: Server) -> GrantCache:
+    """The grants of the metadata store, added to every principal verified; a change drops the
+    subject's principals from both caches, so that its next request is verified again."""
+    grants = GrantCache(meta)
+    auth.stored_grants = grants.get
+
+    def forget(subject: str) -> None:
+        auth.forget_subject(subject)
+        core.forget_subject(subject)
+
+    grants.on_changed = forget
+    return grants
+
+
+async def serve(
+    settings: Settings,
+    *,
+    index: int = 0,
+    reuse_port: bool = False,
+    channel: socket.socket | None = None,
+) -> None:
+    """Run one worker until SIGTERM/SIGINT, then shut it down gracefully.
+
+    ``channel`` (a worker under the supervisor): answer the supervisor's metric scrapes over it
+    instead of listening on METRICS_ADDR.
+    """
     loop = asyncio.get_running_loop()
     install_gc_monitor()
     reseed_ids()
@@ -217,8 +266,6 @@ async def serve(settings: Settings, *, index: int = 0, reuse_port: bool = False)
     app.dependencies = engine.dependencies
     auth = None
     if settings.auth_enabled:
-        from mqfast.auth import Authenticator
-
         auth = Authenticator(settings)
         app.auth = auth
     elif not settings.loopback_only:
@@ -231,10 +278,13 @@ async def serve(settings: Settings, *, index: int = 0, reuse_port: bool = False)
     core = Server(loop, sink, app, ROUTES, settings)
     core.set_stored_hook(groups.on_stored)
     quotas = None
+    grants = None
     if auth is not None:
         core.set_auth(auth, PUBLIC_ROUTES)
         # A JWKS key withdrawn: tokens it signed must not live on in the core's cache.
         auth.on_keys_changed = core.forget_principals
+        grants = _stored_grants(engine.meta, auth, core)
+        app.grants = grants
         from mqfast.quota import Quotas, connect
 
         # One allowance for every replica through Redis with the Kafka engine; one process's
@@ -244,6 +294,8 @@ async def serve(settings: Settings, *, index: int = 0, reuse_port: bool = False)
     engine.watch_topics(core.drop_topic)
     app.attach(core)
     await engine.start()
+    if grants is not None:
+        await grants.start()
     if auth is not None:
         await auth.start()
     if quotas is not None:
@@ -276,8 +328,8 @@ async def serve(settings: Settings, *, index: int = 0, reuse_port: bool = False)
     )
     core.start()
     side: list[asyncio.Server] = []
-    metrics_addr = _side_port(settings.metrics_addr, index)
-    if metrics_addr is not None:
+    metrics_addr = settings.metrics_addr if channel is None else None
+    if metrics_addr is not None or channel is not None:
         registry = build_registry(
             lambda: groups.merge_stats(core.stats()),
             lambda: {
@@ -286,11 +338,14 @@ async def serve(settings: Settings, *, index: int = 0, reuse_port: bool = False)
             },
             app.metric_levels,
         )
-        side.append(
-            await _listen(
-                "METRICS_ADDR", metrics_addr, start_metrics_server(*metrics_addr, registry)
+        if channel is not None:
+            background.append(loop.create_task(_answer_scrapes(channel, registry)))
+        elif metrics_addr is not None:
+            side.append(
+                await _listen(
+                    "METRICS_ADDR", metrics_addr, start_metrics_server(*metrics_addr, registry)
+                )
             )
-        )
     pprof_addr = _side_port(settings.pprof_addr, index)
     if pprof_addr is not None:
         side.append(await _listen("PPROF_ADDR", pprof_addr, start_debug_server(*pprof_addr)))
@@ -311,7 +366,7 @@ async def serve(settings: Settings, *, index: int = 0, reuse_port: bool = False)
             "addr": f"{settings.host}:{settings.port}",
             "tls": bool(settings.tls_cert),
             "auth": settings.auth_enabled,
-            "metrics_addr": _fmt_addr(metrics_addr),
+            "metrics_addr": "supervisor" if channel is not None else _fmt_addr(metrics_addr),
             "pprof_addr": _fmt_addr(pprof_addr),
             "worker": index,
             "pid": os.getpid(),
@@ -327,7 +382,10 @@ async def serve(settings: Settings, *, index: int = 0, reuse_port: bool = False)
     listener.close()
     groups.shutdown()
     core.begin_shutdown()
-    while core.busy() and time.monotonic() < deadline:
+    # Open streams end (core.begin_shutdown) once their leases are released, before the engine
+    # closes; one whose client left may still be releasing after its connection is gone.
+    streams = app.streams
+    while (core.busy() or (streams and streams.open)) and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     unfinished = core.busy()
     core.stop()
@@ -348,6 +406,8 @@ async def serve(settings: Settings, *, index: int = 0, reuse_port: bool = False)
     await step("audit log", app.audit.close(), 2.0)
     if quotas is not None:
         await step("quotas", quotas.close(), 2.0)
+    if grants is not None:
+        await step("grants", grants.close(), 2.0)
     if auth is not None:
         await step("authentication", auth.close(), 2.0)
     await step("engine", engine.close(max(0.5, hard - 2.0 - time.monotonic())), 60.0)
@@ -426,10 +486,31 @@ async def _sample(
     return out
 
 
-def run_worker(settings: Settings, index: int = 0, reuse_port: bool = False) -> int:
+async def _answer_scrapes(channel: socket.socket, registry: CollectorRegistry) -> None:
+    """Answer the supervisor's scrapes over ``channel`` with this worker's metric families, on
+    the loop thread (they read counters the loop owns), until the supervisor goes away."""
+    reader, writer = await asyncio.open_connection(sock=channel)
+    try:
+        while True:
+            (seq,) = _ASK.unpack(await reader.readexactly(_ASK.size))
+            body = encode_families(registry)
+            writer.write(_ANSWER.pack(seq, len(body)) + body)
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+def run_worker(
+    settings: Settings,
+    index: int = 0,
+    reuse_port: bool = False,
+    channel: socket.socket | None = None,
+) -> int:
     """Run one worker in this process; returns the exit code."""
     try:
-        uvloop.run(serve(settings, index=index, reuse_port=reuse_port))
+        uvloop.run(serve(settings, index=index, reuse_port=reuse_port, channel=channel))
     except ConfigError as e:
         log.error("invalid configuration", extra={"error": str(e)})
         return 2
@@ -444,23 +525,132 @@ def run(settings: Settings) -> int:
     configure_logging(settings.log_level)
     if settings.workers == 1:
         return run_worker(settings)
-    return _supervise(settings)
+    try:
+        return uvloop.run(_supervise(settings))
+    except ConfigError as e:
+        log.error("invalid configuration", extra={"error": str(e)})
+        return 2
 
 
-def _supervise(settings: Settings) -> int:
-    children: dict[int, int] = {}  # pid -> worker index
+class _Worker:
+    """A worker process as the supervisor sees it; its end of the scrape channel, if any."""
+
+    def __init__(self, index: int, pid: int, channel: socket.socket | None) -> None:
+        self.index = index
+        self.pid = pid
+        self._seq = 0
+        self._waiting: dict[int, asyncio.Future[bytes]] = {}
+        self._writer: asyncio.StreamWriter | None = None
+        loop = asyncio.get_running_loop()
+        self._connected: asyncio.Future[None] = loop.create_future()
+        self._reading = loop.create_task(self._read(channel)) if channel is not None else None
+
+    async def _read(self, channel: socket.socket) -> None:
+        try:
+            reader, self._writer = await asyncio.open_connection(sock=channel)
+            self._connected.set_result(None)
+            while True:
+                seq, size = _ANSWER.unpack(await reader.readexactly(_ANSWER.size))
+                body = await reader.readexactly(size)
+                answer = self._waiting.pop(seq, None)
+                if answer is not None and not answer.done():
+                    answer.set_result(body)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the worker exited
+        finally:
+            self.close()
+
+    async def scrape(self, timeout: float) -> bytes | None:
+        """The worker's metric families, or None when it does not answer within ``timeout``."""
+        if self._reading is None or self._reading.done():
+            return None
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        seq = self._seq
+        answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._waiting[seq] = answer
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._connected)
+                assert self._writer is not None
+                self._writer.write(_ASK.pack(seq))
+                return await answer
+        except (TimeoutError, ConnectionError):
+            return None
+        finally:
+            self._waiting.pop(seq, None)
+
+    def close(self) -> None:
+        for answer in self._waiting.values():
+            if not answer.done():
+                answer.set_exception(ConnectionError("worker gone"))
+        self._waiting.clear()
+        if self._writer is not None:
+            self._writer.close()
+        if self._reading is not None and self._reading is not asyncio.current_task():
+            self._reading.cancel()
+
+
+def _stop_with_parent(parent: int) -> None:
+    """Have the kernel send this worker SIGTERM (a graceful stop) when the supervisor dies, even
+    by SIGKILL: a worker left behind would hold the ports with no one restarting it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # it died before the prctl
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+async def _supervise(settings: Settings) -> int:
+    """Fork ``settings.workers`` workers, restart one that exits unexpectedly, serve the pod's
+    merged metrics on METRICS_ADDR, and forward SIGTERM/SIGINT; returns the exit code."""
+    loop = asyncio.get_running_loop()
+    supervisor = os.getpid()
+    children: dict[int, _Worker] = {}  # pid -> worker
+    pod = PodMetrics() if settings.metrics_addr is not None else None
+    listeners: list[asyncio.Server] = []
     stopping = False
+    code = 0
+    done = asyncio.Event()
+
+    async def refresh() -> None:
+        assert pod is not None
+        workers = list(children.values())
+        answers = await asyncio.gather(*(w.scrape(WORKER_SCRAPE_TIMEOUT_S) for w in workers))
+        for w, body in zip(workers, answers, strict=True):
+            if body is not None:
+                pod.update(w.pid, decode_families(body))
+
+    addr = settings.metrics_addr
+    if pod is not None and addr is not None:
+        registry = CollectorRegistry()
+        registry.register(pod)
+        listeners.append(
+            await _listen("METRICS_ADDR", addr, start_metrics_server(*addr, registry, refresh))
+        )
 
     def spawn(index: int) -> None:
+        if stopping:
+            return
+        ours, theirs = socket.socketpair() if pod is not None else (None, None)
         pid = os.fork()
         if pid == 0:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            # The child: the supervisor's signal handling is not its own. The inherited
+            # listener and channel descriptors stay open unused until it exits.
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_DFL)
+            _stop_with_parent(supervisor)
             configure_logging(settings.log_level, worker=index)
-            os._exit(run_worker(settings, index, reuse_port=True))
-        children[pid] = index
+            os._exit(run_worker(settings, index, reuse_port=True, channel=theirs))
+        if theirs is not None:
+            theirs.close()
+        children[pid] = _Worker(index, pid, ours)
+        if pod is not None:
+            pod.add(pid, index)
+        # Readable once the child exits: no SIGCHLD handler (uvloop keeps SIGCHLD to itself).
+        pidfd = os.pidfd_open(pid)
+        loop.add_reader(pidfd, reap, pid, pidfd)
 
-    def forward(signum: int, frame: object) -> None:
+    def forward() -> None:
         nonlocal stopping
         stopping = True
         for pid in children:
@@ -468,31 +658,52 @@ def _supervise(settings: Settings) -> int:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
+        if not children:  # all had exited, their restart not due yet
+            done.set()
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for i in range(settings.workers):
-        spawn(i)
-    log.info("supervisor started", extra={"workers": settings.workers, "pid": os.getpid()})
-    code = 0
-    while children:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            break
-        index = children.pop(pid, -1)
+    def reap(pid: int, pidfd: int) -> None:
+        nonlocal code
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        _, status = os.waitpid(pid, 0)  # readable pidfd: it has exited, this does not block
+        worker = children.pop(pid)
+        worker.close()
+        if pod is not None:
+            pod.retire(pid)
         rc = os.waitstatus_to_exitcode(status)
         if stopping:
             code = code or (rc if rc > 0 else 0)
-            continue
-        if rc in (1, 2):  # could not start (bad configuration, port taken): restarting won't help
-            log.error("worker could not start; stopping", extra={"worker": index, "rc": rc})
-            forward(signal.SIGTERM, None)
+        elif rc in (1, 2):
+            # Could not start (bad configuration, port taken): restarting won't help.
+            log.error("worker could not start; stopping", extra={"worker": worker.index, "rc": rc})
+            forward()
             code = rc
-            continue
-        log.error("worker exited unexpectedly; restarting it", extra={"worker": index, "rc": rc})
-        time.sleep(0.5)
-        spawn(index)
+        else:
+            log.error(
+                "worker exited unexpectedly; restarting it",
+                extra={"worker": worker.index, "rc": rc},
+            )
+            if pod is not None:
+                pod.restarts += 1
+            loop.call_later(0.5, spawn, worker.index)
+        if stopping and not children:
+            done.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, forward)
+    for i in range(settings.workers):
+        spawn(i)
+    log.info(
+        "supervisor started",
+        extra={
+            "workers": settings.workers,
+            "pid": os.getpid(),
+            "metrics_addr": _fmt_addr(settings.metrics_addr),
+        },
+    )
+    await done.wait()
+    for listener in listeners:
+        listener.close()
     return code
 
 

@@ -7,6 +7,7 @@ not it names a topic: message ids are time-ordered and guessable, so the id is n
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from mqfast.auth import make_token
@@ -26,11 +27,14 @@ from tests.conformance.conftest import (
 
 SECRET = "conformance-authz-secret-0123456789-0123456789"
 AUTH_ENV = {"MESSAGE_QUEUE_JWT_SECRET": SECRET}
+# Tokens are minted when the module is imported, at collection: they must outlive the whole
+# suite (well over the 10 minutes a short life gave), or tests run late fail with 'token expired'.
+TEST_TOKEN_TTL_S = 24 * 3600
 GROUP = "billing"
 
 
 def token(sub: str, roles: list[str] | None = None, grants: Any = None) -> dict[str, str]:
-    tok = make_token(Settings.from_env(AUTH_ENV), sub, roles, grants, ttl_s=600)
+    tok = make_token(Settings.from_env(AUTH_ENV), sub, roles, grants, ttl_s=TEST_TOKEN_TTL_S)
     return {"Authorization": f"Bearer {tok}"}
 
 
@@ -123,3 +127,28 @@ def test_settling_another_topics_message_is_403_with_or_without_topic(
     assert (r["status"], r["topic"], r["delivery_count"]) == ("acknowledged", secret, 1), r
     again = lease(gw, secret, ADMIN, "60s")
     assert (again["message_id"], again["delivery_count"]) == (short["message_id"], 2), again
+
+
+def test_a_stream_needs_consume_on_its_topic_with_its_group(gateway: GatewayFactory) -> None:
+    gw = gateway.start(**AUTH_ENV)
+    orders, other = f"orders.{unique('t')}", unique("t")
+    for name in (orders, other):
+        ok(gw, TOPICS, {"name": name, "partitions": 1}, status=201)
+    ok(gw, PRODUCE, {"topic": orders, "content": "x"})
+
+    def stream(topic: str, group: str, who: dict[str, str] | None) -> int:
+        url = f"/api/v1/messages/stream?topic={topic}&group_id={group}&consumer_id={unique('c')}"
+        with socket.create_connection(("127.0.0.1", gw.proc.port), timeout=30) as s:
+            auth = "".join(f"{k}: {v}\r\n" for k, v in (who or {}).items())
+            s.sendall(f"GET {url} HTTP/1.1\r\nHost: x\r\n{auth}\r\n".encode())
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = s.recv(65536)
+                assert chunk, head
+                head += chunk
+        return int(head.split(b" ", 2)[1])
+
+    assert stream(orders, GROUP, ORDERS) == 200
+    assert stream(orders, "other-group", ORDERS) == 403
+    assert stream(other, GROUP, ORDERS) == 403
+    assert stream(orders, GROUP, None) == 401

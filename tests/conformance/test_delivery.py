@@ -8,6 +8,8 @@ speed.
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 import time
 from typing import Any
@@ -157,6 +159,55 @@ def test_long_poll_is_woken_by_produce(engine_server: Gateway) -> None:
     assert poll.finished is not None
     # answered because of the produce, not because the 20 s ran out
     assert poll.finished - poll.started < 15
+
+
+def test_a_long_poll_whose_client_went_away_leases_nothing(engine_server: Gateway) -> None:
+    # A consumer that closes its connection mid-poll must not keep waiting in the server: left
+    # there, it took the next message for nobody until the lease ran out.
+    gw = engine_server
+    t = gw.topic()
+    poll = {"topic": t, "group_id": "g", "consumer_id": "gone", "timeout": "30s"}
+    body = json.dumps({**poll, "visibility_timeout": "60s"})
+    gone = socket.create_connection(("127.0.0.1", gw.proc.port))
+    gone.sendall(
+        b"POST /api/v1/messages/consume HTTP/1.1\r\nHost: t\r\nContent-Type: application/json"
+        b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body.encode())
+    )
+    time.sleep(0.5)  # the poll is waiting
+    gone.close()
+    time.sleep(0.5)
+    p = gw.produce(t, "for someone present")
+    msgs = gw.consume(t, "g", "here", timeout="5s", visibility="60s")
+    assert [(m["message_id"], m["delivery_count"]) for m in msgs] == [(p["message_id"], 1)]
+
+
+def test_a_long_poll_whose_client_half_closes_is_answered_empty_at_once(
+    engine_server: Gateway,
+) -> None:
+    # A client that only shuts down its sending side still reads: it gets a complete answer,
+    # empty, now (not after its 30 s timeout), and nothing is leased to it.
+    gw = engine_server
+    t = gw.topic()
+    body = json.dumps({"topic": t, "group_id": "g", "consumer_id": "half", "timeout": "30s"})
+    half = socket.create_connection(("127.0.0.1", gw.proc.port))
+    half.settimeout(10)  # a hang fails here, long before the poll's own timeout
+    half.sendall(
+        b"POST /api/v1/messages/consume HTTP/1.1\r\nHost: t\r\nContent-Type: application/json"
+        b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body.encode())
+    )
+    time.sleep(0.5)  # the poll is waiting
+    half.shutdown(socket.SHUT_WR)
+    answer = b""
+    while chunk := half.recv(65536):
+        answer += chunk
+    half.close()
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), answer
+    assert b"connection: close" in head.lower(), head
+    assert json.loads(payload) == {"messages": [], "count": 0}
+    p = gw.produce(t, "for someone present")
+    msgs = gw.consume(t, "g", "here", timeout="5s", visibility="60s")
+    assert [(m["message_id"], m["delivery_count"]) for m in msgs] == [(p["message_id"], 1)]
 
 
 def test_one_consumer_at_a_time_within_a_group(engine_server: Gateway) -> None:
@@ -498,6 +549,160 @@ def test_redrive_moves_dead_letters_back(engine_server: Gateway) -> None:
         assert gw.ack(m["message_id"], "g")["status"] == "acknowledged"
     assert gw.call("POST", f"{TOPICS}/{t}/redrive").json()["moved"] == 0
     assert gw.call("POST", f"{TOPICS}/{unique('nope')}/redrive").status == 404
+
+
+def test_topic_info_gives_each_groups_oldest_unacknowledged_age(engine_server: Gateway) -> None:
+    gw = engine_server
+    t = gw.topic()
+    gw.produce_many(t, 3)
+    got = gw.consume(t, "g", "c1", max_messages=2, timeout="5s")
+    assert len(got) == 2
+    done = gw.consume_until(t, "other", "c2", 3, ack=True)
+
+    def groups() -> dict[str, dict[str, Any]]:
+        return {g["group_id"]: g for g in gw.describe(t)["consumer_groups"]}
+
+    # refreshed by the metric sampler (every MESSAGE_QUEUE_METRICS_INTERVAL, 1s here)
+    seen = wait_for(lambda: "oldest_unacked_age_s" in groups()["g"] and groups(), what="the age")
+    assert seen["g"]["oldest_unacked_age_s"] >= 0
+    assert seen["g"]["lag"] == 3
+    assert "oldest_unacked_age_s" not in seen["other"], seen  # everything acknowledged
+    assert seen["other"]["lag"] == 0 and len(done) == 3
+    for m in got:
+        gw.ack(m["message_id"], "g")
+    wait_for(lambda: "oldest_unacked_age_s" not in groups()["g"], what="no age once acknowledged")
+
+
+def dead_letter(gw: Gateway, t: str, contents: list[str], **fields: Any) -> list[dict[str, Any]]:
+    """Produce ``contents`` to ``t`` and fail each up to the delivery limit (in that order in
+    the DLQ); returns what produce answered."""
+    stored = []
+    for c in contents:
+        stored.append(gw.produce(t, c, **fields))
+        for _ in range(DELIVERY_LIMIT):
+            [m] = gw.consume(t, "g", "c1", max_messages=1, timeout="10s")
+            assert m["content"] == c
+            gw.nack(m["message_id"], "g", error=f"bad {c}")
+    return stored
+
+
+def dlq_page(gw: Gateway, t: str, query: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = gw.ok("GET", f"{TOPICS}/{t}/dlq{query}")
+    return out
+
+
+def test_dlq_is_browsed_with_reason_error_and_origin_without_leasing(
+    engine_server: Gateway,
+) -> None:
+    gw = engine_server
+    t = gw.topic()
+    assert dlq_page(gw, t) == {
+        "topic": t, "dead_letter_topic": f"{t}.dlq", "offset": 0, "next_offset": None,
+        "messages": [],
+    }  # fmt: skip
+    stored = dead_letter(gw, t, ["d0", "d1", "d2"], key="k", headers={"orig": "1"}, priority=3)
+    page = dlq_page(gw, t)
+    assert page["next_offset"] is None
+    got = page["messages"]
+    assert [m["content"] for m in got] == ["d0", "d1", "d2"]
+    assert [m["offset"] for m in got] == sorted(m["offset"] for m in got)
+    for m, p in zip(got, stored, strict=True):
+        assert m["key"] == "k"
+        assert m["priority"] == 3
+        assert m["reason"] == "failed"
+        assert m["error"] == f"bad {m['content']}"
+        assert m["origin"] == {
+            "topic": t, "partition": p["partition"], "offset": p["offset"],
+            "message_id": p["message_id"], "group_id": "g", "delivery_count": DELIVERY_LIMIT,
+        }  # fmt: skip
+        assert m["headers"]["orig"] == "1"
+        assert m["headers"][DLQ_PREFIX + "reason"] == "failed"
+        assert m["dead_lettered_at"] == int(m["headers"][DLQ_PREFIX + "time"])
+    # A page at a time: limit, then from next_offset on.
+    first = dlq_page(gw, t, "?limit=2")
+    assert [m["content"] for m in first["messages"]] == ["d0", "d1"]
+    assert first["next_offset"] == got[1]["offset"] + 1
+    rest = dlq_page(gw, t, f"?offset={first['next_offset']}&limit=2")
+    assert [m["content"] for m in rest["messages"]] == ["d2"]
+    assert rest["next_offset"] is None
+    # Browsing leases nothing: a group of the DLQ still gets every message, at first delivery.
+    assert dlq_page(gw, t)["messages"] == got
+    seen = gw.consume_until(f"{t}.dlq", "ops", "op1", 3)
+    assert [m["message_id"] for m in seen] == [m["message_id"] for m in got]
+    assert {m["delivery_count"] for m in seen} == {1}
+    assert gw.describe(f"{t}.dlq")["messages"] == 3
+
+
+def test_dlq_browse_refuses_bad_queries_and_unknown_topics(engine_server: Gateway) -> None:
+    gw = engine_server
+    t = gw.topic()
+    for query, field in [
+        ("?limit=0", "limit"),
+        ("?limit=1001", "limit"),
+        ("?offset=-1", "offset"),
+        ("?offset=x", "offset"),
+        ("?from=1", "from"),
+    ]:
+        r = gw.call("GET", f"{TOPICS}/{t}/dlq{query}")
+        assert r.status == 400, (query, r.body)
+        assert r.json()["error"]["field"] == field, (query, r.body)
+    r = gw.call("GET", f"{TOPICS}/{unique('nope')}/dlq")
+    assert r.status == 404, r.body
+    assert r.json()["error"]["code"] == "unknown_topic"
+
+
+def test_redrive_of_one_message_moves_it_once_and_keeps_the_others(
+    engine_server: Gateway,
+) -> None:
+    gw = engine_server
+    t = gw.topic(partitions=2)
+    dead_letter(gw, t, ["a", "b", "c"], headers={"keep": "yes"})
+    by_content = {m["content"]: m for m in dlq_page(gw, t)["messages"]}
+
+    def redrive_one(content: str) -> Any:
+        return gw.call(
+            "POST", f"{TOPICS}/{t}/redrive", {"message_id": by_content[content]["message_id"]}
+        )
+
+    # Not the oldest first: a log keeps it until the ones before it are gone too.
+    r = redrive_one("b")
+    assert r.status == 200, r.body
+    assert r.json() == {"topic": t, "moved": 1, "message_id": by_content["b"]["message_id"]}
+    assert [m["content"] for m in dlq_page(gw, t)["messages"]] == ["a", "c"]
+    again = redrive_one("b")
+    assert again.status == 404, again.body
+    assert again.json()["error"]["field"] == "message_id"
+    [back] = gw.consume_until(t, "g", "c1", 1)
+    assert back["content"] == "b"
+    assert back["delivery_count"] == 1
+    assert back["headers"]["keep"] == "yes"
+    assert back["headers"]["x-mqfast-redriven-from"] == f"{t}.dlq"
+    assert not any(k.startswith(DLQ_PREFIX) for k in back["headers"]), back["headers"]
+    gw.ack(back["message_id"], "g")
+
+    assert redrive_one("a").status == 200
+    assert [m["content"] for m in dlq_page(gw, t)["messages"]] == ["c"]
+    # The rest: "c" only, neither "a" nor "b" a second time.
+    assert gw.ok("POST", f"{TOPICS}/{t}/redrive")["moved"] == 1
+    assert dlq_page(gw, t)["messages"] == []
+    rest = gw.consume_until(t, "g", "c1", 2, ack=True)
+    assert sorted(m["content"] for m in rest) == ["a", "c"]
+    assert gw.consume(t, "g", "c1", timeout="1s") == []
+    assert redrive_one("c").status == 404
+
+
+def test_redrive_of_one_message_refuses_bad_bodies(engine_server: Gateway) -> None:
+    gw = engine_server
+    t = gw.topic()
+    for body, field in [({"message_id": ""}, "message_id"), ({"message_id": 5}, "message_id")]:
+        r = gw.call("POST", f"{TOPICS}/{t}/redrive", body)
+        assert r.status == 400, (body, r.body)
+        assert r.json()["error"]["field"] == field, (body, r.body)
+    r = gw.call("POST", f"{TOPICS}/{t}/redrive", {"message_id": "0" * 26})
+    assert r.status == 404, r.body
+    r = gw.call("POST", f"{TOPICS}/{unique('nope')}/redrive", {"message_id": "0" * 26})
+    assert r.status == 404, r.body
+    assert r.json()["error"]["code"] == "unknown_topic"
 
 
 # ---- batch acknowledge and extension -------------------------------------------------------

@@ -56,6 +56,11 @@ def test_schemathesis(gateway: GatewayFactory, tmp_path: Path) -> None:
         # loaded machine takes seconds (schemathesis' default limit is 10 s).
         "--max-response-time", "60",
         "--continue-on-failure",
+        # Schemathesis reads every answer to its end, and a valid request to the stream route
+        # is by design an answer that does not end (Server-Sent Events until the client
+        # leaves): each would hang until --request-timeout. Its 400s, 404 and 409 are checked
+        # against the document by test_openapi.py and tests/conformance/test_stream.py.
+        "--exclude-operation-id", "streamMessages",
         "--no-color",
         "--report", "junit",
         "--report-dir", str(tmp_path),

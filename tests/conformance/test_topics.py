@@ -43,3 +43,16 @@ def test_a_topic_recreated_with_other_partitions_is_consumed(engine_server: Gate
         assert r.status == 200, r.body
         got = r.json()["messages"] or gw.consume_until(name, "g", "c", 1)
         assert [m["content"] for m in got] == ["new"]
+
+
+def test_a_topic_recreated_with_more_partitions_takes_messages_on_every_one(
+    engine_server: Gateway,
+) -> None:
+    gw = engine_server
+    name = gw.topic(partitions=1)
+    gw.produce(name, "old")
+    gw.ok("DELETE", f"{TOPICS}/{name}")
+    gw.ok("POST", TOPICS, {"name": name, "partitions": 3}, status=201)
+    # keys that land on each of the three: the engine must know the new partitions at once
+    stored = [gw.produce(name, "new", key=f"k{i}") for i in range(12)]
+    assert {m["partition"] for m in stored} == {0, 1, 2}

@@ -1,9 +1,10 @@
 """The OpenAPI document (src/mqfast/openapi.json) against the router and real responses.
 
 The document is checked for structure (OpenAPI 3.1, every ``$ref`` resolves, exactly the routes of
-``api.ROUTES``), the contract's example requests must validate against its request schemas, and
-every (path, method, status) it documents is produced by a real server here and the body
-validated against the documented schema (JSON Schema 2020-12, refs resolved in the document).
+``api.ROUTES`` but the web console's files), the contract's example requests must validate against
+its request schemas, and every (path, method, status) it documents is produced by a real server
+here and the body validated against the documented schema (JSON Schema 2020-12, refs resolved in
+the document).
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ DLQ_HEADERS = {
 }
 
 Key = tuple[str, str, int]  # (path template, method, status)
+# The routes the document describes: all but the web console's files (pages, not API).
+API_ROUTES = [(path, methods) for path, methods in ROUTES if not path.startswith("/console")]
 
 
 # ---- document helpers ------------------------------------------------------------------------
@@ -203,7 +206,11 @@ def raw(srv: MqfastProcess, data: bytes) -> Reply:
 
 
 def concrete(path: str) -> str:
-    return path.replace("{name}", "some-topic").replace("{consumer_id}", "some-consumer")
+    return (
+        path.replace("{name}", "some-topic")
+        .replace("{consumer_id}", "some-consumer")
+        .replace("{grant_id}", "1")
+    )
 
 
 # ---- the document itself ---------------------------------------------------------------------
@@ -240,7 +247,7 @@ def test_document_structure() -> None:
         assert ref.startswith("#/"), ref
         _at(ref[1:])  # raises when it does not resolve
 
-    routed = {path: {m.lower() for m in methods} for path, methods in ROUTES}
+    routed = {path: {m.lower() for m in methods} for path, methods in API_ROUTES}
     in_doc = {p: {m for m in item if m in METHODS} for p, item in DOC["paths"].items()}
     assert in_doc == routed
 
@@ -422,13 +429,15 @@ P, B, T, TN = (
     "/api/v1/topics",
     "/api/v1/topics/{name}",
 )
-C, A, AB, X, RD = (
+C, A, AB, X, RD, DL = (
     "/api/v1/messages/consume",
     "/api/v1/messages/acknowledge",
     "/api/v1/messages/acknowledge/batch",
     "/api/v1/messages/extend",
     "/api/v1/topics/{name}/redrive",
+    "/api/v1/topics/{name}/dlq",
 )
+S = "/api/v1/messages/stream"
 CS, CI, HB, M, AU = (
     "/api/v1/consumers",
     "/api/v1/consumers/{consumer_id}",
@@ -436,6 +445,7 @@ CS, CI, HB, M, AU = (
     "/api/v1/metrics",
     "/api/v1/audit",
 )
+GR, GI = "/api/v1/grants", "/api/v1/grants/{grant_id}"
 COVERS: dict[str, set[Key]] = {
     "produce": {
         (P, "POST", 200),
@@ -461,6 +471,9 @@ COVERS: dict[str, set[Key]] = {
         (TN, "DELETE", 404),
     },
     "unknown_topic": {(P, "POST", 404), (B, "POST", 404)},
+    "idempotency": {(P, "POST", 422), (B, "POST", 422)},
+    # tests/cluster/test_idempotency.py: only the Kafka engine answers a retry in flight so
+    "idempotency_in_flight": {(P, "POST", 409), (B, "POST", 409)},
     "consume": {
         (C, "POST", 200),
         (C, "POST", 400),
@@ -479,7 +492,11 @@ COVERS: dict[str, set[Key]] = {
         (RD, "POST", 200),
         (RD, "POST", 400),
         (RD, "POST", 404),
+        (DL, "GET", 200),
+        (DL, "GET", 400),
+        (DL, "GET", 404),
     },
+    "stream": {(S, "GET", 200), (S, "GET", 400), (S, "GET", 404), (S, "GET", 409)},
     "consumers": {
         (CS, "POST", 201),
         (CS, "POST", 200),
@@ -495,6 +512,17 @@ COVERS: dict[str, set[Key]] = {
     },
     "metrics": {(M, "GET", 200), (M, "GET", 400)},
     "audit": {(AU, "GET", 200), (AU, "GET", 400), (AU, "GET", 401), (AU, "GET", 403)},
+    "grants": {
+        (GR, "POST", 201),
+        (GR, "POST", 200),
+        (GR, "POST", 400),
+        (GR, "POST", 409),
+        (GR, "GET", 200),
+        (GR, "GET", 400),
+        (GI, "DELETE", 200),
+        (GI, "DELETE", 400),
+        (GI, "DELETE", 404),
+    },
     "health": {
         ("/health", "GET", 200),
         ("/health/live", "GET", 200),
@@ -519,6 +547,8 @@ COVERS: dict[str, set[Key]] = {
             (AB, "POST"),
             (X, "POST"),
             (RD, "POST"),
+            (DL, "GET"),
+            (S, "GET"),
             (CS, "GET"),
             (CS, "POST"),
             (CI, "GET"),
@@ -526,6 +556,9 @@ COVERS: dict[str, set[Key]] = {
             (HB, "POST"),
             (M, "GET"),
             (AU, "GET"),
+            (GR, "GET"),
+            (GR, "POST"),
+            (GI, "DELETE"),
         )
     },
     # With authentication on: 401 without a token everywhere but the open routes, 403 where
@@ -650,6 +683,27 @@ def test_unknown_topic_responses(make_server: MakeServer) -> None:
         ),
     }
     assert seen == COVERS["unknown_topic"]
+
+
+def test_idempotency_responses(server: MqfastProcess) -> None:
+    key = {"Idempotency-Key": f"openapi-{time.time_ns()}"}
+    first = server.request("POST", P, {"topic": "idem", "content": "a"}, headers=key)
+    again = server.request("POST", P, {"topic": "idem", "content": "a"}, headers=key)
+    check(first, P, "POST", 200)
+    check(again, P, "POST", 200)
+    assert again.json() == first.json()
+    check(server.request("POST", P, {"topic": "idem", "content": "b"}, headers=key), P, "POST", 422)
+    # A key of its own: a single produce's fingerprint is its whole body, so the same key on a
+    # batch message (another body) is a reuse, 422.
+    batch = {
+        "topic": "idem",
+        "messages": [{"content": "a", "idempotency_key": f"openapi-batch-{time.time_ns()}"}],
+    }
+    check(server.request("POST", B, batch), B, "POST", 200)
+    check(server.request("POST", B, batch), B, "POST", 200)  # the retry, answered the same
+    batch["messages"][0]["content"] = "b"
+    r = check(server.request("POST", B, batch), B, "POST", 422)
+    assert r == (B, "POST", 422)
 
 
 def test_batch_with_per_message_error(make_server: MakeServer, tmp_path: Any) -> None:
@@ -840,14 +894,37 @@ def test_consume_and_acknowledge_responses(make_server: MakeServer) -> None:
             assert r.json()["error"].get("field") == field, r.body
     assert r.json()["error"]["code"] == "invalid_field"
 
-    # redrive
+    # the dead letters, then a redrive of that one, then of the rest (none left)
+    r = srv.request("GET", "/api/v1/topics/jobs/dlq")
+    seen.add(check(r, DL, "GET", 200))
+    [dead] = r.json()["messages"]
+    assert (dead["content"], dead["reason"], dead["origin"]["message_id"]) == ("low", "failed", low)
+    for url, field in (
+        ("/api/v1/topics/jobs/dlq?limit=0", "limit"),
+        ("/api/v1/topics/jobs/dlq?offset=x", "offset"),
+        ("/api/v1/topics/jobs/dlq?group=g", "group"),
+        ("/api/v1/topics/bad%20name/dlq", "name"),
+    ):
+        r = srv.request("GET", url)
+        seen.add(check(r, DL, "GET", 400))
+        assert r.json()["error"].get("field") == field, r.body
+    seen.add(check(srv.request("GET", "/api/v1/topics/nope/dlq"), DL, "GET", 404))
+    one = {"message_id": dead["message_id"]}
+    r = srv.request("POST", "/api/v1/topics/jobs/redrive", one)
+    seen.add(check(r, RD, "POST", 200))
+    assert r.json() == {"topic": "jobs", "moved": 1, **one}
+    r = srv.request("POST", "/api/v1/topics/jobs/redrive", one)
+    seen.add(check(r, RD, "POST", 404))
+    assert r.json()["error"]["code"] == "not_found"
     r = srv.request("POST", "/api/v1/topics/jobs/redrive", {"max_messages": 10})
     seen.add(check(r, RD, "POST", 200))
-    assert r.json() == {"topic": "jobs", "moved": 1}
+    assert r.json() == {"topic": "jobs", "moved": 0}
     r = srv.request("POST", "/api/v1/topics/jobs/redrive")
     seen.add(check(r, RD, "POST", 200))
     assert r.json()["moved"] == 0
-    [back] = _consume(srv, seen, topic="jobs", timeout="5s")
+    # (the lease of "late" above may have run out meanwhile: it comes back too)
+    got = _consume(srv, seen, topic="jobs", timeout="5s")
+    [back] = [m for m in got if m["content"] != "late"]
     assert back["content"] == "low" and back["delivery_count"] == 1
     assert back["headers"] == {"x-mqfast-redriven-from": "jobs.dlq"}
     for url, body, field in (
@@ -863,6 +940,41 @@ def test_consume_and_acknowledge_responses(make_server: MakeServer) -> None:
     r = srv.request("POST", "/api/v1/topics/nope/redrive")
     seen.add(check(r, RD, "POST", 404))
     assert seen == COVERS["consume"]
+
+
+def test_stream_responses(server: MqfastProcess) -> None:
+    seen: set[Key] = set()
+    assert server.request("POST", T, {"name": "streamed"}).status == 201
+    mid = _produce(server, "streamed", "hello")
+    base = f"{S}?topic=streamed&group_id=g&consumer_id=s1"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
+        sock.sendall(f"GET {base}&heartbeat=1s HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        data = b""
+        while b"\n: heartbeat\n" not in data:  # the message, then a heartbeat
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200 ")
+    _, resp = _response(S, "GET", 200)
+    assert b"\r\ncontent-type: text/event-stream\r\n" in head
+    assert "text/event-stream" in resp["content"]
+    [event] = [line for line in body.split(b"\n") if line.startswith(b"data: ")]
+    message = json.loads(event[len(b"data: ") :])
+    assert message["message_id"] == mid
+    schema = resp["content"]["text/event-stream"]["x-event-data"]["$ref"].split("#", 1)[1]
+    assert not _errors_of(_validator(schema), message)
+    seen.add((S, "GET", 200))
+    r = server.request("GET", f"{base}&max_inflight=0")
+    seen.add(check(r, S, "GET", 400))
+    assert r.json()["error"]["field"] == "max_inflight"
+    r = server.request("GET", f"{S}?topic=nope&group_id=g&consumer_id=s1")
+    seen.add(check(r, S, "GET", 404))
+    reg = {"consumer_id": "s9", "group_id": "g", "topics": ["streamed"]}
+    assert server.request("POST", CS, reg).status == 201
+    r = server.request("GET", f"{S}?topic=streamed&group_id=other&consumer_id=s9")
+    seen.add(check(r, S, "GET", 409))
+    assert seen == COVERS["stream"]
 
 
 def test_consumer_responses(server: MqfastProcess) -> None:
@@ -945,6 +1057,42 @@ def test_audit_log_responses(make_server: MakeServer) -> None:
     assert seen == COVERS["audit"]
 
 
+def test_grant_responses(server: MqfastProcess) -> None:
+    seen: set[Key] = set()
+    body = {"subject": "svc-orders", "topics": "orders.*", "actions": ["produce", "consume"]}
+    r = server.request("POST", GR, {**body, "groups": ["billing"]})
+    seen.add(check(r, GR, "POST", 201))
+    grant = r.json()
+    r = server.request("POST", GR, {**body, "groups": ["billing"]})
+    seen.add(check(r, GR, "POST", 200))
+    assert r.json() == grant
+    for bad, field in (
+        ({**body, "actions": ["publish"]}, "actions[0]"),
+        ({**body, "topics": "orders.[eu"}, "topics"),
+        ({"topics": "orders.*", "actions": ["produce"]}, "subject"),
+        ("{", None),
+    ):
+        r = server.request("POST", GR, bad)
+        seen.add(check(r, GR, "POST", 400))
+        assert r.json()["error"].get("field") == field, r.body
+    for i in range(255):  # the first is stored already
+        r = server.request("POST", GR, {**body, "topics": f"t{i}"})
+        assert r.status == 201, r.body
+    r = server.request("POST", GR, {**body, "topics": "one-more"})
+    seen.add(check(r, GR, "POST", 409))
+    assert r.json()["error"]["field"] == "subject"
+    r = server.request("GET", f"{GR}?subject=svc-orders")
+    seen.add(check(r, GR, "GET", 200))
+    assert len(r.json()["grants"]) == 256 and r.json()["grants"][0] == grant
+    seen.add(check(server.request("GET", f"{GR}?subjects=x"), GR, "GET", 400))
+    r = server.request("DELETE", f"{GR}/{grant['id']}")
+    seen.add(check(r, GI, "DELETE", 200))
+    assert r.json() == {"id": grant["id"], "subject": "svc-orders", "deleted": True}
+    seen.add(check(server.request("DELETE", f"{GR}/{grant['id']}"), GI, "DELETE", 404))
+    seen.add(check(server.request("DELETE", f"{GR}/x1"), GI, "DELETE", 400))
+    assert seen == COVERS["grants"]
+
+
 def test_authorization_responses(make_server: MakeServer) -> None:
     from mqfast.auth import make_token
     from mqfast.config import Settings
@@ -978,11 +1126,16 @@ def test_authorization_responses(make_server: MakeServer) -> None:
         (TN, "GET", f"{T}/t", None, nobody),
         (TN, "DELETE", f"{T}/t", None, nobody),
         (RD, "POST", f"{T}/t/redrive", None, nobody),
+        (DL, "GET", f"{T}/t/dlq", None, nobody),
         (CS, "POST", CS, {**reg, "consumer_id": "c2"}, nobody),
         (CI, "GET", f"{CS}/c1", None, nobody),
         (CI, "DELETE", f"{CS}/c1", None, nobody),
         (HB, "POST", f"{CS}/c1/heartbeat", None, nobody),
         (M, "GET", f"{M}?topic=t", None, nobody),
+        (GR, "GET", GR, None, nobody),
+        (GR, "POST", GR, {"subject": "s", "topics": "t", "actions": ["produce"]}, nobody),
+        (GI, "DELETE", f"{GR}/1", None, nobody),
+        (S, "GET", f"{S}?topic=t&group_id=g&consumer_id=c1", None, nobody),
     ]
     seen: set[Key] = set()
     for path, method, url, body, who in calls:
@@ -1038,7 +1191,7 @@ def _ops_with(path: str, status: int) -> set[Key]:
 
 def test_framing_errors_on_every_route(server: MqfastProcess) -> None:
     seen: set[Key] = set()
-    for path, methods in ROUTES:
+    for path, methods in API_ROUTES:
         url = concrete(path)
         r = server.request("PATCH", url, {})
         for m in methods:
@@ -1189,12 +1342,17 @@ def test_consume_routes_unavailable(make_server: MakeServer, tmp_path: Any) -> N
         ("POST", "/api/v1/consumers/c/heartbeat", HB, None),
         ("GET", M, M, None),
         ("GET", AU, AU, None),
+        ("GET", GR, GR, None),
+        ("POST", GR, GR, {"subject": "s", "topics": "t", "actions": ["produce"]}),
+        ("DELETE", "/api/v1/grants/1", GI, None),
     ]
     group_calls = [
         ("POST", A, A, {"message_id": "m", "group_id": "g"}),
         ("POST", AB, AB, {"group_id": "g", "acks": [{"message_id": "m"}]}),
         ("POST", X, X, {"message_id": "m", "group_id": "g", "visibility_timeout": "1m"}),
         ("POST", "/api/v1/topics/t/redrive", RD, None),
+        ("GET", "/api/v1/topics/t/dlq", DL, None),
+        ("GET", f"{S}?topic=t&group_id=g&consumer_id=c", S, None),
     ]
     with faulty_servers(make_server, tmp_path, len(meta_calls)) as servers:
         calls: list[Call] = [(srv, *c) for srv, c in zip(servers, meta_calls, strict=True)]

@@ -18,12 +18,15 @@ from tests.conftest import MakeServer, MqfastProcess, new_server
 SECRET = "test-secret-0123456789-0123456789-abcdef"
 AUTH_ENV = {"MESSAGE_QUEUE_JWT_SECRET": SECRET}
 SETTINGS = Settings.from_env(AUTH_ENV)
+# Tokens are minted when the module is imported, at collection: they must outlive the whole
+# suite (well over the 10 minutes a short life gave), or tests run late fail with 'token expired'.
+TEST_TOKEN_TTL_S = 24 * 3600
 
 
 def token(
     sub: str, roles: list[str] | None = None, grants: list[dict[str, Any]] | None = None
 ) -> str:
-    return make_token(SETTINGS, sub, roles, grants, ttl_s=600)
+    return make_token(SETTINGS, sub, roles, grants, ttl_s=TEST_TOKEN_TTL_S)
 
 
 def call(

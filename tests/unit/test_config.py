@@ -155,3 +155,42 @@ def test_zero_keeps_its_meaning_and_real_durations_pass() -> None:
     assert s.default_ttl_ns == 0 and s.retention_interval_s == 0 and s.jwt_leeway_s == 0
     assert s.visibility_timeout_ns == 1_000_000_000
     assert Settings.from_env({"MESSAGE_QUEUE_TTL": "1s"}).default_ttl_ns == 1_000_000_000
+
+
+@pytest.mark.parametrize(
+    ("env", "served"),
+    [
+        ({}, True),  # loopback
+        ({"MESSAGE_QUEUE_HOST": "0.0.0.0", "MESSAGE_QUEUE_INSECURE": "1"}, False),
+        ({"MESSAGE_QUEUE_HOST": "0.0.0.0", "MESSAGE_QUEUE_JWT_SECRET": "s" * 32}, True),
+        (
+            {
+                "MESSAGE_QUEUE_HOST": "0.0.0.0",
+                "MESSAGE_QUEUE_INSECURE": "1",
+                "MESSAGE_QUEUE_CONSOLE": "on",
+            },
+            True,
+        ),
+        ({"MESSAGE_QUEUE_CONSOLE": "off"}, False),
+        ({"MESSAGE_QUEUE_CONSOLE": "AUTO"}, True),
+    ],
+)
+def test_the_console_is_off_by_default_on_an_open_non_loopback_listener(
+    env: dict[str, str], served: bool
+) -> None:
+    assert Settings.from_env(env).console_enabled is served
+
+
+def test_a_console_setting_other_than_auto_on_off_stops_start_up() -> None:
+    with pytest.raises(ConfigError, match="MESSAGE_QUEUE_CONSOLE"):
+        Settings.from_env({"MESSAGE_QUEUE_CONSOLE": "maybe"})
+
+
+def test_the_idempotency_window_takes_a_duration_bounded_by_1s_and_30_days() -> None:
+    assert Settings.from_env({}).idempotency_window_ns == 24 * 3600 * 10**9
+    assert Settings.from_env({"MESSAGE_QUEUE_IDEMPOTENCY_WINDOW": "90m"}).idempotency_window_ns == (
+        90 * 60 * 10**9
+    )
+    for bad in ("0", "500ms", "721h", "soon"):
+        with pytest.raises(ConfigError, match="MESSAGE_QUEUE_IDEMPOTENCY_WINDOW"):
+            Settings.from_env({"MESSAGE_QUEUE_IDEMPOTENCY_WINDOW": bad})

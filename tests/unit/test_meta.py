@@ -59,7 +59,7 @@ def test_shares_the_engine_file_with_its_own_schema_version(tmp_path: Path) -> N
     run(main())
     with sqlite3.connect(tmp_path / "mqfast.db") as conn:
         versions = dict(conn.execute("SELECT component, version FROM schema_version"))
-        assert versions["meta"] == 2  # consumers and metric history, then the audit log
+        assert versions["meta"] == 3  # consumers and metric history, the audit log, grants
         assert versions["embedded"] >= 1
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 

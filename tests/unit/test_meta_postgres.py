@@ -25,7 +25,9 @@ import asyncpg  # type: ignore[import-untyped, unused-ignore]
 import pytest
 import uvloop
 
-from mqfast.errors import ConfigError, Unavailable
+from mqfast.auth import Grant
+from mqfast.errors import ConfigError, Conflict, Unavailable
+from mqfast.grants import MAX_STORED_GRANTS, GrantCache
 from mqfast.messages import MetricPoint, RegisterConsumerRequest, TopicConfig
 from mqfast.meta import MetaStore
 from mqfast.meta.history import format_rfc3339, parse_rfc3339
@@ -243,6 +245,84 @@ def test_register_update_get_list_delete(backend: Backend) -> None:
             assert not await b.delete_consumer("c1")
             assert await b.get_consumer("c1") is None
             assert await a.consumer_counts() == (4, 4)
+
+    run(main())
+
+
+def test_grants_create_list_delete(backend: Backend) -> None:
+    orders = Grant("orders.*", frozenset({"consume", "produce"}), frozenset({"b", "a"}))
+    anywhere = Grant("orders.*", frozenset({"consume", "produce"}))
+
+    async def main() -> None:
+        async with backend.opened() as a, backend.opened() as b:
+            first, created = await a.create_grant("svc", orders, "ops", T0)
+            assert created
+            assert (first.subject, first.topics, first.created_at, first.created_by) == (
+                "svc",
+                "orders.*",
+                T0,
+                "ops",
+            )
+            assert (first.actions, first.groups) == (["produce", "consume"], ["a", "b"])
+            # The same grant again, from another process: the one stored, not a second one.
+            assert await b.create_grant("svc", orders, "other", T0 + 1) == (first, False)
+            # Any group is another grant than groups a and b; so is another subject's.
+            second, created = await b.create_grant("svc", anywhere, "ops", T0)
+            assert created and second.groups is None and second.id > first.id
+            third, _ = await a.create_grant("other", anywhere, "ops", T0)
+            assert await b.list_grants("svc") == [first, second]
+            assert await b.list_grants() == [first, second, third]
+            assert await b.list_grants("nobody") == []
+
+            assert await b.delete_grant(first.id) == first
+            assert await a.delete_grant(first.id) is None
+            # A deleted id is never handed out again.
+            again, created = await a.create_grant("svc", orders, "ops", T0)
+            assert created and again.id > third.id
+        async with backend.opened() as a:
+            assert await a.list_grants() == [second, third, again]
+
+    run(main())
+
+
+def test_a_subject_has_a_bounded_number_of_stored_grants(backend: Backend) -> None:
+    async def main() -> None:
+        async with backend.opened() as a:
+            for i in range(MAX_STORED_GRANTS):
+                await a.create_grant("svc", Grant(f"t{i}", frozenset({"produce"})), "ops", T0)
+            with pytest.raises(Conflict) as e:
+                await a.create_grant("svc", Grant("more", frozenset({"produce"})), "ops", T0)
+            assert e.value.field == "subject"
+            # an existing one is still answered; another subject is not affected
+            assert not (await a.create_grant("svc", Grant("t0", frozenset({"produce"})), "", 0))[1]
+            assert (await a.create_grant("x", Grant("more", frozenset({"produce"})), "", 0))[1]
+
+    run(main())
+
+
+def test_grant_changes_reach_the_cache_of_another_process(backend: Backend) -> None:
+    grant = Grant("orders.*", frozenset({"produce"}))
+
+    async def main() -> None:
+        async with backend.opened() as a, backend.opened() as b:
+            await a.create_grant("early", grant, "ops", T0)  # before b's cache loads
+            cache = GrantCache(b)
+            changed: list[str] = []
+            cache.on_changed = changed.append
+            await cache.start()
+            try:
+                assert cache.get("early") == (grant,)
+                assert changed == ["early"]
+                stored, _ = await a.create_grant("svc", grant, "ops", T0)
+                await eventually(lambda: cache.get("svc") == (grant,))
+                assert changed == ["early", "svc"]
+                await a.delete_grant(stored.id)
+                await eventually(lambda: cache.get("svc") == ())
+                assert changed == ["early", "svc", "svc"]
+                assert cache.get("early") == (grant,)
+            finally:
+                await cache.close()
+            assert b.on_grants_changed is None
 
     run(main())
 
@@ -736,6 +816,23 @@ def test_topic_registry_is_shared_and_invalidated_by_notify(pg_dsn: str) -> None
             # The cache is a copy: changing it changes nothing in the store.
             a.cached_topics().clear()
             assert "alpha" in a.cached_topics()
+
+    run(main())
+
+
+def test_grant_notifications_and_a_lost_listener_reach_on_grants_changed(pg_dsn: str) -> None:
+    async def main() -> None:
+        async with opened_pg(pg_dsn) as a, opened_pg(pg_dsn) as b:
+            calls: list[str | None] = []
+            b.on_grants_changed = calls.append
+            await a.create_grant("svc", Grant("t", frozenset({"produce"})), "ops", T0)
+            await eventually(lambda: calls == ["svc"])
+            await pg_fetch(pg_dsn, "NOTIFY mqfast_grants")  # bare, by hand: whose is unknown
+            await eventually(lambda: calls == ["svc", None])
+            # Notifications sent while the listener is gone are lost: a reconnection says so.
+            await pg_fetch(pg_dsn, "SELECT pg_terminate_backend($1)", b._listener.get_server_pid())
+            await eventually(lambda: calls == ["svc", None, None])
+            assert b.health()["listener"] == "up"
 
     run(main())
 

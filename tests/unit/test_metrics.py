@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import socket
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import uvloop
+from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -17,7 +19,16 @@ from mqfast.config import Settings
 from mqfast.debug import gc_stats, install_gc_monitor
 from mqfast.groups import Unacked, now_ms
 from mqfast.messages import GroupLag, TopicInfo
-from mqfast.metrics import build_registry, start_metrics_server
+from mqfast.metrics import (
+    Family,
+    PodMetrics,
+    build_registry,
+    decode_families,
+    encode_families,
+    merge_families,
+    start_metrics_server,
+)
+from mqfast.server import _ANSWER, _ASK, _Worker
 from mqfast.side import Response, serve_side
 
 BOUNDS = [5e-05, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
@@ -296,3 +307,111 @@ def test_side_server_errors_and_query() -> None:
             await server.wait_closed()
 
     run(main)
+
+
+# ---- one endpoint for several workers --------------------------------------------------------
+
+
+def worker_families(produced: float, latency: list[int], status: str, up: bool) -> list[Family]:
+    """What build_registry's collectors send for one worker (process collector included)."""
+    snap = snapshot()
+    snap["topics"] = {"orders": {"produced": produced, "failed": 0, "bytes": 10 * produced}}
+    snap["routes"]["/api/v1/messages"]["counts"] = latency + [0] * (18 - len(latency))
+    snap["routes"]["/api/v1/messages"]["sum_s"] = 0.001 * sum(latency)
+    snap["connections"] = produced  # any per-worker figure
+    levels = {"status": status, "checks": {"engine": up}, "groups": [("g", "orders", 7, 2.0)]}
+    registry = build_registry(lambda: snap, lambda: {"quota_subjects": 3.0}, lambda: levels)
+    return decode_families(encode_families(registry))
+
+
+def by_name(families: list[Family]) -> dict[str, list[tuple[dict[str, str], float]]]:
+    return {f[0]: [(labels, v) for _, labels, v in f[4]] for f in families}
+
+
+def test_workers_counters_and_histograms_are_summed_and_gauges_follow_their_rule() -> None:
+    a = worker_families(3, [1, 2], "ok", True)
+    b = worker_families(4, [0, 5, 1], "degraded", False)
+    got = by_name(merge_families([("0", a), ("1", b)]))
+    p = "message_queue_"
+    assert got[p + "messages_produced"] == [({"topic": "orders"}, 7.0)]
+    assert got[p + "produced_bytes"] == [({"topic": "orders"}, 70.0)]
+    buckets = {labels["le"]: v for labels, v in got[p + "processing_latency_seconds"]
+               if labels.get("route") == "/api/v1/messages" and "le" in labels}  # fmt: skip
+    assert (buckets["5e-05"], buckets["0.0001"], buckets["0.00025"], buckets["+Inf"]) == (
+        1, 8, 9, 9)  # fmt: skip
+    assert got[p + "http_connections"] == [({"worker": "0"}, 3.0), ({"worker": "1"}, 4.0)]
+    assert got[p + "inflight_messages"] == [({}, 6.0)]
+    assert got[p + "consumer_group_lag"] == [({"group": "g", "topic": "orders"}, 7.0)]
+    assert dict((labels["status"], v) for labels, v in got[p + "health_status"]) == {
+        "ok": 0.0, "degraded": 1.0, "down": 0.0}  # fmt: skip
+    assert got[p + "health_check_up"] == [({"check": "engine"}, 0.0)]
+    # A gauge the rules do not name is kept per worker: neither sum nor max is always right.
+    assert got[p + "quota_subjects"] == [({"worker": "0"}, 3.0), ({"worker": "1"}, 3.0)]
+    assert {labels["worker"] for labels, _ in got["process_cpu_seconds"]} == {"0", "1"}
+    assert got[p + "oldest_unacked_age_seconds"] == [({"group": "g", "topic": "orders"}, 2.0)]
+    # Every family of the contract is still there with one exposition.
+    for name in CONTRACT:
+        assert name in got, name
+
+
+def test_pod_totals_keep_a_retired_workers_counts_and_drop_its_gauges() -> None:
+    pod = PodMetrics()
+    pod.add(100, 0)
+    pod.add(101, 1)
+    pod.update(100, worker_families(3, [1], "ok", True))
+    pod.update(101, worker_families(4, [2], "ok", True))
+    p = "message_queue_"
+    produced, count = p + "messages_produced_total", p + "processing_latency_seconds_count"
+    first = samples_of(pod)
+    assert (first[produced], first[count]) == ([({"topic": "orders"}, 7.0)], [(ROUTE, 3.0)])
+    assert [w["worker"] for w, _ in first[p + "http_connections"]] == ["0", "1"]
+
+    pod.retire(101)  # worker 1 exited; pid 102 replaces it and has counted nothing yet
+    pod.update(101, worker_families(9, [9], "ok", True))  # a late answer from the dead one
+    pod.add(102, 1)
+    pod.restarts += 1
+    after = samples_of(pod)
+    assert (after[produced], after[count]) == (first[produced], first[count])
+    assert after[p + "http_connections"] == [({"worker": "0"}, 3.0)]
+    assert after[p + "worker_restarts_total"] == [({}, 1.0)]
+    assert {w["worker"] for w, _ in after["process_resident_memory_bytes"]} == {"0", "supervisor"}
+
+    pod.update(102, worker_families(2, [1], "ok", True))
+    again = samples_of(pod)
+    assert (again[produced], again[count]) == ([({"topic": "orders"}, 9.0)], [(ROUTE, 4.0)])
+
+
+ROUTE = {"route": "/api/v1/messages", "method": "POST"}
+
+
+def samples_of(pod: PodMetrics) -> dict[str, list[tuple[dict[str, str], float]]]:
+    registry = CollectorRegistry()
+    registry.register(pod)
+    text = generate_latest(registry).decode()
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if "route" in s.labels and s.labels["route"] != ROUTE["route"]:
+                continue
+            out.setdefault(s.name, []).append((s.labels, s.value))
+    return out
+
+
+def test_a_late_worker_answer_is_not_taken_for_the_next_scrape() -> None:
+    async def main() -> None:
+        ours, theirs = socket.socketpair()
+        worker = _Worker(0, 1, ours)
+        reader, writer = await asyncio.open_connection(sock=theirs)
+        first = asyncio.ensure_future(worker.scrape(0.2))
+        (seq1,) = _ASK.unpack(await reader.readexactly(_ASK.size))
+        assert await first is None  # unanswered in time: the pod reports its previous answer
+        second = asyncio.ensure_future(worker.scrape(10.0))
+        (seq2,) = _ASK.unpack(await reader.readexactly(_ASK.size))
+        writer.write(_ANSWER.pack(seq1, 4) + b"late" + _ANSWER.pack(seq2, 3) + b"now")
+        assert await second == b"now"
+        writer.close()  # the worker exited: no scrape waits for it any more
+        await asyncio.sleep(0.05)
+        assert await worker.scrape(10.0) is None
+        worker.close()
+
+    uvloop.run(main())

@@ -98,14 +98,18 @@ def run_promtool(*args: str, stdin: str | None = None) -> subprocess.CompletedPr
 # --- a real server's exposition ---------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@pytest.fixture(scope="module", params=["1", "2"], ids=lambda n: f"workers={n}")
+def scraped(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[str]:
     """``/metrics`` of a server that produced, delivered without acknowledging, dead-lettered
-    and refused a request, once the metric sampler has seen the group and the dead letter."""
+    and refused a request, once the metric sampler has seen the group and the dead letter.
+    With one worker and with two (whose supervisor merges their families into one scrape)."""
     srv = new_server(
         tmp_path_factory.mktemp("monitoring"),
         MESSAGE_QUEUE_METRICS_INTERVAL="200ms",
         MESSAGE_QUEUE_DELIVERY_LIMIT="1",
+        MESSAGE_QUEUE_WORKERS=request.param,
     ).start()
     try:
         exercise(srv)

@@ -941,3 +941,113 @@ def test_the_size_limit_is_on_the_decoded_content(
         assert not tr.closed
 
     run(loop, go())
+
+
+def test_a_principal_verified_before_its_grants_changed_is_not_kept(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    # The token is verified, then the subject's stored grants change before the core has been
+    # handed the principal: that request goes on with what it was verified with, but the core
+    # must not keep the principal for the next ones (they would never see the change).
+    from mqfast.access import PUBLIC_ROUTES
+    from mqfast.auth import Authenticator, Grant, make_token
+
+    async def go() -> None:
+        secret = {"jwt_secret": "protocol-grants-secret-0123456789-0123456"}
+        h = Harness(loop, **secret)
+        auth = Authenticator(Settings.from_env({}, **secret))
+        stored: dict[str, tuple[Grant, ...]] = {}
+        auth.stored_grants = lambda subject: stored.get(subject, ())
+        h.app.auth = auth
+        h.core.set_auth(auth, PUBLIC_ROUTES)
+        bearer = f"Authorization: Bearer {make_token(auth.settings, 'svc')}\r\n"
+
+        def grant() -> None:
+            stored["svc"] = (Grant("t", frozenset({"produce"})),)
+            auth.forget_subject("svc")
+            h.core.forget_subject("svc")
+
+        proto, tr = h.connect()
+        proto.data_received(post("/api/v1/messages", {"topic": "t", "content": "x"}, bearer))
+        # after the verification task's step, before its answer is handed to the core
+        loop.call_soon(grant)
+        await h.settle(20)
+        proto.data_received(post("/api/v1/messages", {"topic": "t", "content": "y"}, bearer))
+        await h.settle(20)
+        assert [r[0] for r in responses(tr.data)] == [403, 200]
+
+
+class FakeStream:
+    """What a streaming handler answers (``mqfast.stream.EventStream``): records the calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.conn: Any = None
+
+    def start(self, conn: Any) -> None:
+        self.calls.append("start")
+        self.conn = conn
+
+    def pause_writing(self) -> None:
+        self.calls.append("pause")
+
+    def resume_writing(self) -> None:
+        self.calls.append("resume")
+
+    def connection_lost(self) -> None:
+        self.calls.append("lost")
+
+    def shutdown(self) -> None:
+        self.calls.append("shutdown")
+
+
+STREAM_GET = b"GET /api/v1/messages/stream?topic=t HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def test_a_streaming_answer_stays_open_under_flow_control(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    async def go() -> None:
+        h = Harness(loop)
+        stream = FakeStream()
+        h.app.handle = lambda *a, **k: stream  # type: ignore[method-assign]
+        proto, tr = lingering(h)
+        proto.data_received(STREAM_GET)
+        await h.settle()
+        head = bytes(tr.data)
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n") and head.endswith(b"\r\n\r\n")
+        assert b"content-type: text/event-stream\r\n" in head
+        assert b"transfer-encoding: chunked\r\n" in head
+        assert stream.calls == ["start"] and stream.conn is proto
+        # no idle or request timeout applies to an open stream
+        proto._check_timeout(time.monotonic_ns() + 3600 * 10**9)
+        assert not tr.closed and not tr.eof
+        # a slow reader: the stream is told to wait; reading goes on, to see the client leave
+        proto.pause_writing()
+        assert stream.calls[-1] == "pause" and not tr.paused
+        proto.resume_writing()
+        assert stream.calls[-1] == "resume"
+        proto.data_received(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # discarded
+        await h.settle()
+        assert bytes(tr.data) == head
+        proto.stream_send(b"data: {}\n\n")
+        assert bytes(tr.data) == head + b"a\r\ndata: {}\n\n\r\n"
+        # at shutdown the stream is told, and it ends the answer: the last chunk, then close
+        h.core.begin_shutdown()
+        assert stream.calls[-1] == "shutdown" and not tr.eof
+        proto.stream_end()
+        assert bytes(tr.data).endswith(b"\r\n0\r\n\r\n") and tr.eof
+        proto.stream_send(b"late")
+        assert bytes(tr.data).endswith(b"\r\n0\r\n\r\n")
+        # a client that leaves: the stream learns it at once
+        stream2 = FakeStream()
+        h.app.handle = lambda *a, **k: stream2  # type: ignore[method-assign]
+        proto2, _ = lingering(h)
+        proto2.data_received(STREAM_GET)
+        await h.settle()
+        assert stream2.calls == ["start", "shutdown"]  # started during shutdown: ends at once
+        proto2.connection_lost(None)
+        assert stream2.calls[-1] == "lost"
+        proto.connection_lost(None)
+
+    run(loop, go())

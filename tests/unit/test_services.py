@@ -362,3 +362,11 @@ def test_services_never_outlive_the_process_that_started_them(tmp_path: Path, en
     pid = int(pid_line)
     wait_until(lambda: not services.pid_alive(pid), 10, f"redis pid {pid} to go")
     assert os.path.exists(tmp_path / "redis" / "redis.log")
+
+
+def test_a_kafka_cluster_id_never_opens_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 0xf8 0x00...: base64 "-AAA..."; kafka-storage takes such an id for an option
+    drawn = iter([uuid.UUID(bytes=b"\xf8" + b"\x00" * 15), uuid.UUID(int=1)])
+    monkeypatch.setattr(services.uuid, "uuid4", lambda: next(drawn))
+    cid = services._cluster_id()
+    assert cid == "AAAAAAAAAAAAAAAAAAAAAQ"

@@ -1,4 +1,5 @@
-"""Metadata stores: registered consumers and per-interval metric history.
+"""Metadata stores: registered consumers, per-interval metric history, the audit log and the
+grants kept in the store.
 
 One interface, two implementations: ``meta.sqlite.SqliteMeta`` (embedded, in the engine's
 database file) and ``meta.postgres.PostgresMeta`` for clusters; what they share besides their SQL
@@ -11,9 +12,11 @@ in the database, never only in memory; the one exception is ``touch``, whose in-
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
-from mqfast.messages import ConsumerInfo, MetricPoint, RegisterConsumerRequest
+from mqfast.auth import Grant
+from mqfast.messages import ConsumerInfo, MetricPoint, RegisterConsumerRequest, StoredGrant
 
 __all__ = ["MetaStore"]
 
@@ -24,6 +27,10 @@ class MetaStore(Protocol):
     Async methods do their I/O off the loop and raise ``errors.Unavailable`` when the database
     cannot be reached or written.
     """
+
+    # Called on the event loop when grants changed in the store, by any process sharing it:
+    # with the subject, or None when the store cannot tell whose (see ``mqfast.grants``).
+    on_grants_changed: Callable[[str | None], None] | None
 
     async def start(self) -> None:
         """Open (and migrate) the store and start its background work."""
@@ -86,6 +93,30 @@ class MetaStore(Protocol):
         ``(time, topic, worker)`` again merges into the stored point: counters add up, gauges
         take the new value, percentiles take the maximum.
         """
+
+    # -- grants ----------------------------------------------------------------------------
+
+    async def create_grant(
+        self, subject: str, grant: Grant, created_by: str, now_ms: int
+    ) -> tuple[StoredGrant, bool]:
+        """Store ``grant`` for ``subject``; returns ``(stored, created)``.
+
+        The same grant (subject, topics, actions and groups) again returns the one stored with
+        ``created`` False. Raises ``errors.Conflict`` when the subject has
+        ``grants.MAX_STORED_GRANTS`` already. Every process learns of the change through
+        ``on_grants_changed`` within about a second.
+        """
+        ...
+
+    async def list_grants(self, subject: str | None = None) -> list[StoredGrant]:
+        """The stored grants (of ``subject`` when given), ordered by id."""
+        ...
+
+    async def delete_grant(self, grant_id: int) -> StoredGrant | None:
+        """Delete the grant ``grant_id``; the grant deleted, or None when there was none."""
+        ...
+
+    # -- audit log -------------------------------------------------------------------------
 
     async def audit(self, entry: dict[str, object]) -> None:
         """Append one audit record (``meta.common.audit_row`` says which keys)."""

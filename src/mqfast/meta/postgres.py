@@ -37,9 +37,17 @@ from typing import Any, Final, TypeVar
 
 import asyncpg  # type: ignore[import-untyped, unused-ignore]
 
-from mqfast.errors import ConfigError, MqfastError, Unavailable
+from mqfast.auth import Grant
+from mqfast.errors import ConfigError, Conflict, MqfastError, Unavailable
+from mqfast.grants import MAX_STORED_GRANTS, actions_of, groups_of
 from mqfast.groups import now_ms
-from mqfast.messages import ConsumerInfo, MetricPoint, RegisterConsumerRequest, TopicConfig
+from mqfast.messages import (
+    ConsumerInfo,
+    MetricPoint,
+    RegisterConsumerRequest,
+    StoredGrant,
+    TopicConfig,
+)
 from mqfast.meta.common import (
     CONSUMER_COLUMNS,
     TouchBuffer,
@@ -54,6 +62,7 @@ from mqfast.meta.common import (
 from mqfast.meta.history import point_from_row, point_params
 
 __all__ = [
+    "GRANTS_CHANNEL",
     "SCHEMA_COMPONENT",
     "TOPICS_CHANNEL",
     "PostgresMeta",
@@ -67,6 +76,7 @@ _T = TypeVar("_T")
 
 SCHEMA_COMPONENT: Final = "meta"
 TOPICS_CHANNEL: Final = "mqfast_topics"
+GRANTS_CHANNEL: Final = "mqfast_grants"  # payload: the subject whose grants changed
 # One key for every component's migrations in the database ("mqfast" in ASCII): migrations of
 # different components may touch the same tables, so they never run side by side.
 MIGRATION_LOCK_KEY: Final = 0x6D7166617374
@@ -149,6 +159,22 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             created_at BIGINT NOT NULL,         -- unix ms
             updated_at BIGINT NOT NULL          -- unix ms (a rewrap replaces the row)
         )""",
+    ),
+    (
+        # Grants kept in the store (mqfast.grants); an identity never hands a deleted id out
+        # again, so deleting it twice is a 404, not someone else's grant.
+        """CREATE TABLE mqfast_grants (
+            id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            subject TEXT COLLATE "C" NOT NULL,
+            topics TEXT COLLATE "C" NOT NULL,   -- fnmatch glob
+            actions TEXT[] NOT NULL,            -- in auth.ACTIONS order
+            groups TEXT[],                      -- sorted; NULL: any group
+            created_at BIGINT NOT NULL,         -- unix ms
+            created_by TEXT NOT NULL
+        )""",
+        # groups is never an empty array, so '{}' stands for NULL without a collision
+        "CREATE UNIQUE INDEX mqfast_grants_key ON mqfast_grants"
+        " (subject, topics, actions, (COALESCE(groups, '{}'::text[])))",
     ),
 )
 
@@ -257,6 +283,18 @@ ON CONFLICT (id) DO UPDATE SET
 _INSERT_AUDIT: Final = """
 INSERT INTO mqfast_audit (time_ms, actor, action, target, outcome, remote_addr, detail)
 VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)
+"""
+_GRANT_COLUMNS: Final = "id, subject, topics, actions, groups, created_at, created_by"
+_INSERT_GRANT: Final = f"""
+INSERT INTO mqfast_grants (subject, topics, actions, groups, created_at, created_by)
+VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (subject, topics, actions, (COALESCE(groups, '{{}}'::text[]))) DO NOTHING
+RETURNING {_GRANT_COLUMNS}
+"""
+_FIND_GRANT: Final = f"""
+SELECT {_GRANT_COLUMNS} FROM mqfast_grants
+WHERE subject = $1 AND topics = $2 AND actions = $3
+    AND COALESCE(groups, '{{}}'::text[]) = COALESCE($4::text[], '{{}}'::text[])
 """
 _QUERY_AUDIT: Final = """
 SELECT time_ms, actor, action, target, outcome, remote_addr, detail::text
@@ -377,6 +415,18 @@ def _consumer_from_row(row: Any) -> ConsumerInfo:
     return consumer_from_row(row, list(row[2]))
 
 
+def _grant_from_row(row: Any) -> StoredGrant:
+    return StoredGrant(
+        id=int(row[0]),
+        subject=row[1],
+        topics=row[2],
+        actions=list(row[3]),
+        groups=None if row[4] is None else list(row[4]),
+        created_at=int(row[5]),
+        created_by=row[6],
+    )
+
+
 def _topic_from_row(row: Any) -> TopicConfig:
     return TopicConfig(
         name=row[0],
@@ -424,6 +474,9 @@ class PostgresMeta:
         self.topics_refresh_s = topics_refresh_s
         self.user, self.target = describe_dsn(dsn)
         self.on_topics_changed: Callable[[str], None] | None = None
+        # Called with the subject of a grant change notified by any process (this one included),
+        # and with None after the listener reconnected (notifications may have been missed).
+        self.on_grants_changed: Callable[[str | None], None] | None = None
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pool: Any = None
@@ -801,6 +854,69 @@ class PostgresMeta:
         )
         return [(str(r[0]), str(r[1]), bytes(r[2])) for r in rows]
 
+    # -- grants ----------------------------------------------------------------------------
+
+    async def create_grant(
+        self, subject: str, grant: Grant, created_by: str, now_ms: int
+    ) -> tuple[StoredGrant, bool]:
+        """Store ``grant`` for ``subject`` and tell every process; ``(stored, created)``. The same
+        grant again is the one stored (``created`` False); ``Conflict`` past
+        ``MAX_STORED_GRANTS`` per subject."""
+        actions, groups = actions_of(grant), groups_of(grant)
+
+        async def create(conn: Any) -> tuple[StoredGrant, bool]:
+            # Creations for one subject queue here, so that the count below stays true.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", "grants:" + subject)
+            row = await conn.fetchrow(_FIND_GRANT, subject, grant.topics, actions, groups)
+            if row is not None:
+                return _grant_from_row(row), False
+            count = await conn.fetchval(
+                "SELECT COUNT(*) FROM mqfast_grants WHERE subject = $1", subject
+            )
+            if count >= MAX_STORED_GRANTS:
+                raise Conflict(
+                    f"subject {subject[:64]!r} has {MAX_STORED_GRANTS} stored grants already;"
+                    " delete one first",
+                    field="subject",
+                )
+            row = await conn.fetchrow(
+                _INSERT_GRANT, subject, grant.topics, actions, groups, now_ms, created_by
+            )
+            # delivered at commit, and only if the transaction commits
+            await conn.execute("SELECT pg_notify($1, $2)", GRANTS_CHANNEL, subject)
+            return _grant_from_row(row), True
+
+        return await self._call(create, write=True)
+
+    async def list_grants(self, subject: str | None = None) -> list[StoredGrant]:
+        """The stored grants (of ``subject`` when given), by id."""
+        if subject is None:
+            rows = await self._call(
+                lambda c: c.fetch(f"SELECT {_GRANT_COLUMNS} FROM mqfast_grants ORDER BY id")
+            )
+        else:
+            rows = await self._call(
+                lambda c: c.fetch(
+                    f"SELECT {_GRANT_COLUMNS} FROM mqfast_grants WHERE subject = $1 ORDER BY id",
+                    subject,
+                )
+            )
+        return [_grant_from_row(r) for r in rows]
+
+    async def delete_grant(self, grant_id: int) -> StoredGrant | None:
+        """Delete the grant ``grant_id`` and tell every process; the grant it was, or None."""
+
+        async def delete(conn: Any) -> StoredGrant | None:
+            row = await conn.fetchrow(
+                f"DELETE FROM mqfast_grants WHERE id = $1 RETURNING {_GRANT_COLUMNS}", grant_id
+            )
+            if row is None:
+                return None
+            await conn.execute("SELECT pg_notify($1, $2)", GRANTS_CHANNEL, row[1])
+            return _grant_from_row(row)
+
+        return await self._call(delete, write=True)
+
     # -- audit log -------------------------------------------------------------------------
 
     async def audit(self, entry: dict[str, object]) -> None:
@@ -940,6 +1056,7 @@ class PostgresMeta:
         try:
             conn.add_termination_listener(self._on_listener_closed)
             await conn.add_listener(TOPICS_CHANNEL, self._on_notification)
+            await conn.add_listener(GRANTS_CHANNEL, self._on_grants_notification)
         except BaseException:
             conn.terminate()
             raise
@@ -955,6 +1072,11 @@ class PostgresMeta:
         else:  # a bare "NOTIFY mqfast_topics" (by hand, say) reloads everything
             self._full_reload_due = True
         self._topics_wake.set()
+
+    def _on_grants_notification(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        callback = self.on_grants_changed
+        if callback is not None:
+            callback(payload or None)  # a bare NOTIFY (by hand, say) reloads every subject
 
     async def _watch(self) -> None:
         """Hold the LISTEN connection (ping it now and then, reconnect with backoff when lost)
@@ -988,6 +1110,8 @@ class PostgresMeta:
                     # notifications sent while no one listened are lost: reload everything
                     self._full_reload_due = True
                     self._topics_wake.set()
+                    if self.on_grants_changed is not None:
+                        self.on_grants_changed(None)
             if not self._up:
                 try:
                     await self._call(lambda c: c.execute("SELECT 1"))

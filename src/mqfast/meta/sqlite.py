@@ -27,13 +27,16 @@ from typing import Any, Final, ParamSpec, TypeVar
 
 import msgspec
 
-from mqfast.errors import Unavailable
-from mqfast.messages import ConsumerInfo, MetricPoint, RegisterConsumerRequest
+from mqfast.auth import Grant
+from mqfast.errors import Conflict, Unavailable
+from mqfast.grants import MAX_STORED_GRANTS, actions_of, groups_of
+from mqfast.messages import ConsumerInfo, MetricPoint, RegisterConsumerRequest, StoredGrant
 from mqfast.meta.common import (
     CONSUMER_COLUMNS,
     TouchBuffer,
     audit_from_row,
     audit_row,
+    cancel_and_wait,
     consumer_from_request,
     consumer_from_row,
     prune_history,
@@ -101,7 +104,31 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )""",
         "CREATE INDEX meta_audit_time ON meta_audit (time_ms)",
     ),
+    (
+        # Grants kept in the store (mqfast.grants). AUTOINCREMENT: a deleted grant's id is
+        # never given to another, so deleting it again is a 404, not someone else's grant.
+        """CREATE TABLE meta_grants (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            subject TEXT NOT NULL,
+            topics TEXT NOT NULL,           -- fnmatch glob
+            actions TEXT NOT NULL,          -- JSON array, in auth.ACTIONS order
+            groups TEXT,                    -- JSON array, sorted; NULL: any group
+            created_at INTEGER NOT NULL,    -- unix ms
+            created_by TEXT NOT NULL
+        )""",
+        "CREATE UNIQUE INDEX meta_grants_key"
+        " ON meta_grants (subject, topics, actions, COALESCE(groups, ''))",
+        # Bumped by every change in the change's transaction; every process sharing the file
+        # reads it about once a second and reloads the grants when it moved.
+        """CREATE TABLE meta_grants_version (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            version INTEGER NOT NULL
+        )""",
+        "INSERT INTO meta_grants_version (id, version) VALUES (1, 0)",
+    ),
 )
+_GRANT_COLUMNS: Final = "id, subject, topics, actions, groups, created_at, created_by"
+_BUMP_GRANTS: Final = "UPDATE meta_grants_version SET version = version + 1 WHERE id = 1"
 
 _TOUCH: Final = (
     "UPDATE meta_consumers SET last_seen = MAX(last_seen, ?), active = 1 WHERE consumer_id = ?"
@@ -166,6 +193,18 @@ def _consumer_from_row(row: tuple[Any, ...]) -> ConsumerInfo:
     return consumer_from_row(row, _topics_decoder.decode(row[2]))
 
 
+def _grant_from_row(row: tuple[Any, ...]) -> StoredGrant:
+    return StoredGrant(
+        id=int(row[0]),
+        subject=row[1],
+        topics=row[2],
+        actions=_topics_decoder.decode(row[3]),
+        groups=None if row[4] is None else _topics_decoder.decode(row[4]),
+        created_at=int(row[5]),
+        created_by=row[6],
+    )
+
+
 class SqliteMeta:
     """``MetaStore`` on SQLite, in ``<data_dir>/mqfast.db`` (see the module docstring)."""
 
@@ -177,6 +216,7 @@ class SqliteMeta:
         history_retention_s: float = 7 * 86400,
         flush_interval_s: float = 1.0,
         prune_interval_s: float = 600.0,
+        grants_poll_s: float = 1.0,
     ) -> None:
         self.data_dir = data_dir
         self.path = os.path.join(data_dir, DB_FILENAME)
@@ -184,6 +224,10 @@ class SqliteMeta:
         self.history_retention_s = history_retention_s
         self.flush_interval_s = flush_interval_s
         self.prune_interval_s = prune_interval_s
+        self.grants_poll_s = grants_poll_s
+        # Called with None when another process (or this one) changed the grants; see
+        # mqfast.grants. Read by the poll task, which runs while the store is open.
+        self.on_grants_changed: Callable[[str | None], None] | None = None
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -192,6 +236,7 @@ class SqliteMeta:
 
         self.touches = TouchBuffer(flush_interval_s, self.flush)
         self._next_prune = 0.0  # time.monotonic() when record_points next prunes
+        self._grants_task: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -212,6 +257,11 @@ class SqliteMeta:
             raise
         log.info("metadata store at %s (SQLite, WAL)", self.path, extra={"path": self.path})
         self.touches.start(self._loop)
+        # Read before anyone loads the grants: a change after this is seen by the poll.
+        version = await self.grants_version()
+        self._grants_task = self._loop.create_task(
+            self._poll_grants(version), name="mqfast-meta-grants"
+        )
 
     async def close(self) -> None:
         """Write pending touches, close the connection and stop the thread; idempotent."""
@@ -219,6 +269,8 @@ class SqliteMeta:
             return
         self._closed = True
         await self.touches.stop()
+        task, self._grants_task = self._grants_task, None
+        await cancel_and_wait(task)
         if self._executor is None:
             return
         try:
@@ -373,6 +425,98 @@ class SqliteMeta:
 
     async def _delete_points_chunk(self, cutoff_ms: int, limit: int) -> int:
         return await self._run(self._write_sync, self._prune_chunk, (cutoff_ms, limit))
+
+    # -- grants ----------------------------------------------------------------------------
+
+    async def create_grant(
+        self, subject: str, grant: Grant, created_by: str, now_ms: int
+    ) -> tuple[StoredGrant, bool]:
+        """Store ``grant`` for ``subject``; ``(stored, created)``. The same grant again is the
+        one stored (``created`` False); ``Conflict`` past ``MAX_STORED_GRANTS`` per subject."""
+        return await self._run(self._create_grant_sync, subject, grant, created_by, now_ms)
+
+    async def list_grants(self, subject: str | None = None) -> list[StoredGrant]:
+        """The stored grants (of ``subject`` when given), by id."""
+        where, params = ("", ()) if subject is None else (" WHERE subject = ?", (subject,))
+        rows = await self._run(
+            self._select_sync,
+            f"SELECT {_GRANT_COLUMNS} FROM meta_grants{where} ORDER BY id",
+            params,
+        )
+        return [_grant_from_row(r) for r in rows]
+
+    async def delete_grant(self, grant_id: int) -> StoredGrant | None:
+        """Delete the grant ``grant_id``; the grant it was, or None when there is none."""
+        return await self._run(self._write_sync, self._delete_grant, grant_id)
+
+    async def grants_version(self) -> int:
+        """The change counter of the grants (moves with every create and delete)."""
+        rows = await self._run(
+            self._select_sync, "SELECT version FROM meta_grants_version WHERE id = 1", ()
+        )
+        return int(rows[0][0])
+
+    def _create_grant_sync(
+        self, subject: str, grant: Grant, created_by: str, now_ms: int
+    ) -> tuple[StoredGrant, bool]:
+        actions = _topics_encoder.encode(actions_of(grant)).decode()
+        groups = groups_of(grant)
+        groups_text = None if groups is None else _topics_encoder.encode(groups).decode()
+        with self._transaction() as conn:
+            row = conn.execute(
+                f"SELECT {_GRANT_COLUMNS} FROM meta_grants WHERE subject = ? AND topics = ?"
+                " AND actions = ? AND COALESCE(groups, '') = COALESCE(?, '')",
+                (subject, grant.topics, actions, groups_text),
+            ).fetchone()
+            if row is not None:
+                return _grant_from_row(row), False
+            (count,) = conn.execute(
+                "SELECT COUNT(*) FROM meta_grants WHERE subject = ?", (subject,)
+            ).fetchone()
+            if count >= MAX_STORED_GRANTS:
+                raise Conflict(
+                    f"subject {subject[:64]!r} has {MAX_STORED_GRANTS} stored grants already;"
+                    " delete one first",
+                    field="subject",
+                )
+            row = conn.execute(
+                "INSERT INTO meta_grants (subject, topics, actions, groups, created_at,"
+                f" created_by) VALUES (?, ?, ?, ?, ?, ?) RETURNING {_GRANT_COLUMNS}",
+                (subject, grant.topics, actions, groups_text, now_ms, created_by),
+            ).fetchone()
+            conn.execute(_BUMP_GRANTS)
+        return _grant_from_row(row), True
+
+    @staticmethod
+    def _delete_grant(conn: sqlite3.Connection, grant_id: int) -> StoredGrant | None:
+        row = conn.execute(
+            f"DELETE FROM meta_grants WHERE id = ? RETURNING {_GRANT_COLUMNS}", (grant_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        conn.execute(_BUMP_GRANTS)
+        return _grant_from_row(row)
+
+    async def _poll_grants(self, seen: int) -> None:
+        """Tell ``on_grants_changed`` when the change counter moved (another process, or this
+        one, created or deleted a grant); one small read per ``grants_poll_s``."""
+        failures = 0
+        while True:
+            await asyncio.sleep(self.grants_poll_s)
+            try:
+                version = await self.grants_version()
+            except Unavailable as e:
+                failures += 1
+                if failures == 1:
+                    log.warning("metadata store: reading the grants version failed: %s", e)
+                continue
+            if failures:
+                # Changes may have been missed meanwhile: the counter tells, as always.
+                log.info("metadata store: grants version readable again")
+                failures = 0
+            if version != seen and self.on_grants_changed is not None:
+                self.on_grants_changed(None)
+            seen = version
 
     # -- executor thread -------------------------------------------------------------------
 

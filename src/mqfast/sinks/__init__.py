@@ -14,13 +14,15 @@ from collections.abc import Callable
 from typing import Protocol, cast
 
 from mqfast.errors import MqfastError
-from mqfast.messages import StoredMessage, TopicConfig, TopicInfo
+from mqfast.messages import IdemKey, StoredMessage, TopicConfig, TopicInfo
 
 
 class Delivery(Protocol):
     """One message on its way to an engine (``_core.Delivery`` on the hot path).
 
-    The engine reads the first block and writes exactly one of ``offset`` / ``error``.
+    The engine reads the first block and writes exactly one of ``offset`` / ``error``. A
+    delivery with ``idem`` that retries a message already stored gets that message's
+    ``partition``, ``offset``, ``timestamp_ms`` and ``message_id`` and ``replayed`` True.
     """
 
     topic: str
@@ -32,9 +34,11 @@ class Delivery(Protocol):
     timestamp_ms: int
     expires_ms: int  # unix milliseconds; 0 never expires
     message_id: str
+    idem: IdemKey | None  # an idempotent produce (the Idempotency-Key)
 
     offset: int
     error: MqfastError | None
+    replayed: bool
 
 
 DoneCallback = Callable[[list[Delivery]], None]
@@ -56,6 +60,14 @@ class Sink(Protocol):
 
         Must not block. Every delivery of the batch ends with ``offset`` set (durable) or
         ``error`` set (not written). A batch is written atomically where the engine can.
+        """
+
+    def submit_keyed(self, batch: list[Delivery]) -> None:
+        """``submit`` for a batch in which some deliveries carry ``idem``: each of those is
+        stored only if its key is new within the idempotency window (the key kept with the
+        message, atomically); a retry of a stored one is answered with the original
+        (``replayed``), a key reused with another message fails with
+        ``errors.IdempotencyKeyReused``.
         """
 
     async def close(self, timeout: float) -> None:

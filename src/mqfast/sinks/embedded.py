@@ -48,6 +48,7 @@ from mqfast.crypto import HEADER as ENC_HEADER
 from mqfast.errors import (
     BadRequest,
     ConfigError,
+    IdempotencyKeyReused,
     MqfastError,
     ShuttingDown,
     TopicExists,
@@ -220,6 +221,27 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX messages_priority ON messages (topic, partition, priority, offset,"
         " expires_ms)",
     ),
+    (
+        # Idempotent produce: one row per key (per topic and subject, ``scope``), written in
+        # the transaction of its message, so neither is ever stored without the other. The key
+        # of a batch's header is one row for the batch (the first message's topic), ``results``
+        # every message's partition, offset (-1: not stored), id and timestamp (msgpack). A row
+        # older than the window is no longer a key: the next produce with it replaces it, and
+        # the retention pass deletes it.
+        """CREATE TABLE idempotency_keys (
+            topic TEXT NOT NULL,
+            scope TEXT NOT NULL,
+            fingerprint BLOB NOT NULL,
+            partition INTEGER NOT NULL,
+            offset INTEGER NOT NULL,
+            message_id TEXT NOT NULL,
+            timestamp_ms INTEGER NOT NULL,
+            stored_ms INTEGER NOT NULL,
+            results BLOB,                 -- a batch's header key: every message's result
+            PRIMARY KEY (topic, scope)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX idempotency_keys_stored ON idempotency_keys (stored_ms)",
+    ),
 )
 
 _INSERT_MESSAGE: Final = (
@@ -235,11 +257,126 @@ _UPDATE_PARTITION: Final = (
     "UPDATE partitions SET next_offset = ?, messages = messages + ?, bytes = bytes + ?"
     " WHERE topic = ? AND partition = ?"
 )
+_SELECT_KEYS: Final = (
+    "SELECT scope, fingerprint, partition, offset, message_id, timestamp_ms, stored_ms, results"
+    " FROM idempotency_keys WHERE topic = ? AND scope IN (%s)"
+)
+# Keys looked up per statement (SQLite allows 32,766 parameters).
+KEY_LOOKUP_CHUNK: Final = 500
+_INSERT_KEY: Final = (
+    "INSERT OR REPLACE INTO idempotency_keys (topic, scope, fingerprint, partition, offset,"
+    " message_id, timestamp_ms, stored_ms, results) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 _TOPIC_COLUMNS: Final = (
     "name, partitions, replication, retention, max_size, created_at, dead_letter_expired, encrypted"
 )
 
 _STOP: Final = object()
+
+
+class _Keyed:
+    """A queued batch with idempotency keys among its deliveries (``submit_keyed``)."""
+
+    __slots__ = ("batch",)
+
+    def __init__(self, batch: list[Delivery]) -> None:
+        self.batch = batch
+
+
+def reused_key(d: Delivery) -> IdempotencyKeyReused:
+    """The error of a delivery whose key was used with another message (both engines)."""
+    assert d.idem is not None
+    return IdempotencyKeyReused(
+        f"this idempotency key was used for another message to topic {d.topic!r} within the "
+        "idempotency window (MESSAGE_QUEUE_IDEMPOTENCY_WINDOW); send the original message "
+        "again or use a new key",
+        field=d.idem.field,
+    )
+
+
+def copy_result(d: Delivery, first: Delivery) -> None:
+    """Answer ``d`` (a retry) as ``first`` was answered."""
+    if first.error is not None:
+        d.error = first.error
+    elif (
+        d.idem is not None
+        and first.idem is not None
+        and (d.idem.fingerprint != first.idem.fingerprint)
+    ):
+        d.error = reused_key(d)
+    else:
+        d.partition = first.partition
+        d.offset = first.offset
+        d.message_id = first.message_id
+        d.timestamp_ms = first.timestamp_ms
+        d.replayed = True
+
+
+def _not_stored(d: Delivery) -> IdempotencyKeyReused:
+    return IdempotencyKeyReused(
+        "this message was not stored by the first request with this idempotency key (it "
+        "failed then); send it again with a new key",
+        field=d.idem.field if d.idem is not None else None,
+    )
+
+
+def _replay(group: list[Delivery], row: Any) -> None:
+    """Answer a retry from its key's row (None: the key is another message's)."""
+    if row is None:
+        for d in group:
+            d.error = reused_key(d)
+        return
+    if row[6] is None:
+        parts, offs, ids, stamps = [row[1]], [row[2]], [row[3]], [row[4]]
+    else:
+        parts, offs, ids, stamps = _results_decoder.decode(row[6])
+    if len(parts) != len(group):
+        for d in group:
+            d.error = reused_key(d)
+        return
+    for d, part, off, mid, ts in zip(group, parts, offs, ids, stamps, strict=True):
+        if off < 0:
+            d.error = _not_stored(d)
+            continue
+        d.partition, d.offset, d.message_id, d.timestamp_ms = part, off, mid, ts
+        d.replayed = True
+
+
+def _follow(group: list[Delivery], first: list[Delivery]) -> None:
+    """Answer ``group`` as ``first`` (the same key earlier in the transaction) was."""
+    if len(group) != len(first):
+        for d in group:
+            d.error = reused_key(d)
+        return
+    for d, f in zip(group, first, strict=True):
+        copy_result(d, f)
+
+
+def _key_row(group: list[Delivery], offsets: dict[int, int], now: int) -> tuple[Any, ...] | None:
+    """The row that records ``group``'s key, or None when nothing of it was written."""
+    d = group[0]
+    k = d.idem
+    assert k is not None
+    if k.count == 1 and len(group) == 1:
+        off = offsets.get(id(d))
+        if off is None:
+            return None
+        return (d.topic, k.scope, k.fingerprint, d.partition, off, d.message_id, d.timestamp_ms,
+                now, None)  # fmt: skip
+    offs = [offsets.get(id(m), -1) for m in group]
+    if max(offs) < 0:
+        return None
+    results = _results_encoder.encode(
+        ([m.partition for m in group], offs, [m.message_id for m in group],
+         [m.timestamp_ms for m in group])
+    )  # fmt: skip
+    return (d.topic, k.scope, k.fingerprint, d.partition, offs[0], d.message_id, d.timestamp_ms,
+            now, results)  # fmt: skip
+
+
+# A batch key's results: (partitions, offsets (-1: not stored), message ids, timestamps).
+_results_encoder = msgspec.msgpack.Encoder()
+_results_decoder = msgspec.msgpack.Decoder(tuple[list[int], list[int], list[str], list[int]])
 
 
 class _TopicChanged(Exception):
@@ -429,8 +566,10 @@ class EmbeddedSink:
         retention_interval_s: float = 30.0,
         busy_timeout_s: float = 5.0,
         keyring: Keyring | None = None,
+        idempotency_window_ms: int = 24 * 3600 * 1000,
     ) -> None:
         self.data_dir = data_dir
+        self.idempotency_window_ms = idempotency_window_ms
         self.path = os.path.join(data_dir, DB_FILENAME)
         self.fsync = fsync
         self.retention_interval_s = retention_interval_s
@@ -585,6 +724,16 @@ class EmbeddedSink:
         if self._writer_dead is not None:
             self._fail_queued(Unavailable(f"embedded engine: {self._writer_dead}"))
 
+    def submit_keyed(self, batch: list[Delivery]) -> None:
+        """``submit`` for a batch with idempotency keys: the writer checks and stores each key
+        in the transaction of its message."""
+        if self._closed or self._writer_dead is not None:
+            self.submit(batch)  # fails it
+            return
+        self._queue.put(_Keyed(batch))
+        if self._writer_dead is not None:
+            self._fail_queued(Unavailable(f"embedded engine: {self._writer_dead}"))
+
     def health(self) -> dict[str, object]:
         """Engine state for ``/health``; cheap (no SQLite access)."""
         h: dict[str, object] = {
@@ -670,7 +819,20 @@ class EmbeddedSink:
                             break
             if t.max_size > 0:
                 deleted += await self._enforce_size(t)
+        while await self._run(self._prune_keys_chunk, _now_ms() - self.idempotency_window_ms):
+            pass
         return deleted
+
+    def _prune_keys_chunk(self, cutoff_ms: int) -> bool:
+        """Delete up to ``RETENTION_CHUNK_ROWS`` keys older than the window; True if more."""
+        conn = self._conn()
+        with immediate(conn, self._write_lock):
+            cur = conn.execute(
+                "DELETE FROM idempotency_keys WHERE (topic, scope) IN (SELECT topic, scope"
+                " FROM idempotency_keys WHERE stored_ms < ? LIMIT ?)",
+                (cutoff_ms, RETENTION_CHUNK_ROWS),
+            )
+            return cur.rowcount >= RETENTION_CHUNK_ROWS
 
     async def _enforce_size(self, t: TopicConfig) -> int:
         stats = await self._run(self._partition_bytes, t.name)
@@ -838,6 +1000,9 @@ class EmbeddedSink:
                 item = get()
                 if item is _STOP:
                     break
+                keyed = type(item) is _Keyed
+                if keyed:
+                    item = item.batch  # type: ignore[attr-defined]
                 batches: list[list[Delivery]] = [item]  # type: ignore[list-item]
                 rows = len(item)  # type: ignore[arg-type]
                 while rows < MAX_ROWS_PER_TXN:
@@ -848,12 +1013,15 @@ class EmbeddedSink:
                     if item is _STOP:
                         stop = True
                         break
+                    if type(item) is _Keyed:
+                        item = item.batch
+                        keyed = True
                     batches.append(item)  # type: ignore[arg-type]
                     rows += len(item)  # type: ignore[arg-type]
                 if self._abort:
                     self._complete_failed(batches, ShuttingDown("server is shutting down"))
                 else:
-                    self._write(conn, batches)
+                    self._write(conn, batches, keyed=keyed)
         except BaseException as e:
             # Only a bug gets here (_write catches everything); fail fast and loudly rather
             # than leave requests waiting forever.
@@ -864,9 +1032,17 @@ class EmbeddedSink:
             conn.close()
 
     def _write(
-        self, conn: sqlite3.Connection, batches: list[list[Delivery]], again: bool = False
+        self,
+        conn: sqlite3.Connection,
+        batches: list[list[Delivery]],
+        again: bool = False,
+        keyed: bool = False,
     ) -> None:
-        """Write ``batches`` in one transaction, then complete them on the loop."""
+        """Write ``batches`` in one transaction, then complete them on the loop.
+
+        ``keyed``: some deliveries carry an idempotency key; those whose key is known within
+        the window are answered from its row instead of written (see ``_keys``).
+        """
         written: list[Delivery] = []
         offsets: list[int] = []
         sizes: list[int] = []
@@ -882,12 +1058,21 @@ class EmbeddedSink:
             self._note_failure(e, sum(len(b) for b in batches))
             self._complete_failed(batches, Unavailable(f"embedded engine: {e}"))
             return
+        skip: dict[int, Delivery] = refused
+        fresh: list[list[Delivery]] = []
+        replays: list[tuple[list[Delivery], Any]] = []
+        followers: list[tuple[list[Delivery], list[Delivery]]] = []
+        now = 0
         try:
             with immediate(conn, self._write_lock):
                 execute = conn.execute
+                if keyed:
+                    now = _now_ms()
+                    skip = dict(refused)
+                    self._keys(conn, batches, skip, fresh, replays, followers, now)
                 for batch in batches:
                     for d in batch:
-                        if refused and id(d) in refused:
+                        if skip and id(d) in skip:
                             continue
                         tp = (d.topic, d.partition)
                         st = parts.get(tp)
@@ -929,12 +1114,16 @@ class EmbeddedSink:
                             if s[1] != s[0]
                         ],
                     )
+                    if keyed:
+                        at = {id(d): off for d, off in zip(written, offsets, strict=True)}
+                        rows = [_key_row(g, at, now) for g in fresh]
+                        conn.executemany(_INSERT_KEY, [r for r in rows if r is not None])
         except _TopicChanged as e:
             # Recreated by another worker with the other encryption setting since _seal read
             # it: nothing was written; seal again with the flag as it is now.
             self._encrypted_topics.pop(e.topic, None)
             if not again:
-                self._write(conn, batches, again=True)
+                self._write(conn, batches, again=True, keyed=keyed)
                 return
             self._complete_failed(batches, Unavailable(f"topic {e.topic!r} changed; retry"))
             return
@@ -952,6 +1141,10 @@ class EmbeddedSink:
             d.error = UnknownTopicError(
                 f"topic {d.topic!r} (partition {d.partition}) does not exist"
             )
+        for g, row in replays:
+            _replay(g, row)
+        for g, first in followers:
+            _follow(g, first)
         if self._last_error is not None:
             log.info(
                 "embedded writes recovered after %d failed transactions",
@@ -961,6 +1154,74 @@ class EmbeddedSink:
             self._last_error = None
             self._failed_txns = 0
         self._complete(batches)
+
+    def _keys(
+        self,
+        conn: sqlite3.Connection,
+        batches: list[list[Delivery]],
+        skip: dict[int, Delivery],
+        fresh: list[list[Delivery]],
+        replays: list[tuple[list[Delivery], Any]],
+        followers: list[tuple[list[Delivery], list[Delivery]]],
+        now: int,
+    ) -> None:
+        """Look up the keys of ``batches`` inside the write transaction.
+
+        The deliveries of one key (one, or a batch's under its header key) are a group. A group
+        whose key has a row within the window is not written (``skip``): it goes to ``replays``
+        with that row (None when the fingerprints differ: a reused key). A key twice in this
+        transaction: the later group follows the first (``followers``). Others are ``fresh``:
+        written, then their key rows. Transactions are serialised by the write lock, so a retry
+        that arrives while its first attempt is being written waits for it here.
+        """
+        groups: dict[int, list[Delivery]] = {}
+        for batch in batches:
+            for d in batch:
+                k = d.idem
+                if k is not None:
+                    g = groups.get(id(k))
+                    if g is None:
+                        g = groups[id(k)] = []
+                    g.append(d)
+        horizon = now - self.idempotency_window_ms
+        known = self._known_keys(conn, groups.values())
+        first: dict[tuple[str, str], list[Delivery]] = {}
+        for g in groups.values():
+            k = g[0].idem
+            assert k is not None
+            tk = (g[0].topic, k.scope)
+            f = first.get(tk)
+            if f is None:
+                row = known.get(tk)
+                if row is None or row[5] < horizon:
+                    first[tk] = g
+                    fresh.append(g)
+                    continue
+                replays.append((g, row if row[0] == k.fingerprint else None))
+            else:
+                followers.append((g, f))
+            for d in g:
+                skip[id(d)] = d
+
+    @staticmethod
+    def _known_keys(
+        conn: sqlite3.Connection, groups: Iterable[list[Delivery]]
+    ) -> dict[tuple[str, str], Any]:
+        """The rows of these groups' keys, one query per topic and KEY_LOOKUP_CHUNK keys (a
+        query per key would cost a statement per message)."""
+        by_topic: dict[str, list[str]] = {}
+        for g in groups:
+            k = g[0].idem
+            assert k is not None
+            by_topic.setdefault(g[0].topic, []).append(k.scope)
+        out: dict[tuple[str, str], Any] = {}
+        for topic, scopes in by_topic.items():
+            for i in range(0, len(scopes), KEY_LOOKUP_CHUNK):
+                chunk = scopes[i : i + KEY_LOOKUP_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                for row in conn.execute(_SELECT_KEYS % marks, (topic, *chunk)):
+                    out[(topic, row[0])] = row[1:]
+        return out
 
     def _seal(
         self, conn: sqlite3.Connection, batches: list[list[Delivery]]
@@ -1043,6 +1304,8 @@ class EmbeddedSink:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
+            if type(item) is _Keyed:
+                item = item.batch
             if item is not _STOP:
                 failed.append(item)  # type: ignore[arg-type]
         if failed:
@@ -1121,7 +1384,7 @@ class EmbeddedSink:
                 raise UnknownTopicError(f"topic {name!r} does not exist")
             conn.execute("DELETE FROM partitions WHERE topic = ?", (name,))
             conn.execute("DELETE FROM messages WHERE topic = ?", (name,))
-            for table in ("group_partitions", "group_cursors", "runs"):
+            for table in ("group_partitions", "group_cursors", "runs", "idempotency_keys"):
                 conn.execute(f"DELETE FROM {table} WHERE topic = ?", (name,))
 
     def _describe_topic_sync(self, name: str) -> TopicInfo:

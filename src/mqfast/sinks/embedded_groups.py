@@ -37,7 +37,15 @@ from typing import Any, Final, TypeVar
 import msgspec
 
 from mqfast import errors
-from mqfast._core import message_id_at, partition_for_key
+from mqfast._core import (
+    lease_rows,
+    message_id_at,
+    offset_ranges,
+    partition_for_key,
+    settle_acks,
+    settle_hints,
+    settle_places,
+)
 from mqfast.crypto import (
     ENC_ID_HEADER,
     ENC_TOPIC_HEADER,
@@ -62,7 +70,6 @@ from mqfast.groups import (
     dlq_headers,
     dlq_name,
 )
-from mqfast.messages import LeasedMessage
 from mqfast.sinks.embedded import immediate
 
 _T = TypeVar("_T")
@@ -211,17 +218,6 @@ def _query_terms(
         chunk = params[i : i + _PROBE_TERMS]
         rows += conn.execute(_union(term, len(chunk)), [x for t in chunk for x in t]).fetchall()
     return rows
-
-
-def _ranges(offsets: list[int]) -> list[tuple[int, int]]:
-    """Ascending ``offsets`` as a few ``(first, last)`` ranges to read."""
-    out: list[tuple[int, int]] = []
-    for off in offsets:
-        if out and off - out[-1][1] <= _RANGE_GAP:
-            out[-1] = (out[-1][0], off)
-        else:
-            out.append((off, off))
-    return out
 
 
 class EmbeddedGroups:
@@ -399,6 +395,12 @@ class EmbeddedGroups:
 
     async def redrive(self, topic: str, max_messages: int, now: int) -> int:
         return await self._call(self._redrive, topic, max_messages, now)
+
+    async def redrive_message(self, topic: str, message_id: str, now: int) -> bool:
+        return await self._call(self._redrive_message, topic, message_id, now)
+
+    async def redriven(self, topic: str, first: int, last: int) -> set[int]:
+        return set()  # a dead letter redriven is deleted from the DLQ at once
 
     async def prune(self, now: int) -> int:
         return await self._call(self._prune, now)
@@ -699,7 +701,29 @@ class EmbeddedGroups:
         levels = [i for i, n in enumerate(ready) if n]
         # with one level ready the picker's weights would not change: no need to ask it
         only = levels[0] if len(levels) == 1 else -1
-        while len(picked) < want:
+
+        def expire(p: int, off: int, count: int, level: int, run: _Run | None) -> None:
+            out.expired += 1
+            if run is not None:
+                run.changes[off] = (DONE, None, now, now, count, "expired", 0, now)
+            else:
+                expired_new.append((p, off, level))
+            if dlq_expired:
+                self._dead_letter(conn, group, topic, p, off, count, "ttl", "expired", now)
+                out.dead_lettered += 1
+            touched.add(p)
+
+        fast = only >= 0 and not retries[only]
+        if fast:  # one level and nothing to retry, the common case: its candidates in order
+            for p, off, exp in fresh[only]:
+                if len(picked) >= want:
+                    break
+                moved[(p, only)] = off + 1
+                if exp and exp <= now:
+                    expire(p, off, 0, only, None)
+                else:
+                    picked.append((p, off, 0, only, None))
+        while not fast and len(picked) < want:
             level = picker.pick(ready) if only < 0 else only if ready[only] > 0 else -1
             if level < 0:
                 break
@@ -714,17 +738,9 @@ class EmbeddedGroups:
                 moved[(p, level)] = off + 1
             count = run.attrs[4] if run is not None else 0
             if exp and exp <= now:
-                out.expired += 1
-                if run is not None:
-                    run.changes[off] = (DONE, None, now, now, count, "expired", 0, now)
-                else:
-                    expired_new.append((p, off, level))
-                if dlq_expired:
-                    self._dead_letter(conn, group, topic, p, off, count, "ttl", "expired", now)
-                    out.dead_lettered += 1
-                touched.add(p)
-                continue
-            picked.append((p, off, count, level, run))
+                expire(p, off, count, level, run)
+            else:
+                picked.append((p, off, count, level, run))
         new_rows: list[tuple[Any, ...]] = []
         for p, off, level in expired_new:
             # kept, with its id, so that settling it later says why it is gone
@@ -841,63 +857,34 @@ class EmbeddedGroups:
         ranges = [
             (topic, p, lo, hi)
             for p, chosen in by_partition.items()
-            for lo, hi in _ranges(sorted(chosen))
+            for lo, hi in offset_ranges(sorted(chosen), _RANGE_GAP)
         ]
         # per partition and priority level: the never-leased offsets leased now, with their ids
         fresh: dict[tuple[int, int], list[tuple[int, str]]] = {}
         retried: set[int] = set()  # the levels of the retries leased now
-        seen = 0
-        chosen = {}
-        last_p = -1
-        for p, off, mid, key, value, headers, ts, expires in _query_terms(
-            conn, _MESSAGE_ROWS, ranges
-        ):
-            if p != last_p:
-                chosen, last_p = by_partition[p], p
-            pick = chosen.get(off)
-            if pick is None:  # within the range read, not picked (another level)
-                continue
-            seen += 1
-            count, pri, run = pick
-            h = _headers_decoder.decode(headers) if headers else {}
-            if encrypted:
-                try:
-                    value = open_message(self.encryptor, topic, key, mid, value, h)
-                except DecryptError as e:
-                    # Never delivered: dead-lettered as stored (ciphertext and header),
-                    # so an operator holding the right key can still recover it.
-                    reason = str(e)
-                    done: _Attrs = (DONE, None, now, now, count, reason, 0, now)
-                    if run is not None:
-                        run.changes[off] = done
-                    else:
-                        new_rows += _rows(group, topic, p, pri, [(off, done)], mid, mid)
-                    self._dead_letter(conn, group, topic, p, off, count, reason, reason, now)
-                    out.dead_lettered += 1
-                    touched.add(p)
-                    continue
+        failed: list[tuple[int, int, int, int, _Run | None, str, str]] = []
+        opener = None
+        if encrypted:
+            encryptor = self.encryptor
+
+            def opener(key: bytes | None, mid: str, value: bytes, h: dict[str, str]) -> bytes:
+                return open_message(encryptor, topic, key, mid, value, h)
+
+        seen = lease_rows(
+            _query_terms(conn, _MESSAGE_ROWS, ranges), by_partition, topic, consumer, deadline,
+            now, where, messages, fresh, retried, opener, DecryptError, failed,
+        )  # fmt: skip
+        for p, off, count, pri, run, mid, reason in failed:
+            # Never delivered: dead-lettered as stored (ciphertext and header), so an
+            # operator holding the right key can still recover it.
+            done: _Attrs = (DONE, None, now, now, count, reason, 0, now)
             if run is not None:
-                run.changes[off] = (LEASED, consumer, deadline, now, count + 1, None, 0, 0)
-                retried.add(pri)
+                run.changes[off] = done
             else:
-                fresh.setdefault((p, pri), []).append((off, mid))
-            where[mid] = (topic, p, off)
-            messages.append(
-                LeasedMessage(
-                    mid,
-                    topic,
-                    p,
-                    off,
-                    key.decode("utf-8", "replace") if key is not None else None,
-                    value.decode("utf-8", "replace"),
-                    h,
-                    pri,
-                    ts,
-                    count + 1,
-                    deadline,
-                    expires,
-                )
-            )
+                new_rows += _rows(group, topic, p, pri, [(off, done)], mid, mid)
+            self._dead_letter(conn, group, topic, p, off, count, reason, reason, now)
+            out.dead_lettered += 1
+            touched.add(p)
         if seen < len(picked):  # some were deleted by retention since they were leased
             stored = {(m.partition, m.offset) for m in messages}
             for p, off, _, _, run in picked:
@@ -985,37 +972,62 @@ class EmbeddedGroups:
         )
 
     def _redrive(self, conn: sqlite3.Connection, topic: str, max_messages: int, now: int) -> int:
-        origin = conn.execute("SELECT partitions FROM topics WHERE name = ?", (topic,)).fetchone()
-        if origin is None:
-            raise errors.UnknownTopic(f"unknown topic {topic!r}")
-        dlq = dlq_name(topic)
+        parts = self._partitions_of(conn, topic)
         rows = conn.execute(
             "SELECT partition, offset, key, value, headers, priority, size FROM messages"
             " WHERE topic = ? ORDER BY partition, offset LIMIT ?",
-            (dlq, max_messages),
+            (dlq_name(topic), max_messages),
         ).fetchall()
-        n = 0
-        for p, off, key, value, headers, priority, size in rows:
-            h = _headers_decoder.decode(headers) if headers else {}
-            if ENC_HEADER in h:
-                # Keep what the ciphertext is bound to: the redriven copy gets a new id.
-                h[ENC_TOPIC_HEADER], h[ENC_ID_HEADER] = bound_to(dlq, "", h)
-            h = {k: v for k, v in h.items() if not k.startswith(DLQ_HEADER_PREFIX)}
-            h["x-mqfast-redriven-from"] = dlq
-            parts = int(origin[0])
-            target = partition_for_key(key, parts) if key is not None else (off % parts)
-            self._append(conn, topic, target, key, value, _headers_encoder.encode(h), priority, now)
-            conn.execute(
-                "DELETE FROM messages WHERE topic = ? AND partition = ? AND offset = ?",
-                (dlq, p, off),
-            )
-            conn.execute(
-                "UPDATE partitions SET messages = messages - 1, bytes = bytes - ?"
-                " WHERE topic = ? AND partition = ?",
-                (size, dlq, p),
-            )
-            n += 1
-        return n
+        for row in rows:
+            self._move_back(conn, topic, parts, row, now)
+        return len(rows)
+
+    def _redrive_message(
+        self, conn: sqlite3.Connection, topic: str, message_id: str, now: int
+    ) -> bool:
+        # One transaction: the copy is appended and the dead letter deleted together, so a
+        # second call finds nothing (never twice) and a failure leaves it where it was.
+        parts = self._partitions_of(conn, topic)
+        row = conn.execute(
+            "SELECT partition, offset, key, value, headers, priority, size FROM messages"
+            " WHERE topic = ? AND message_id = ?",
+            (dlq_name(topic), message_id),
+        ).fetchone()
+        if row is None:
+            return False
+        self._move_back(conn, topic, parts, row, now)
+        return True
+
+    @staticmethod
+    def _partitions_of(conn: sqlite3.Connection, topic: str) -> int:
+        origin = conn.execute("SELECT partitions FROM topics WHERE name = ?", (topic,)).fetchone()
+        if origin is None:
+            raise errors.UnknownTopic(f"unknown topic {topic!r}")
+        return int(origin[0])
+
+    def _move_back(
+        self, conn: sqlite3.Connection, topic: str, parts: int, row: tuple[Any, ...], now: int
+    ) -> None:
+        """Append the dead letter ``row`` to ``topic`` (of ``parts`` partitions) as a new
+        message and delete it from the DLQ."""
+        p, off, key, value, headers, priority, size = row
+        dlq = dlq_name(topic)
+        h = _headers_decoder.decode(headers) if headers else {}
+        if ENC_HEADER in h:
+            # Keep what the ciphertext is bound to: the redriven copy gets a new id.
+            h[ENC_TOPIC_HEADER], h[ENC_ID_HEADER] = bound_to(dlq, "", h)
+        h = {k: v for k, v in h.items() if not k.startswith(DLQ_HEADER_PREFIX)}
+        h["x-mqfast-redriven-from"] = dlq
+        target = partition_for_key(key, parts) if key is not None else (off % parts)
+        self._append(conn, topic, target, key, value, _headers_encoder.encode(h), priority, now)
+        conn.execute(
+            "DELETE FROM messages WHERE topic = ? AND partition = ? AND offset = ?", (dlq, p, off)
+        )
+        conn.execute(
+            "UPDATE partitions SET messages = messages - 1, bytes = bytes - ?"
+            " WHERE topic = ? AND partition = ?",
+            (size, dlq, p),
+        )
 
     # ---- settle ---------------------------------------------------------------------------
 
@@ -1092,34 +1104,12 @@ class EmbeddedGroups:
         # Where each message is: this process's hint, taken when the run found there has the
         # id within its bounds (a topic deleted and made again reuses offsets, not ids);
         # otherwise a search among the group's runs.
-        where = self._where
-        hints = {}
-        for item in items:
-            hint = where.get(item.message_id)
-            if hint is not None and (topic is None or hint[0] == topic):
-                hints[item.message_id] = hint
+        hints = settle_hints(items, self._where, topic)
         runs: dict[tuple[str, int], list[_Run]] = {}
         self._load_runs(conn, group, hints.values(), runs)
         place: dict[str, tuple[_Run, int]] = {}
-        misses = []
-        run: _Run | None = None  # the run of the item before: a batch is mostly a few runs
-        for item in items:
-            mid = item.message_id
-            if mid in place:
-                continue
-            hint = hints.get(mid)
-            if hint is None:
-                misses.append(mid)
-                continue
-            t, p, off = hint
-            if run is None or not (
-                run.first <= off <= run.last and run.partition == p and run.topic == t
-            ):
-                run = self._run_at(runs, t, p, off)
-            if run is not None and run.id_lo <= mid <= run.id_hi:
-                place[mid] = (run, off)
-            else:
-                misses.append(mid)
+        misses: list[str] = []
+        settle_places(items, hints, runs, place, misses)
         if misses:
             found = self._search(conn, group, topic, misses)
             self._load_runs(conn, group, found.values(), runs)
@@ -1127,32 +1117,21 @@ class EmbeddedGroups:
                 run = self._run_at(runs, t, p, off)
                 if run is not None:
                     place[mid] = (run, off)
-        results = []
+        results: list[SettleResult] = []
         shared: dict[Any, Any] = {}
-        for item in items:
-            at = place.get(item.message_id)
-            if at is not None and item.action == "ack":
-                # The common case inline: an allowed acknowledgement of a live lease, held by
-                # the consumer named (if any). Everything else goes through _settle_one.
-                run, off = at
-                a = run.changes.get(off, run.attrs)
-                if (
-                    a[0] == LEASED
-                    and a[2] > now
-                    and (consumer is None or a[1] == consumer)
-                    and (authorize is None or authorize(run.topic) is None)
-                ):
-                    seen = shared.get(id(a))
-                    if seen is None:  # as _settle_one keys it, so that a run stays one row
-                        seen = shared[id(a)] = (a, (DONE, None, now, a[3], a[4], None, 0, now))
-                    run.changes[off] = seen[1]
-                    results.append(
-                        SettleResult(item.message_id, "acknowledged", run.topic, a[4],
-                                     float(max(0, now - a[3])))
-                    )  # fmt: skip
-                    continue
+        i = 0
+        while True:
+            # the common case (an allowed acknowledgement of a live lease) in the core, the
+            # others here, in the order given
+            i = settle_acks(items, i, place, consumer, now, authorize, shared, results,
+                            SettleResult)  # fmt: skip
+            if i == len(items):
+                break
+            item = items[i]
+            i += 1
             res = SettleResult(message_id=item.message_id, status="")
             results.append(res)
+            at = place.get(item.message_id)
             if at is None:
                 where_ = f" in topic {topic!r}" if topic is not None else ""
                 res.error = errors.NotFound(

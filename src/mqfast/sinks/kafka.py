@@ -66,6 +66,8 @@ from mqfast.messages import (
     TopicInfo,
 )
 from mqfast.sinks import Delivery, DoneCallback
+from mqfast.sinks import kafka_idem as idem
+from mqfast.sinks.embedded import reused_key
 
 log = logging.getLogger("mqfast.kafka")
 
@@ -80,6 +82,9 @@ METADATA_TTL_S = 2.0
 # A topic created through another replica reaches each broker's metadata on its own time.
 PROPAGATION_S = 5.0  # how long a lookup waits for a topic the registry knows (bounded)
 PROPAGATION_AGE_MS = 60_000  # only for topics registered this recently (else: deleted)
+# A retry of an idempotent produce still in flight waits this long for its outcome, then is a
+# 409 with Retry-After.
+IDEM_WAIT_S = 5.0
 # After every broker is reported down, new produce requests are refused at once (their outcome
 # is then certain: not written) until a metadata request succeeds again.
 DOWN_RECHECK_S = 1.0
@@ -254,6 +259,25 @@ class _Batch:
             self.sink._finished(self.deliveries)
 
 
+class _Reported(_Batch):
+    """A batch whose last report resolves ``future`` on the loop instead of answering: the
+    keys of its messages are recorded before the answers go out."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, sink: KafkaSink, deliveries: list[Delivery], future: Any) -> None:
+        super().__init__(sink, deliveries)
+        self.future = future
+
+    def settled(self, n: int) -> None:
+        with self.sink._done_lock:
+            self.remaining -= n
+            last = self.remaining == 0
+        if last:
+            loop = self.future.get_loop()
+            loop.call_soon_threadsafe(_set_result, self.future, 0)
+
+
 _PRIORITY_HEADERS = [(H_PRIORITY, b"%d" % p) for p in range(10)]
 
 
@@ -350,6 +374,14 @@ class KafkaSink:
         self._unverified: set[str] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_done: DoneCallback | None = None
+        conf = producer_config(settings)
+        # librdkafka reports every message within this: a pending key older is undecided
+        self._report_within_ms = int(
+            conf.get("delivery.timeout.ms", conf.get("message.timeout.ms", 300_000))
+        ) + int(conf.get("linger.ms", 5))
+        self._redis: Any = None  # idempotency keys (kafka_idem), connected at start
+        self._claim: Any = None
+        self._swap: Any = None
         self._producer: Any = None
         self._admin: Any = None
         self._util: Any = None  # a consumer for watermarks and reads, used on the pool thread
@@ -394,6 +426,11 @@ class KafkaSink:
         )
         self._admin = AdminClient(admin_conf)
         self._util = Consumer(consumer_config(self.settings, None))
+        from mqfast.quota import connect as redis_client
+
+        self._redis = redis_client(self.settings, timeout_s=2.0)
+        self._claim = self._redis.register_script(idem.CLAIM)
+        self._swap = self._redis.register_script(idem.SWAP)
         self._running = True
         self._poller = threading.Thread(target=self._poll, name="mqfast-kafka-poll", daemon=True)
         self._poller.start()
@@ -422,6 +459,9 @@ class KafkaSink:
         if self._util is not None:
             await self._run(self._util.close)
             self._util = None
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
         self._pool.shutdown(wait=False)
 
     def _poll(self) -> None:
@@ -474,6 +514,190 @@ class KafkaSink:
         else:
             # Reports arrive only for queued messages: the refused ones are settled now.
             tracker.settled(len(batch) - queued + 1)
+
+    def submit_keyed(self, batch: list[Delivery]) -> None:
+        """``submit``, the deliveries with an idempotency key first claimed in Redis
+        (``kafka_idem``); those without go on at once."""
+        if self._down_since or self._redis is None:
+            self.submit(batch)
+            return
+        plain = [d for d in batch if d.idem is None]
+        if plain:
+            self.submit(plain)
+        assert self._loop is not None
+        self._in_flight += 1
+        self._loop.create_task(self._produce_keyed(idem.redis_names(batch)))
+
+    async def _produce_keyed(self, keyed: list[tuple[Delivery, str]]) -> None:
+        sending: list[asyncio.Task[None]] = []
+        try:
+            await self._claim_keys(keyed, sending)
+            if sending:
+                await asyncio.gather(*sending)
+        finally:
+            self._in_flight -= 1
+
+    def _answer(self, deliveries: list[Delivery]) -> None:
+        if deliveries:
+            assert self._on_done is not None
+            self._on_done(deliveries)
+
+    async def _claim_keys(
+        self, todo: list[tuple[Delivery, str]], sending: list[asyncio.Task[None]]
+    ) -> None:
+        """Claim each key; answer retries of stored messages, send the new ones, wait (bounded)
+        for those in flight elsewhere, take over those whose producer is gone."""
+        window = self.settings.idempotency_window_ns // NS_PER_MS
+        give_up = time.monotonic() + IDEM_WAIT_S
+        pause = 0.01
+        while todo:
+            names = [name for _, name in todo]
+            deadline = idem.now_ms() + self._report_within_ms + idem.PENDING_GRACE_MS
+            values = [idem.pending_value(d, deadline) for d, _ in todo]
+            try:
+                found = await self._claim(keys=names, args=[window, *values])
+            except Exception as e:  # Redis down: nothing was written, certain
+                err = idem.redis_unavailable(e)
+                for d, _ in todo:
+                    d.error = err
+                self._answer([d for d, _ in todo])
+                return
+            answered: list[Delivery] = []
+            send: list[tuple[Delivery, str, str]] = []
+            waiting: list[tuple[Delivery, str]] = []
+            for (d, name), value, raw in zip(todo, values, found, strict=True):
+                text = idem.decode(raw)
+                if not text:
+                    send.append((d, name, value))
+                    continue
+                f = idem.Found(text)
+                assert d.idem is not None
+                if not f.matches(d.idem):
+                    d.error = reused_key(d)
+                    answered.append(d)
+                elif f.done:
+                    f.replay(d)
+                    answered.append(d)
+                elif f.deadline_ms > idem.now_ms():
+                    waiting.append((d, name))
+                else:
+                    step = await self._take_over(d, name, text, value, f, window)
+                    if step == "send":
+                        send.append((d, name, value))
+                    elif step == "answered":
+                        answered.append(d)
+                    else:
+                        waiting.append((d, name))  # another retry took it over first
+            self._answer(answered)
+            if send:
+                sending.append(asyncio.ensure_future(self._send_claimed(send, window)))
+            todo = waiting
+            if todo:
+                if time.monotonic() >= give_up:
+                    for d, _ in todo:
+                        d.error = errors.IdempotencyKeyInFlight(
+                            "a produce with this idempotency key is still in flight; retry "
+                            "to get its outcome",
+                            field=d.idem.field if d.idem is not None else None,
+                        )
+                    self._answer([d for d, _ in todo])
+                    return
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.2)
+
+    async def _take_over(
+        self, d: Delivery, name: str, old: str, value: str, f: idem.Found, window: int
+    ) -> str:
+        """A pending key past its deadline: make it ours, then look in Kafka for the message it
+        names. Returns "wait" (another retry changed the key first), "answered" (``d`` has the
+        found message, or an error) or "send" (not in Kafka: produce it under the key)."""
+        try:
+            if not await self._swap(keys=[name], args=[old, value, window]):
+                return "wait"
+            offset = await self._run(self._find, d.topic, f.partition, f.message_id, f.timestamp_ms)
+            if offset < 0:
+                return "send"
+            assert d.idem is not None
+            done = idem.done_value(
+                d.idem.fingerprint, f.partition, offset, f.message_id, f.timestamp_ms
+            )
+            await self._swap(keys=[name], args=[value, done, window])
+        except errors.MqfastError as e:
+            d.error = e  # the key stays ours until its deadline; the next retry looks again
+            return "answered"
+        except Exception as e:
+            d.error = idem.redis_unavailable(e)
+            return "answered"
+        f.offset = offset
+        f.replay(d)
+        return "answered"
+
+    def _find(self, topic: str, partition: int, mid: str, timestamp_ms: int) -> int:
+        """The offset of the record with ``mqfast-id`` ``mid`` (written at ``timestamp_ms``
+        or later) in one partition, or -1 (pool thread)."""
+        want = mid.encode()
+        c = Consumer(consumer_config(self.settings, None))
+        try:
+            [at] = c.offsets_for_times(
+                [TopicPartition(topic, partition, timestamp_ms)], timeout=ADMIN_TIMEOUT_S
+            )
+            _, hi = watermarks(c, topic, partition)
+            start = at.offset if at.offset >= 0 else hi
+            if start >= hi:
+                return -1
+            c.assign([TopicPartition(topic, partition, start)])
+            deadline = time.monotonic() + ADMIN_TIMEOUT_S
+            while time.monotonic() < deadline:
+                records: list[Any] = c.consume(500, 0.5)
+                for msg in records:
+                    if msg.error() is not None:
+                        continue
+                    at_offset: int = msg.offset()
+                    for k, v in msg.headers() or ():
+                        if k == H_ID and v == want:
+                            return at_offset
+                    if at_offset >= hi - 1:
+                        return -1
+            raise errors.Unavailable(
+                f"kafka: could not read topic {topic!r} partition {partition} to settle an "
+                "idempotency key in time; retry"
+            )
+        finally:
+            c.close()
+
+    async def _send_claimed(self, send: list[tuple[Delivery, str, str]], window: int) -> None:
+        """Produce the messages whose keys this replica claimed, record each outcome under its
+        key (done; pending briefly when unknown; gone when certainly not written), answer."""
+        ds = [d for d, _, _ in send]
+        for topic in dict.fromkeys(d.topic for d in ds if d.topic in self._encrypted):
+            try:
+                await self._prepare_key(topic)
+            except errors.MqfastError:
+                pass  # _send fails its messages (no data key)
+        assert self._loop is not None
+        fut: asyncio.Future[int] = self._loop.create_future()
+        tracker = _Reported(self, ds, fut)
+        queued = self._send(ds, tracker, None)
+        tracker.settled(len(ds) - queued + 1)
+        await fut
+        pipe = self._redis.pipeline(transaction=False)
+        for d, name, value in send:
+            assert d.idem is not None
+            if d.error is None:
+                new = idem.done_value(
+                    d.idem.fingerprint, d.partition, d.offset, d.message_id, d.timestamp_ms
+                )
+            elif isinstance(d.error, OutcomeUnknown):
+                new = idem.pending_value(d, idem.now_ms() + idem.UNKNOWN_GRACE_MS)
+            else:
+                new = ""
+            await self._swap(keys=[name], args=[value, new, window], client=pipe)
+        try:
+            await pipe.execute()
+        except Exception as e:
+            # the keys stay pending until their deadline, then a retry looks in Kafka
+            log.warning("kafka: idempotency keys not recorded", extra={"error": str(e)})
+        self._answer(ds)
 
     def _send(self, batch: list[Delivery], tracker: _Batch, later: list[Delivery] | None) -> int:
         """Queue ``batch`` in the producer; returns how many were queued.
@@ -866,14 +1090,20 @@ class KafkaSink:
         """Wait until every partition has a leader: a created topic is usable on return."""
 
         def ready() -> bool:
-            md = self._admin.list_topics(topic=name, timeout=2.0)
-            t = md.topics.get(name)
-            return (
-                t is not None
-                and t.error is None
-                and len(t.partitions) == partitions
-                and all(p.leader >= 0 for p in t.partitions.values())
-            )
+            # Asked through the admin client (describe) and the producer too: its view of the
+            # topic is what produce() checks a partition against, and a topic deleted and
+            # created again with more partitions would otherwise keep the old count there
+            # ("Unknown partition") for minutes.
+            for client in (self._admin, self._producer):
+                t = client.list_topics(topic=name, timeout=2.0).topics.get(name)
+                if not (
+                    t is not None
+                    and t.error is None
+                    and len(t.partitions) == partitions
+                    and all(p.leader >= 0 for p in t.partitions.values())
+                ):
+                    return False
+            return True
 
         deadline = time.monotonic() + ADMIN_TIMEOUT_S
         while time.monotonic() < deadline:

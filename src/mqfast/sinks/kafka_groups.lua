@@ -230,23 +230,22 @@ return cjson.encode({pos = positions, cur = redis.call('HGETALL', key('cur', G, 
                      next_due = tonumber(nd[2] or 0)})
 
 --@claim
--- ARGV: G T now deadline consumer to_dlq nseg, then per segment (consecutive offsets a..b of
---       partition p, one priority): kind p a b prio from expired reason ids
+-- ARGV: G T now to_dlq nseg, then per segment (consecutive offsets a..b of partition p, one
+--       priority): kind p a b prio from expired reason ids consumer deadline
 -- kind "r" part of the retry run starting at offset "from", "f" never-leased messages; expired
 -- 1: their TTL passed, 2: they cannot be delivered (reason, e.g. they do not decrypt); ids:
--- their packed ids. Per segment: deliveries (> 0, leased), 0 (taken by someone else
+-- their packed ids; consumer and deadline: the lease (several consumes leased together each
+-- have their own). Per segment: deliveries (> 0, leased), 0 (taken by someone else
 -- meanwhile), -1 (dead letter pending), -2 (expired, done).
 local now = tonumber(ARGV[3])
-local deadline = tonumber(ARGV[4])
-local consumer = ARGV[5]
-local to_dlq = ARGV[6] == '1'
-local nseg = tonumber(ARGV[7])
+local to_dlq = ARGV[4] == '1'
+local nseg = tonumber(ARGV[5])
 local pos = key('pos', G, T)
 local cur = key('cur', G, T)
 local out = {}
 local touched = {}
 for i = 0, nseg - 1 do
-  local j = 8 + i * 9
+  local j = 6 + i * 11
   local kind, p, a, b = ARGV[j], tonumber(ARGV[j + 1]), tonumber(ARGV[j + 2]),
     tonumber(ARGV[j + 3])
   local prio, from, expired = tonumber(ARGV[j + 4]), tonumber(ARGV[j + 5]), ARGV[j + 6]
@@ -290,8 +289,8 @@ for i = 0, nseg - 1 do
   else
     r.s = LEASED
     r.n = r.n + 1
-    r.c = consumer
-    r.d = deadline
+    r.c = ARGV[j + 9]
+    r.d = tonumber(ARGV[j + 10])
     r.l = now
     store(r)
     out[i + 1] = r.n

@@ -24,14 +24,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import contextlib
 import datetime as dt
 import hashlib
 import logging
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 from confluent_kafka import Consumer, KafkaException, TopicPartition
@@ -239,6 +241,22 @@ _STATUSES = {
 }
 
 
+@dataclass(slots=True, eq=False)
+class _Ask:
+    """One consume waiting for its window's next lease (``KafkaGroups.lease``)."""
+
+    consumer: str
+    want: int
+    visibility_ms: int
+    now: int
+    max_leased: int | None
+    done: asyncio.Future[LeaseOutcome]
+    out: LeaseOutcome = field(default_factory=lambda: LeaseOutcome([]))
+
+    def short(self) -> int:
+        return self.want - len(self.out.messages)
+
+
 class _Window:
     """Read-ahead of one group's partitions of one topic, on the reader thread only."""
 
@@ -270,7 +288,11 @@ class _Window:
         self.committed: list[int] = []  # last positions seen in Redis
         self.kafka_committed: list[int] = []  # last positions committed to Kafka
         self.used = time.monotonic()
-        self.lock = asyncio.Lock()
+        # Consumes waiting for this window's next lease, and the task leasing for them (one
+        # at a time per group and topic in this replica: concurrent leases would pick the same
+        # candidates, and all but one would come back empty-handed).
+        self.asks: list[_Ask] = []
+        self.serving: asyncio.Task[None] | None = None
 
     def _open(self, positions: list[int]) -> None:
         self.consumer = Consumer(consumer_config(self.settings, f"mqfast.{self.group}"))
@@ -468,6 +490,9 @@ class KafkaGroups:
         loop = asyncio.get_running_loop()
         windows = list(self._windows.values())
         self._windows.clear()
+        for w in windows:
+            if w.serving is not None:  # its waiting consumes are answered 503
+                w.serving.cancel()
 
         def close_all() -> None:
             for w in windows:
@@ -580,43 +605,84 @@ class KafkaGroups:
         if cfg is None:
             raise errors.UnknownTopic(f"unknown topic {topic!r}", field="topic")
         w = await self._window(group, cfg)
-        # One lease at a time per group and topic in this replica: concurrent ones would pick
-        # the same candidates and all but one would come back empty-handed.
-        async with w.lock:
-            out = LeaseOutcome([])
-            want = max_messages
-            caught_up = False
-            for attempt in range(4):
-                res = await self._prepare(w, cfg, consumer, want, max_leased, now)
-                if attempt == 0:
-                    out.reclaimed = int(res["reclaimed"])
-                    if max_leased is not None:
-                        want = min(want, max_leased - int(res["held"]))
-                dead = _list(res["dead"])
-                if dead:
-                    out.dead_lettered += await self._dead_letter(group, cfg, w, dead, now)
-                out.next_due_ms = int(res["next_due"] or 0)
-                if want - len(out.messages) <= 0:
-                    break
-                positions = [int(x) for x in res["pos"]]
-                cursors = _cursors(res)
-                await self._reading(w.sync, positions, cursors, 0.5 if w.consumer is None else 0)
-                lost = await self._pick(
-                    group, cfg, w, res, consumer, want - len(out.messages), visibility_ms, now,
-                    picker, out,
-                )  # fmt: skip
-                if lost:  # another replica took some of the candidates: look again
-                    continue
-                if out.messages or caught_up:
-                    break
-                # Nothing to lease in the window, but the broker may have more than the window
-                # received so far (a fetch in flight, a partition just resumed): a consume must
-                # not answer empty while messages are ready.
-                caught_up = True
-                if not await self._reading(w.catch_up):
-                    break
-            out.messages.sort(key=lambda m: -m.priority)
-            return out
+        ask = _Ask(
+            consumer, max_messages, visibility_ms, now, max_leased,
+            asyncio.get_running_loop().create_future(),
+        )  # fmt: skip
+        w.asks.append(ask)
+        if w.serving is None:
+            w.serving = asyncio.create_task(self._serve(w, cfg, picker))
+        return await ask.done
+
+    async def _serve(self, w: _Window, cfg: TopicConfig, picker: PriorityPicker) -> None:
+        """Lease for the consumes waiting on ``w`` until none is left. Those that arrived
+        while a lease was under way are leased together: one prepare and one claim for all
+        of them (the common case with several consumers of a group), not one each. A
+        consumer with a ``max_concurrency`` is leased for alone (its own lease count decides
+        how many it may take)."""
+        asks: list[_Ask] = []
+        try:
+            while w.asks:
+                asks = [a for a in w.asks if not a.done.done()]  # a cancelled consume is gone
+                w.asks = []
+                together = [a for a in asks if a.max_leased is None]
+                turns = ([together] if together else []) + [
+                    [a] for a in asks if a.max_leased is not None
+                ]
+                for turn in turns:
+                    try:
+                        await self._lease_for(w, cfg, turn, picker)
+                    except Exception as e:
+                        for a in turn:
+                            if not a.done.done():
+                                a.done.set_exception(e)
+                        continue
+                    for a in turn:
+                        if not a.done.done():
+                            a.out.messages.sort(key=lambda m: -m.priority)
+                            a.done.set_result(a.out)
+        finally:
+            w.serving = None
+            for a in asks + w.asks:  # left only when this task was cancelled (shutdown)
+                if not a.done.done():
+                    a.done.set_exception(errors.Unavailable("kafka engine: shutting down"))
+            w.asks = []
+
+    async def _lease_for(
+        self, w: _Window, cfg: TopicConfig, asks: list[_Ask], picker: PriorityPicker
+    ) -> None:
+        first = asks[0]
+        now = max(a.now for a in asks)
+        caught_up = False
+        for attempt in range(4):
+            want = sum(a.short() for a in asks)
+            res = await self._prepare(w, cfg, first.consumer, want, first.max_leased, now)
+            if attempt == 0:
+                first.out.reclaimed = int(res["reclaimed"])
+                if first.max_leased is not None:  # leased alone (see _serve)
+                    first.want = min(first.want, first.max_leased - int(res["held"]))
+            dead = _list(res["dead"])
+            if dead:
+                first.out.dead_lettered += await self._dead_letter(w.group, cfg, w, dead, now)
+            for a in asks:
+                a.out.next_due_ms = int(res["next_due"] or 0)
+            short = [a for a in asks if a.short() > 0]
+            if not short:
+                break
+            positions = [int(x) for x in res["pos"]]
+            cursors = _cursors(res)
+            await self._reading(w.sync, positions, cursors, 0.5 if w.consumer is None else 0)
+            lost = await self._pick(w.group, cfg, w, res, short, now, picker)
+            if lost:  # another replica took some of the candidates: look again
+                continue
+            if any(a.out.messages for a in asks) or caught_up:
+                break
+            # Nothing to lease in the window, but the broker may have more than the window
+            # received so far (a fetch in flight, a partition just resumed): a consume must
+            # not answer empty while messages are ready.
+            caught_up = True
+            if not await self._reading(w.catch_up):
+                break
 
     async def _prepare(
         self,
@@ -677,14 +743,13 @@ class KafkaGroups:
         cfg: TopicConfig,
         w: _Window,
         res: dict[str, Any],
-        consumer: str,
-        want: int,
-        visibility_ms: int,
+        asks: list[_Ask],
         now: int,
         picker: PriorityPicker,
-        out: LeaseOutcome,
     ) -> int:
-        """Lease up to ``want`` into ``out``; returns how many runs another replica took."""
+        """Lease what ``asks`` are short of, in their order; returns how many runs another
+        replica took."""
+        want = sum(a.short() for a in asks)
         positions = [int(x) for x in res["pos"]]
         cursors = _cursors(res)
         # (first offset of the retry run it is part of, or -1 for a fresh one; the record)
@@ -701,10 +766,11 @@ class KafkaGroups:
         ready = [len(retries[i]) + len(fresh[i]) for i in range(PRIORITY_LEVELS)]
         ri = [0] * PRIORITY_LEVELS
         fi = [0] * PRIORITY_LEVELS
-        # (run first or -1, record, expired: 0, 1 TTL passed, 2 undeliverable; reason)
-        chosen: list[tuple[int, StoredMessage, int, str]] = []
-        leases = 0
-        while leases < want:
+        # per ask: (run first or -1, record, expired: 0, 1 TTL passed, 2 undeliverable; reason)
+        chosen: list[list[tuple[int, StoredMessage, int, str]]] = [[] for _ in asks]
+        k = 0  # the ask being served
+        need = asks[0].short()
+        while k < len(asks):
             level = picker.pick(ready)
             if level < 0:
                 break
@@ -728,60 +794,59 @@ class KafkaGroups:
                         extra={"topic": cfg.name, "partition": rec.partition,
                                "offset": rec.offset, "reason": e.reason, "detail": e.detail},
                     )  # fmt: skip
+            chosen[k].append((first, rec, expired, reason))
             if not expired:
-                leases += 1
-            chosen.append((first, rec, expired, reason))
-        if not chosen:
+                need -= 1
+                if need == 0:
+                    k += 1
+                    need = asks[k].short() if k < len(asks) else 0
+        # segments of each ask, in the claim's order: (ask, first, expired, reason, records)
+        segments = [
+            (a, *seg) for a, picks in zip(asks, chosen, strict=True) for seg in _segments(picks)
+        ]
+        if not segments:
             return 0
-        segments = _segments(chosen)
-        deadline = now + visibility_ms
         args: list[Any] = [
-            group, cfg.name, now, deadline, consumer, 1 if cfg.dead_letter_expired else 0,
-            len(segments),
+            group, cfg.name, now, 1 if cfg.dead_letter_expired else 0, len(segments),
         ]  # fmt: skip
-        for first, expired, reason, recs in segments:
+        for a, first, expired, reason, recs in segments:
             args += [
                 "r" if first >= 0 else "f", recs[0].partition, recs[0].offset, recs[-1].offset,
                 recs[0].priority, first, expired, reason,
                 b"" if first >= 0 else b"".join([pack_id(r.message_id) for r in recs]),
+                a.consumer, now + a.visibility_ms,
             ]  # fmt: skip
         codes, _positions = await self._call("claim", *args)
-        outcome: dict[tuple[int, int], int] = {}
         dead: list[list[Any]] = []
         lost = 0
-        for (_first, expired, reason, recs), n in zip(segments, codes, strict=True):
+        outcome: dict[tuple[int, int], int] = {}
+        for (a, _first, expired, reason, recs), n in zip(segments, codes, strict=True):
             if n == 0:
                 lost += 1
             elif n == -1:
                 r0 = recs[0]
                 why = ("ttl", "expired") if expired == 1 else (reason, reason)
                 dead.append([cfg.name, r0.partition, r0.offset, recs[-1].offset, 0, *why])
-                out.expired += len(recs) if expired == 1 else 0
+                a.out.expired += len(recs) if expired == 1 else 0
             elif n == -2:
-                out.expired += len(recs)
+                a.out.expired += len(recs)
             for rec in recs:
                 outcome[rec.partition, rec.offset] = n
-        for _first, rec, _expired, _reason in chosen:
-            n = outcome[rec.partition, rec.offset]
-            if n > 0:
-                out.messages.append(
-                    LeasedMessage(
-                        message_id=rec.message_id,
-                        topic=rec.topic,
-                        partition=rec.partition,
-                        offset=rec.offset,
-                        key=rec.key,
-                        content=rec.content,
-                        headers=rec.headers,
-                        priority=rec.priority,
-                        timestamp=rec.timestamp,
-                        delivery_count=int(n),
-                        lease_deadline=deadline,
-                        expires_at=rec.expires_at,
-                    )
-                )
+        for a, picks in zip(asks, chosen, strict=True):
+            deadline = now + a.visibility_ms
+            messages = a.out.messages
+            for _first, rec, _expired, _reason in picks:  # in the order picked
+                n = outcome[rec.partition, rec.offset]
+                if n > 0:
+                    messages.append(
+                        LeasedMessage(
+                            rec.message_id, rec.topic, rec.partition, rec.offset, rec.key,
+                            rec.content, rec.headers, rec.priority, rec.timestamp, n, deadline,
+                            rec.expires_at,
+                        )
+                    )  # fmt: skip
         if dead:
-            out.dead_lettered += await self._dead_letter(group, cfg, w, dead, now)
+            asks[0].out.dead_lettered += await self._dead_letter(group, cfg, w, dead, now)
         return lost
 
     # ---- dead letters ---------------------------------------------------------------------
@@ -847,9 +912,85 @@ class KafkaGroups:
         cfg = await self.sink.get_topic(topic)
         if cfg is None:
             raise errors.UnknownTopic(f"unknown topic {topic!r}")
-        dlq = dlq_name(topic)
-        if await self.sink.get_topic(dlq) is None:
+        dlq = await self.sink.get_topic(dlq_name(topic))
+        if dlq is None:
             return 0
+        async with self._redrive_lock(topic):
+            [(lo, hi)] = await self.sink.watermarks(dlq.name, 1)
+            done = await self.redriven(topic, lo, hi - 1)
+            n = 0
+            while n < max_messages and lo < hi:
+                batch = await self.sink.read(dlq.name, 0, lo, min(500, max_messages - n))
+                if not batch:
+                    break
+                for m in batch:
+                    if m.offset not in done:
+                        await self._move_back(cfg, dlq.name, m, now)
+                        n += 1
+                lo = batch[-1].offset + 1
+                # Everything below lo is back in the topic: remove it from the DLQ.
+                await self.sink.delete_before(dlq.name, 0, lo)
+            await self._forget_redriven(dlq, lo)
+            return n
+
+    async def redrive_message(self, topic: str, message_id: str, now: int) -> bool:
+        cfg = await self.sink.get_topic(topic)
+        if cfg is None:
+            raise errors.UnknownTopic(f"unknown topic {topic!r}")
+        dlq = await self.sink.get_topic(dlq_name(topic))
+        if dlq is None:
+            return False
+        # Under the topic's redrive lock, so that two calls cannot both copy it; copied before
+        # it is noted, so that a crash between the two may copy it again but never loses it.
+        # A log cannot drop one record: the copied one's offset is noted as redriven (left out
+        # of reads and of later redrives), and the DLQ is cut below the first one not redriven.
+        async with self._redrive_lock(topic):
+            [(lo, hi)] = await self.sink.watermarks(dlq.name, 1)
+            done = await self.redriven(topic, lo, hi - 1)
+            at = lo
+            while at < hi:
+                batch = await self.sink.read(dlq.name, 0, at, 500)
+                if not batch:
+                    return False
+                for m in batch:
+                    if m.message_id == message_id and m.offset not in done:
+                        await self._move_back(cfg, dlq.name, m, now)
+                        await self._note_redriven(dlq, m.offset)
+                        done.add(m.offset)
+                        cut = lo
+                        while cut in done:
+                            cut += 1
+                        if cut > lo:
+                            await self.sink.delete_before(dlq.name, 0, cut)
+                            await self._forget_redriven(dlq, cut)
+                        return True
+                at = batch[-1].offset + 1
+            return False
+
+    async def redriven(self, topic: str, first: int, last: int) -> set[int]:
+        dlq = await self.sink.get_topic(dlq_name(topic))
+        if dlq is None or last < first:
+            return set()
+        try:
+            got = await self.redis.zrangebyscore(_redriven_key(dlq), first, last)
+        except (RedisError, OSError) as e:
+            raise self._down(e) from None
+        return {int(cast("bytes | str", x)) for x in got}
+
+    async def _note_redriven(self, dlq: TopicConfig, offset: int) -> None:
+        try:
+            await self.redis.zadd(_redriven_key(dlq), {str(offset): offset})
+        except (RedisError, OSError) as e:
+            raise self._down(e) from None
+
+    async def _forget_redriven(self, dlq: TopicConfig, below: int) -> None:
+        try:
+            await self.redis.zremrangebyscore(_redriven_key(dlq), "-inf", f"({below}")
+        except (RedisError, OSError) as e:
+            raise self._down(e) from None
+
+    @contextlib.asynccontextmanager
+    async def _redrive_lock(self, topic: str) -> AsyncIterator[None]:
         lock = f"mq:redrive:{topic}"
         try:
             if not await self.redis.set(lock, "1", nx=True, ex=60):
@@ -857,50 +998,36 @@ class KafkaGroups:
         except (RedisError, OSError) as e:
             raise self._down(e) from None
         try:
-            [(lo, hi)] = await self.sink.watermarks(dlq, 1)
-            n = 0
-            while n < max_messages and lo < hi:
-                batch = await self.sink.read(dlq, 0, lo, min(500, max_messages - n))
-                if not batch:
-                    break
-                for m in batch:
-                    headers = [
-                        (k, v.encode())
-                        for k, v in m.headers.items()
-                        if not k.startswith(DLQ_HEADER_PREFIX)
-                    ]
-                    headers.append(("x-mqfast-redriven-from", dlq.encode()))
-                    headers.insert(0, (H_ID, message_id_at(now).encode()))
-                    if m.priority:
-                        headers.append((H_PRIORITY, str(m.priority).encode()))
-                    key = m.key.encode() if m.key is not None else None
-                    value = m.content.encode()
-                    stored = m.headers.get(DLQ_ENCODING_HEADER) == "base64"
-                    if stored:
-                        # A copy that does not decrypt goes back as it was, still bound to
-                        # where it was written first (it fails there again, as it should).
-                        value = base64.b64decode(m.content)
-                        origin = bound_to(dlq, "", m.headers)
-                        headers += [(ENC_TOPIC_HEADER, origin[0].encode()),
-                                    (ENC_ID_HEADER, origin[1].encode())]  # fmt: skip
-                    target = (
-                        partition_for_key(key, cfg.partitions)
-                        if key is not None
-                        else m.offset % cfg.partitions
-                    )
-                    await self.sink.produce_one(
-                        topic, target, key, value, headers, as_stored=stored
-                    )
-                    n += 1
-                lo = batch[-1].offset + 1
-                # Everything below lo is back in the topic: remove it from the DLQ.
-                await self.sink.delete_before(dlq, 0, lo)
-            return n
+            yield
         finally:
             try:
                 await self.redis.delete(lock)
             except (RedisError, OSError):
                 pass
+
+    async def _move_back(self, cfg: TopicConfig, dlq: str, m: StoredMessage, now: int) -> None:
+        """Produce the dead letter ``m`` to the topic ``cfg`` as a new message."""
+        headers = [
+            (k, v.encode()) for k, v in m.headers.items() if not k.startswith(DLQ_HEADER_PREFIX)
+        ]
+        headers.append(("x-mqfast-redriven-from", dlq.encode()))
+        headers.insert(0, (H_ID, message_id_at(now).encode()))
+        if m.priority:
+            headers.append((H_PRIORITY, str(m.priority).encode()))
+        key = m.key.encode() if m.key is not None else None
+        value = m.content.encode()
+        stored = m.headers.get(DLQ_ENCODING_HEADER) == "base64"
+        if stored:
+            # A copy that does not decrypt goes back as it was, still bound to
+            # where it was written first (it fails there again, as it should).
+            value = base64.b64decode(m.content)
+            origin = bound_to(dlq, "", m.headers)
+            headers += [(ENC_TOPIC_HEADER, origin[0].encode()),
+                        (ENC_ID_HEADER, origin[1].encode())]  # fmt: skip
+        target = (
+            partition_for_key(key, cfg.partitions) if key is not None else m.offset % cfg.partitions
+        )
+        await self.sink.produce_one(cfg.name, target, key, value, headers, as_stored=stored)
 
     # ---- settle ---------------------------------------------------------------------------
 
@@ -1044,3 +1171,8 @@ class KafkaGroups:
             await self._call("drop", "", topic)
         except errors.Unavailable:
             log.warning("group state of a deleted topic left in redis", extra={"topic": topic})
+
+
+def _redriven_key(dlq: TopicConfig) -> str:
+    # By creation time too: a DLQ deleted and made again starts its offsets over.
+    return f"mq:redriven:{dlq.name}:{dlq.created_at}"
