@@ -76,6 +76,8 @@ class Ledger:
     """What the clients saw, from every thread."""
 
     produced: dict[str, str] = field(default_factory=dict)  # id -> content, produce got a 2xx
+    # id -> partition, offset and when its produce was answered (for the report of a loss)
+    where: dict[str, tuple[int, int, float]] = field(default_factory=dict)
     maybe: set[str] = field(default_factory=set)  # contents whose produce got no 2xx
     refused: set[str] = field(default_factory=set)  # a 503 that says nothing was written
     deliveries: list[tuple[str, str, int, float]] = field(default_factory=list)
@@ -147,7 +149,13 @@ class Load:
                     elif k >= len(results) or "error" in results[k]:
                         self.ledger.maybe.add(content)
                     else:
-                        self.ledger.produced[results[k]["message_id"]] = content
+                        mid = results[k]["message_id"]
+                        self.ledger.produced[mid] = content
+                        self.ledger.where[mid] = (
+                            results[k]["partition"],
+                            results[k]["offset"],
+                            time.monotonic(),
+                        )
             time.sleep(rng.uniform(0.005, 0.03))
 
     # ---- consumers -------------------------------------------------------------------------
@@ -246,6 +254,35 @@ def dead_letters(cluster: Cluster, bootstrap: str, topic: str) -> set[str]:
     if r.status == 404:
         return set()
     return read_back(bootstrap, dlq, 1, header=DLQ_PREFIX + "message-id")
+
+
+def explain_lost(lost: set[str], ledger: Ledger, started: float, url: str, topic: str) -> str:
+    """Where each lost message was written, what was delivered of it, and the group's state
+    of its partition in Redis: what a failure report needs to be worth a look."""
+    import redis as redis_client
+
+    lines = []
+    seen: dict[str, list[int]] = {}
+    for mid, _, n, _ in ledger.deliveries:
+        seen.setdefault(mid, []).append(n)
+    parts: set[int] = set()
+    for mid in sorted(lost, key=lambda m: ledger.where.get(m, (0, 0, 0.0))):
+        p, off, at = ledger.where.get(mid, (-1, -1, 0.0))
+        parts.add(p)
+        lines.append(
+            f"  {mid} p{p}@{off} produced at {at - started:.1f}s deliveries {seen.get(mid, [])}"
+        )
+    r = redis_client.Redis.from_url(url)
+    try:
+        pos = r.hgetall(f"mq:{{{GROUP}}}:pos:{topic}")
+        cur = r.hgetall(f"mq:{{{GROUP}}}:cur:{topic}")
+        runs = sorted(r.hkeys(f"mq:{{{GROUP}}}:run:{topic}"))
+        lines.append(f"  redis pos {pos} cur {cur}")
+        lines.append(f"  redis runs ({len(runs)}): {runs[:40]}")
+    except Exception as e:  # the report must not hide the failure it explains
+        lines.append(f"  redis state unreadable: {e!r}")
+    lines.append("  faults: " + "; ".join(ledger.faults))
+    return "\n".join(lines)
 
 
 @pytest.fixture
@@ -379,7 +416,10 @@ def test_checker_under_faults_loses_nothing_and_never_redelivers_after_an_ack(
     assert len(ledger.faults) == 6, ledger.faults
     assert produced, "nothing was produced"
     assert counts["redelivered"] > 0, "no redelivery happened: the run checked too little"
-    assert not lost, f"{len(lost)} messages lost, e.g. {sorted(lost)[:5]} ({counts})"
+    assert not lost, (
+        f"{len(lost)} messages lost, e.g. {sorted(lost)[:5]} ({counts})\n"
+        + explain_lost(lost, ledger, started, redis.url, topic)
+    )
     assert not after_ack, f"delivered again after a 2xx acknowledgement: {after_ack[:5]} ({counts})"
     assert not set(acked) & dlq, f"acknowledged and dead-lettered ({counts})"
     assert not phantoms, f"delivered but never produced: {sorted(phantoms)[:5]}"

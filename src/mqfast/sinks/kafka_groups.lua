@@ -244,6 +244,7 @@ local pos = key('pos', G, T)
 local cur = key('cur', G, T)
 local out = {}
 local touched = {}
+local refused = {}
 for i = 0, nseg - 1 do
   local j = 6 + i * 11
   local kind, p, a, b = ARGV[j], tonumber(ARGV[j + 1]), tonumber(ARGV[j + 2]),
@@ -264,7 +265,12 @@ for i = 0, nseg - 1 do
   else
     local ck = p .. ':' .. prio
     local c = tonumber(redis.call('HGET', cur, ck) or 0)
-    if a >= c and a >= committed then
+    -- Never-leased segments of one partition and level come in offset order; once one is
+    -- refused (another replica leased part of it), a later one would move the cursor past
+    -- what is left of it, and those offsets would never be leased: refuse the rest too.
+    if refused[ck] or a < c or a < committed then
+      refused[ck] = true
+    else
       redis.call('HSET', cur, ck, num(b + 1))
       r = {t = T, p = p, first = a, last = b, d = 0, l = 0, n = 0, s = NACKED, prio = prio,
            c = '', e = '', w = '', ids = ARGV[j + 8], oc = ''}
