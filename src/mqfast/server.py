@@ -640,7 +640,16 @@ async def _supervise(settings: Settings) -> int:
                 signal.signal(sig, signal.SIG_DFL)
             _stop_with_parent(supervisor)
             configure_logging(settings.log_level, worker=index)
-            os._exit(run_worker(settings, index, reuse_port=True, channel=theirs))
+            code = 70  # EX_SOFTWARE: the supervisor restarts it
+            try:
+                code = run_worker(settings, index, reuse_port=True, channel=theirs)
+            except BaseException:
+                # Never unwind into the supervisor's frames copied by fork: tearing down its
+                # loop here would unregister the supervisor's descriptors from the epoll
+                # instance both share, and the supervisor would stop seeing its signals.
+                log.exception("worker failed", extra={"worker": index})
+            finally:
+                os._exit(code)
         if theirs is not None:
             theirs.close()
         children[pid] = _Worker(index, pid, ours)

@@ -929,7 +929,7 @@ class EmbeddedSink:
             cached_statements=64,
         )
         conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        mode = self._wal(conn)
         if str(mode).lower() != "wal":
             conn.close()
             raise Unavailable(f"embedded engine: cannot enable WAL on {self.path} (got {mode})")
@@ -937,6 +937,20 @@ class EmbeddedSink:
         # Checkpoints belong to the checkpointer thread, never to a committing connection.
         conn.execute("PRAGMA wal_autocheckpoint = 0")
         return conn
+
+    def _wal(self, conn: sqlite3.Connection) -> str:
+        """Switch ``conn``'s database to WAL; returns the journal mode it is in. Workers opening
+        a new database together race for that switch, and SQLite answers the loser "database
+        is locked" at once, without its busy handler: retried for up to ``busy_timeout``."""
+        deadline = time.monotonic() + self.busy_timeout_s
+        while True:
+            try:
+                return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    conn.close()
+                    raise
+            time.sleep(0.01)
 
     def _admin_open(self) -> None:
         os.makedirs(self.data_dir, exist_ok=True)
