@@ -1,6 +1,9 @@
 """Streaming consume (``GET /api/v1/messages/stream``, Server-Sent Events) on every engine:
 order and credit-based flow control, leases released when a stream closes, idle streams that
-cost no CPU, a slow reader that makes the server pause, a clean end at shutdown, bad queries."""
+cost no CPU, a slow reader that makes the server pause, a clean end at shutdown, bad queries.
+
+Every test uses consumer ids of its own: on the Kafka engine consumer registrations outlive a
+test (PostgreSQL is shared by the session), and a name registered in another group is a 409."""
 
 from __future__ import annotations
 
@@ -110,9 +113,10 @@ def _cpu_s(pid: int) -> float:
 def test_order_and_flow_control(engine_server: Gateway) -> None:
     gw = engine_server
     topic, group = gw.topic(), unique("g")
+    c1 = unique("c")
     for i in range(6):
         gw.produce(topic, f"m{i}")
-    s = SseClient(gw, topic=topic, group_id=group, consumer_id="c1", max_inflight=2,
+    s = SseClient(gw, topic=topic, group_id=group, consumer_id=c1, max_inflight=2,
                   heartbeat="1s", visibility_timeout="30s")  # fmt: skip
     try:
         assert s.status() == 200
@@ -123,14 +127,14 @@ def test_order_and_flow_control(engine_server: Gateway) -> None:
         assert [m["content"] for m in got] == ["m0", "m1"]
         assert all(m["topic"] == topic and m["delivery_count"] == 1 for m in got)
         # An acknowledgement frees exactly one credit.
-        gw.ack(got[0]["message_id"], group, topic=topic, consumer="c1")
+        gw.ack(got[0]["message_id"], group, topic=topic, consumer=c1)
         s.until(lambda: s.count() == 3, "a third message")
         got = s.next_heartbeat()
         assert [m["content"] for m in got] == ["m0", "m1", "m2"]
         # A negative acknowledgement frees one too; the rest follow in order.
-        gw.nack(got[1]["message_id"], group, topic=topic, consumer="c1",
+        gw.nack(got[1]["message_id"], group, topic=topic, consumer=c1,
                 requeue_delay="40s")  # fmt: skip
-        gw.ack(got[2]["message_id"], group, topic=topic, consumer="c1")
+        gw.ack(got[2]["message_id"], group, topic=topic, consumer=c1)
         s.until(lambda: s.count() == 5, "two more messages")
         got = s.next_heartbeat()
         assert [m["content"] for m in got] == ["m0", "m1", "m2", "m3", "m4"]
@@ -141,15 +145,16 @@ def test_order_and_flow_control(engine_server: Gateway) -> None:
 def test_disconnect_releases_leases_at_once(engine_server: Gateway) -> None:
     gw = engine_server
     topic, group = gw.topic(), unique("g")
+    c1, c2 = unique("c"), unique("c")
     ids = [gw.produce(topic, f"m{i}")["message_id"] for i in range(3)]
-    s = SseClient(gw, topic=topic, group_id=group, consumer_id="c1", max_inflight=3,
+    s = SseClient(gw, topic=topic, group_id=group, consumer_id=c1, max_inflight=3,
                   visibility_timeout="1h")  # fmt: skip
     s.until(lambda: s.count() == 3, "three messages")
     s.close()
     # Leased for an hour, yet another consumer gets them now: the close released them.
     got: list[dict[str, Any]] = []
     wait_for(
-        lambda: got.extend(gw.consume(topic, group, "c2", timeout="1s")) or len(got) >= 3,
+        lambda: got.extend(gw.consume(topic, group, c2, timeout="1s")) or len(got) >= 3,
         what="the released messages",
     )
     assert sorted(m["message_id"] for m in got) == sorted(ids)
@@ -158,10 +163,11 @@ def test_disconnect_releases_leases_at_once(engine_server: Gateway) -> None:
 def test_many_idle_streams_cost_no_cpu(engine_server: Gateway) -> None:
     gw = engine_server
     topic, group = gw.topic(), unique("g")
+    c1 = unique("c")
     assert gw.proc.proc is not None
     pid = gw.proc.proc.pid
     streams = [
-        SseClient(gw, topic=topic, group_id=group, consumer_id=f"c{i}", max_inflight=5)
+        SseClient(gw, topic=topic, group_id=group, consumer_id=f"{c1}-{i}", max_inflight=5)
         for i in range(200)
     ]
     try:
@@ -197,7 +203,8 @@ def test_many_idle_streams_cost_no_cpu(engine_server: Gateway) -> None:
 def test_slow_reader_makes_the_server_pause(engine_server: Gateway) -> None:
     gw = engine_server
     topic, group = gw.topic(), unique("g")
-    s = SseClient(gw, rcvbuf=4096, topic=topic, group_id=group, consumer_id="c1",
+    c1 = unique("c")
+    s = SseClient(gw, rcvbuf=4096, topic=topic, group_id=group, consumer_id=c1,
                   max_inflight=1000, visibility_timeout="1h")  # fmt: skip
     try:
         assert s.status() == 200
@@ -230,8 +237,9 @@ def test_slow_reader_makes_the_server_pause(engine_server: Gateway) -> None:
 def test_shutdown_ends_the_stream_cleanly(gateway: GatewayFactory) -> None:
     gw = gateway.start()
     topic, group = gw.topic(), unique("g")
+    c1, c2 = unique("c"), unique("c")
     mid = gw.produce(topic, "m0")["message_id"]
-    s = SseClient(gw, topic=topic, group_id=group, consumer_id="c1", visibility_timeout="1h")
+    s = SseClient(gw, topic=topic, group_id=group, consumer_id=c1, visibility_timeout="1h")
     try:
         s.until(lambda: s.count() == 1, "the message")
         assert gw.proc.stop() == 0
@@ -241,7 +249,7 @@ def test_shutdown_ends_the_stream_cleanly(gateway: GatewayFactory) -> None:
         s.close()
     # Leased for an hour, but released at the shutdown: the next gateway delivers it now.
     gw2 = gateway.restart(gw)
-    got = gw2.consume(topic, group, "c2", timeout="10s")
+    got = gw2.consume(topic, group, c2, timeout="10s")
     assert [m["message_id"] for m in got] == [mid]
 
 
@@ -284,16 +292,17 @@ def test_an_ack_on_another_replica_frees_credit(gateway: GatewayFactory) -> None
     else:
         a = b = gateway.start(MESSAGE_QUEUE_WORKERS="2")
     topic, group = a.topic(), unique("g")
+    c1 = unique("c")
     for i in range(5):
         a.produce(topic, f"m{i}")
-    s = SseClient(a, topic=topic, group_id=group, consumer_id="c1", max_inflight=1,
+    s = SseClient(a, topic=topic, group_id=group, consumer_id=c1, max_inflight=1,
                   heartbeat="1s", visibility_timeout="1h")  # fmt: skip
     try:
         for i in range(5):
             s.until(lambda i=i: s.count() == i + 1, f"message {i}")
             # a heartbeat after it: the stream waits for credit, not for messages
             assert len(s.next_heartbeat()) == i + 1
-            b.ack(s.messages()[i]["message_id"], group, topic=topic, consumer="c1")
+            b.ack(s.messages()[i]["message_id"], group, topic=topic, consumer=c1)
         assert [m["content"] for m in s.messages()] == [f"m{i}" for i in range(5)]
     finally:
         s.close()
@@ -303,7 +312,8 @@ def test_http10_head_and_a_request_pipelined_behind(engine_server: Gateway) -> N
     gw = engine_server
     topic = gw.topic()
     gw.produce(topic, "m0")
-    url = f"{STREAM}?topic={topic}&group_id={unique('g')}&consumer_id=c1&visibility_timeout=1h"
+    c1, c2 = unique("c"), unique("c")
+    url = f"{STREAM}?topic={topic}&group_id={unique('g')}&consumer_id={c1}&visibility_timeout=1h"
 
     def exchange(request: bytes, until: bytes) -> bytes:
         with socket.create_connection(("127.0.0.1", gw.proc.port), timeout=20) as sock:
@@ -328,7 +338,7 @@ def test_http10_head_and_a_request_pipelined_behind(engine_server: Gateway) -> N
     # A request pipelined behind a stream is not answered: the connection is the stream's
     # (the first heartbeat comes after what would have been the answer).
     data = exchange(
-        f"GET {url.replace('c1', 'c2')}&heartbeat=1s HTTP/1.1\r\nHost: x\r\n\r\n"
+        f"GET {url.replace(c1, c2)}&heartbeat=1s HTTP/1.1\r\nHost: x\r\n\r\n"
         "GET /health HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
         b": heartbeat",
     )
